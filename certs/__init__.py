@@ -1,0 +1,1 @@
+"""TLS material: dev certificate generation and the gateway's server SSLContext."""

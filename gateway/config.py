@@ -1,0 +1,152 @@
+"""One settings object for the whole gateway: defaults < TOML config file < `PGSNI_*`
+environment variables < command-line flags. The reference table in the docs is generated
+from the field metadata here (`pgsni config reference`), so it cannot drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PGSNI_"
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or inconsistent; the message names it."""
+
+
+def _opt(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class Settings:
+    # front door
+    listen_host: str = _opt("127.0.0.1", "Address to listen on (use 0.0.0.0 in a container).")
+    listen_port: int = _opt(5432, "TCP port for Postgres clients.")
+    domains: list[str] = _opt(["db.example.com"],
+                              "Domains served: a client connects to <id>.<domain>. Comma-separated in the environment.")
+    tls_cert: str = _opt("certs/dev/server.pem", "PEM certificate chain (a wildcard for each domain).")
+    tls_key: str = _opt("certs/dev/server-key.pem", "PEM private key of tls_cert.")
+    require_tls: bool = _opt(True, "Refuse clients that do not use TLS.")
+    handshake_timeout: float = _opt(10.0, "Seconds a client has to finish TLS, startup and authentication.")
+    max_message_size: int = _opt(65536, "Largest message accepted from a client before login, in bytes.")
+    # databases
+    data_root: str = _opt(".pgsni/data", "Directory holding one sub-directory per database.")
+    socket_dir: str = _opt("", "Directory for the instances' unix sockets (0700). Empty: a short path under /tmp derived from data_root.")
+    create_on_connect: bool = _opt(False, "DEVELOPMENT ONLY: create unknown databases on first connect, with password dev_password for role postgres.")
+    dev_password: str = _opt("postgres", "Password of role postgres in databases made by create_on_connect.")
+    # instances
+    pg_bindir: str = _opt("", "Directory with postgres/initdb binaries. Empty: discover (/usr/lib/postgresql/<newest>/bin or PATH).")
+    pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
+    max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
+    idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
+    start_timeout: float = _opt(30.0, "Seconds an instance has to become ready.")
+    stop_timeout: float = _opt(30.0, "Seconds a fast shutdown may take before the instance is killed.")
+    shutdown_grace: float = _opt(10.0, "On SIGTERM/SIGINT, seconds to let clients finish before closing them.")
+    auth_cache_seconds: float = _opt(2.0, "How long role verifiers read from a running instance are reused.")
+    postgres_options: dict[str, str] = _opt({}, "Extra Postgres settings (-c name=value) for every instance.")
+    log_level: str = _opt("INFO", "Gateway log level.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("domains: at least one domain is required")
+        for d in self.domains:
+            if not d or d.startswith(".") or d.endswith(".") or d != d.lower():
+                raise ConfigError(f"domains: {d!r} must be a lowercase name without leading or trailing dots")
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"listen_port: {self.listen_port} is not a TCP port")
+        if self.max_instances < 1:
+            raise ConfigError("max_instances must be at least 1")
+        if self.max_message_size < 1024:
+            raise ConfigError("max_message_size must be at least 1024")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_root).absolute()
+
+    @property
+    def socket_path(self) -> Path:
+        if self.socket_dir:
+            return Path(self.socket_dir).absolute()
+        import hashlib
+        digest = hashlib.sha256(str(self.data_path).encode()).hexdigest()[:10]
+        return Path(f"/tmp/pgsni-{digest}")
+
+
+def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("list"):
+            if isinstance(raw, list):
+                return [str(x) for x in raw]
+            return [p.strip() for p in str(raw).split(",") if p.strip()]
+        if kind.startswith("dict"):
+            if isinstance(raw, dict):
+                return {str(k): str(v) for k, v in raw.items()}
+            pairs = [p.split("=", 1) for p in str(raw).split(",") if p.strip()]
+            return {k.strip(): v.strip() for k, v in pairs}
+        return str(raw)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}: {raw!r} is not a valid {kind} for {f.name}") from None
+
+
+def load(config_file: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+         **overrides: Any) -> Settings:
+    """Build settings from the layers, highest last. `None` overrides are ignored."""
+    env = os.environ if env is None else env
+    by_name = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file}: {e}") from None
+        for key, raw in data.items():
+            if key not in by_name:
+                raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+            values[key] = _coerce(by_name[key], raw, str(config_file))
+    for name, f in by_name.items():
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            values[name] = _coerce(f, env[var], var)
+    for name, raw in overrides.items():
+        if raw is not None:
+            if name not in by_name:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _coerce(by_name[name], raw, "--" + name.replace("_", "-"))
+    return Settings(**values)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table, generated from the settings fields."""
+    rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in fields(Settings):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        shown = ",".join(default) if isinstance(default, list) else default
+        rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{shown!s}` | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,65 @@
+"""User-facing errors: each carries a SQLSTATE and a text that tells the user what to do next.
+
+Anything raised as `GatewayError` reaches the client as an ErrorResponse before the
+connection closes; it never becomes a silent disconnect.
+"""
+
+from __future__ import annotations
+
+from .protocol import ErrorResponse
+
+# SQLSTATEs used by the gateway (see Postgres' errcodes.txt).
+PROTOCOL_VIOLATION = "08P01"
+CONNECTION_REJECTED = "08004"
+INVALID_AUTHORIZATION = "28000"
+INVALID_PASSWORD = "28P01"
+UNKNOWN_DATABASE = "3D000"
+TOO_MANY_CONNECTIONS = "53300"
+CANNOT_CONNECT_NOW = "57P03"
+ADMIN_SHUTDOWN = "57P01"
+FEATURE_NOT_SUPPORTED = "0A000"
+INTERNAL_ERROR = "XX000"
+
+
+class GatewayError(Exception):
+    def __init__(self, code: str, message: str, *, hint: str | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(self.code, self.message, hint=self.hint, detail=self.detail)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def unknown_database(db_id: str) -> GatewayError:
+    return GatewayError(UNKNOWN_DATABASE, f'database "{db_id}" does not exist',
+                        hint="Check the host name; create it with `pgsni db create ID`.")
+
+
+def tls_required() -> GatewayError:
+    return GatewayError(
+        INVALID_AUTHORIZATION, "this gateway requires TLS; the connection was not encrypted",
+        hint="Connect with sslmode=require (or verify-full).")
+
+
+def too_many_instances(limit: int) -> GatewayError:
+    return GatewayError(
+        TOO_MANY_CONNECTIONS,
+        f"too many databases are active on this gateway (limit {limit}) and none is idle",
+        hint="Try again shortly, when another database has gone idle.")
+
+
+def startup_failed(db_id: str, reason: str) -> GatewayError:
+    return GatewayError(CANNOT_CONNECT_NOW, f'database "{db_id}" could not be started',
+                        detail=reason, hint="Try again; if it persists, ask the operator to check the gateway log.")
+
+
+def shutting_down() -> GatewayError:
+    return GatewayError(ADMIN_SHUTDOWN, "the gateway is shutting down",
+                        hint="Reconnect in a moment.")

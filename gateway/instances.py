@@ -1,0 +1,237 @@
+"""Running Postgres instances, one per database: `acquire(id)` makes sure one is running
+(exactly one, however many clients arrive at once), counts its clients, stops it when idle,
+evicts the least recently used idle one when the cap is reached, and notices crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from storage import roles as roles_mod
+from storage.local import LocalCatalog, StorageError
+
+from . import errors
+from .config import Settings
+from .postgres import PostgresError, PostgresProcess, stop_orphan
+
+log = logging.getLogger("pgsni.instances")
+
+
+@dataclass(eq=False)
+class Instance:
+    db_id: str
+    process: PostgresProcess
+    lock: object
+    clients: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    roles: dict[str, roles_mod.Role] | None = None
+    roles_at: float = 0.0
+    watcher: asyncio.Task | None = None
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.process.socket_dir
+
+    @property
+    def socket_path(self) -> Path:
+        return self.process.socket_path
+
+    @property
+    def alive(self) -> bool:
+        proc = self.process.proc
+        return proc is not None and proc.returncode is None and not self.process.stopping
+
+
+class InstanceManager:
+    def __init__(self, settings: Settings, catalog: LocalCatalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.instances: dict[str, Instance] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._slots = asyncio.Lock()  # serialises decisions about the instance cap
+        self.starts = 0  # how many postmasters this manager has started (tests, metrics)
+
+    def _lock(self, db_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(db_id, asyncio.Lock())
+
+    # --- the public surface ------------------------------------------------------------------
+    async def acquire(self, db_id: str, *, create_password: str | None = None) -> Instance:
+        """A running instance with one more client. With `create_password`, a database that
+        does not exist yet is created first (role postgres gets that password)."""
+        async with self._lock(db_id):
+            inst = self.instances.get(db_id)
+            if inst is None or not inst.alive:
+                if not self.catalog.exists(db_id):
+                    if create_password is None:
+                        raise errors.unknown_database(db_id)
+                    inst = await self._create(db_id, create_password)
+                else:
+                    inst = await self._start(db_id)
+            inst.clients += 1
+            inst.last_used = time.monotonic()
+            return inst
+
+    def release(self, inst: Instance) -> None:
+        inst.clients = max(0, inst.clients - 1)
+        inst.last_used = time.monotonic()
+
+    async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
+        """Roles and verifiers: fresh from the running instance (cached briefly), else the
+        metadata saved beside the database. None if the database does not exist."""
+        inst = self.instances.get(db_id)
+        if inst is not None and inst.alive:
+            if inst.roles is not None and time.monotonic() - inst.roles_at < self.settings.auth_cache_seconds:
+                return inst.roles
+            try:
+                return await self._refresh_roles(inst)
+            except (psycopg.Error, OSError) as e:
+                log.warning("reading roles from running %s failed (%s); using saved metadata", db_id, e)
+        if not self.catalog.exists(db_id):
+            return None
+        return self.catalog.roles(db_id) or {}
+
+    async def create(self, db_id: str, password: str) -> Instance:
+        """Create a database and leave it running (idle); for the CLI and the admin surface."""
+        async with self._lock(db_id):
+            return await self._create(db_id, password)
+
+    async def stop(self, db_id: str, reason: str = "requested") -> bool:
+        async with self._lock(db_id):
+            inst = self.instances.get(db_id)
+            if inst is None:
+                return False
+            await self._stop(inst, reason)
+            return True
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in list(self.instances)))
+
+    async def reap_idle_forever(self) -> None:
+        interval = max(0.05, min(1.0, self.settings.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.reap_idle()
+
+    async def reap_idle(self) -> None:
+        now = time.monotonic()
+        for db_id, inst in list(self.instances.items()):
+            if inst.clients == 0 and now - inst.last_used >= self.settings.idle_timeout:
+                async with self._lock(db_id):
+                    if inst.clients == 0 and self.instances.get(db_id) is inst:
+                        await self._stop(inst, "idle")
+
+    # --- internals (callers hold the database's lock) -----------------------------------------
+    async def _create(self, db_id: str, password: str) -> Instance:
+        from .auth import scram_verifier
+
+        try:
+            await asyncio.to_thread(self.catalog.create, db_id)
+        except StorageError as e:
+            raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
+        try:
+            inst = await self._start(db_id)
+            async with await self._connect(inst) as conn:
+                # the verifier, not the password, goes to Postgres: the plaintext never leaves here
+                await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
+                    scram_verifier(password)))
+            await self._refresh_roles(inst)
+        except BaseException:
+            # a half-made database must not stay behind looking real
+            if db_id in self.instances:
+                await self._stop(self.instances[db_id], "creation failed")
+            await asyncio.to_thread(self.catalog.delete, db_id)
+            raise
+        log.info("created database %s", db_id)
+        return inst
+
+    async def _start(self, db_id: str) -> Instance:
+        await self._make_room(db_id)
+        lock = self.catalog.lock(db_id)
+        try:
+            lock.acquire()
+        except StorageError as e:
+            raise errors.GatewayError(errors.CANNOT_CONNECT_NOW, str(e),
+                                      hint="Stop the other process or wait for it to finish.") from e
+        s = self.settings
+        process = PostgresProcess(self.catalog.bindir, self.catalog.pgdata(db_id),
+                                  s.socket_path / db_id, self.catalog.log_file(db_id),
+                                  self.catalog.run_as, s.postgres_options)
+        try:
+            s.socket_path.mkdir(mode=0o700, exist_ok=True)
+            self.catalog.run_as.make_dir(s.socket_path)
+            await stop_orphan(process.pgdata, s.stop_timeout)
+            started = time.monotonic()
+            await process.start(s.start_timeout)
+        except (PostgresError, OSError) as e:
+            lock.release()
+            process.kill_group()
+            log.error("starting %s failed: %s", db_id, e)
+            raise errors.startup_failed(db_id, str(e)) from e
+        self.starts += 1
+        inst = Instance(db_id, process, lock)
+        self.instances[db_id] = inst
+        inst.watcher = asyncio.create_task(self._watch(inst))
+        log.info("started %s (pid %d) in %.0f ms", db_id, process.pid, (time.monotonic() - started) * 1000)
+        return inst
+
+    async def _make_room(self, db_id: str) -> None:
+        async with self._slots:
+            running = [i for i in self.instances.values() if i.db_id != db_id]
+            if len(running) < self.settings.max_instances:
+                return
+            # only idle instances whose lock is free: one being started or stopped right now
+            # is not a candidate, and taking its lock could deadlock with its own start
+            idle = sorted((i for i in running if i.clients == 0 and not self._lock(i.db_id).locked()),
+                          key=lambda i: i.last_used)
+            if not idle:
+                raise errors.too_many_instances(self.settings.max_instances)
+            victim = idle[0]
+            async with self._lock(victim.db_id):
+                log.info("evicting %s to make room for %s", victim.db_id, db_id)
+                await self._stop(victim, "evicted (instance cap)")
+
+    async def _stop(self, inst: Instance, reason: str) -> None:
+        if self.instances.get(inst.db_id) is inst:
+            del self.instances[inst.db_id]
+        if inst.alive:
+            try:
+                await self._refresh_roles(inst)
+            except (psycopg.Error, OSError) as e:
+                log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
+        await inst.process.stop(self.settings.stop_timeout)
+        inst.lock.release()
+        if inst.watcher and inst.watcher is not asyncio.current_task():
+            inst.watcher.cancel()
+        log.info("stopped %s (%s)", inst.db_id, reason)
+
+    async def _watch(self, inst: Instance) -> None:
+        proc = inst.process.proc
+        assert proc is not None
+        code = await proc.wait()
+        if inst.process.stopping:
+            return
+        log.error("postgres for %s exited unexpectedly (code %s); it restarts on the next connection",
+                  inst.db_id, code)
+        inst.process.kill_group()
+        if self.instances.get(inst.db_id) is inst:
+            del self.instances[inst.db_id]
+        inst.lock.release()
+
+    async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(
+            host=str(inst.socket_dir), user="postgres", dbname="postgres",
+            application_name="pgsni", autocommit=True, connect_timeout=10)
+
+    async def _refresh_roles(self, inst: Instance) -> dict[str, roles_mod.Role]:
+        async with await self._connect(inst) as conn:
+            cur = await conn.execute(roles_mod.ROLE_QUERY)
+            roles = roles_mod.from_rows(await cur.fetchall())
+        if roles != inst.roles:
+            await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
+        inst.roles, inst.roles_at = roles, time.monotonic()
+        return roles

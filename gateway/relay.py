@@ -1,0 +1,84 @@
+"""Log in to an instance over its private unix socket with the client's startup parameters,
+collect what the client must see (ParameterStatus, notices), and then pipe both ways."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import protocol as p
+from .errors import INTERNAL_ERROR, GatewayError
+from .wire import ConnectionClosed, PgConnection, link
+
+# startup parameters that concern the gateway only, never the backend
+_GATEWAY_ONLY_PREFIX = "_pq_."
+
+
+class BackendRefused(Exception):
+    """The backend answered the login with an ErrorResponse; pass it on verbatim."""
+
+    def __init__(self, raw: bytes, error: p.ErrorResponse) -> None:
+        super().__init__(error.message)
+        self.raw = raw
+        self.error = error
+
+
+@dataclass
+class BackendSession:
+    conn: PgConnection
+    key: p.BackendKeyData | None
+    to_client: list[bytes]  # encoded ParameterStatus / NoticeResponse, in order
+    ready: bytes  # the encoded ReadyForQuery
+
+
+def backend_params(params: dict[str, str], options: str) -> dict[str, str]:
+    out = {k: v for k, v in params.items() if k != "options" and not k.startswith(_GATEWAY_ONLY_PREFIX)}
+    if options:
+        out["options"] = options
+    return out
+
+
+async def login(socket_path: Path, params: dict[str, str], timeout: float) -> BackendSession:
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(loop.create_unix_connection(
+            lambda: PgConnection(p.MessageReader(startup=False)), str(socket_path)), timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise GatewayError(INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
+    try:
+        return await asyncio.wait_for(_login(conn, params), timeout)
+    except BaseException:
+        conn.close()
+        raise
+
+
+async def _login(conn: PgConnection, params: dict[str, str]) -> BackendSession:
+    conn.send(p.StartupMessage(3, 0, params).encode())
+    key: p.BackendKeyData | None = None
+    to_client: list[bytes] = []
+    try:
+        while True:
+            msg = await conn.next_event()
+            assert isinstance(msg, p.Message)
+            event = p.decode_backend(msg)
+            if isinstance(event, p.Authentication):
+                if event.code != p.AUTH_OK:
+                    raise GatewayError(INTERNAL_ERROR, "the database server asked the gateway for a "
+                                       f"password (auth code {event.code}); its pg_hba.conf was changed")
+            elif isinstance(event, p.BackendKeyData):
+                key = event
+            elif isinstance(event, p.ReadyForQuery):
+                return BackendSession(conn, key, to_client, msg.encode())
+            elif isinstance(event, p.ErrorResponse) and not event.notice:
+                raise BackendRefused(msg.encode(), event)
+            else:  # ParameterStatus, NoticeResponse, anything else the client should see
+                to_client.append(msg.encode())
+    except ConnectionClosed:
+        raise GatewayError(INTERNAL_ERROR, "the database server closed the connection during login") from None
+
+
+async def pipe(client: PgConnection, backend: PgConnection) -> None:
+    """Forward raw bytes both ways until either side closes."""
+    link(client, backend)
+    await asyncio.gather(client.closed, backend.closed)

@@ -1,0 +1,218 @@
+"""The front door: listen, recognise each client's opening (SSLRequest, direct TLS,
+GSSENCRequest, CancelRequest, plain startup), set up TLS, and hand the connection to a
+Session. Also owns start-up and graceful shutdown of the whole gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import struct
+import time
+
+from certs.context import leaf_certificate_pem, server_context, server_name
+from storage.local import LocalCatalog
+from storage.osuser import RunAs
+from storage.roles import Role
+
+from . import auth
+from . import protocol as p
+from .cancel import CancelTable
+from .config import Settings
+from .instances import InstanceManager
+from .postgres import find_bindir
+from .session import ClientInfo, Session
+from .wire import PgConnection
+
+log = logging.getLogger("pgsni.server")
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ssl_context = server_context(settings.tls_cert, settings.tls_key)
+        self.cert_pem = leaf_certificate_pem(settings.tls_cert)
+        run_as = RunAs.resolve(settings.pg_user)
+        self.catalog = LocalCatalog(settings.data_path, run_as, find_bindir(settings.pg_bindir))
+        self.instances = InstanceManager(settings, self.catalog)
+        self.cancels = CancelTable()
+        self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password)) \
+            if settings.create_on_connect else None
+        self.shutting_down = False
+        self.sessions: set[asyncio.Task] = set()
+        self._listener: socket.socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return self._listener.getsockname()[1]
+
+    async def start(self) -> None:
+        s = self.settings
+        self.catalog.prepare()
+        await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
+        family = socket.AF_INET6 if ":" in s.listen_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.listen_host, s.listen_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen on {s.listen_host}:{s.listen_port}: {e.strerror}") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listener = sock
+        self._tasks = [asyncio.create_task(self._accept_loop()),
+                       asyncio.create_task(self.instances.reap_idle_forever())]
+        log.info("pgsni listening on %s:%d for *.%s (data root %s)", s.listen_host, self.port,
+                 ", *.".join(s.domains), self.catalog.root)
+        if s.create_on_connect:
+            log.warning("DEVELOPMENT MODE: unknown databases are created on first connect with "
+                        "password %r for role postgres. Never use this in production.", s.dev_password)
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let clients finish for `shutdown_grace` seconds, then stop every
+        instance with a fast shutdown (clients get Postgres' own termination message)."""
+        if self.shutting_down:
+            await self._stopped.wait()
+            return
+        self.shutting_down = True
+        log.info("shutting down: %d client(s) connected", len(self.sessions))
+        for t in self._tasks:
+            t.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        if self.sessions:
+            await asyncio.wait(list(self.sessions), timeout=self.settings.shutdown_grace)
+        await self.instances.stop_all()
+        if self.sessions:
+            await asyncio.wait(list(self.sessions), timeout=5)
+        for t in list(self.sessions):
+            t.cancel()
+        self._stopped.set()
+        log.info("stopped")
+
+    # --- accepting ---------------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(self._listener)
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.error("accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handle(sock, addr))
+            self.sessions.add(task)
+            task.add_done_callback(self.sessions.discard)
+
+    async def _handle(self, sock: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn, info = await asyncio.wait_for(self._open(sock, peer), self.settings.handshake_timeout)
+        except (asyncio.TimeoutError, OSError, ssl.SSLError, ConnectionError, p.ProtocolViolation) as e:
+            log.debug("connection from %s dropped during opening: %s", peer, e)
+            sock.close()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if conn is None:
+            sock.close()
+            return
+        await Session(self, conn, info).run()
+
+    async def _open(self, sock: socket.socket, peer: str) -> tuple[PgConnection | None, ClientInfo]:
+        """Read the opening bytes ourselves, so that nothing past them is consumed before TLS."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await _peek(loop, sock)
+            if not first:
+                return None, ClientInfo(peer, False)
+            if first[0] == p.TLS_HANDSHAKE_BYTE:
+                return await self._start_tls(sock, peer, direct=True)
+            head = await _recv_exactly(loop, sock, 8)
+            if len(head) < 8:
+                return None, ClientInfo(peer, False)
+            length, code = struct.unpack("!ii", head)
+            if code == p.SSL_REQUEST_CODE and length == 8:
+                await loop.sock_sendall(sock, b"S")
+                return await self._start_tls(sock, peer, direct=False)
+            if code == p.GSSENC_REQUEST_CODE and length == 8:
+                await loop.sock_sendall(sock, b"N")  # no GSSAPI; the client carries on
+                continue
+            # a plain StartupMessage or CancelRequest: the reader takes it from here
+            conn = self._new_connection(prefix=head)
+            await loop.connect_accepted_socket(lambda: conn, sock)
+            return conn, ClientInfo(peer, False)
+
+    def _new_connection(self, prefix: bytes = b"") -> PgConnection:
+        reader = p.MessageReader(startup=True, max_length=self.settings.max_message_size)
+        return PgConnection(reader, prefix=prefix)
+
+    async def _start_tls(self, sock: socket.socket, peer: str, direct: bool) -> tuple[PgConnection, ClientInfo]:
+        loop = asyncio.get_running_loop()
+        conn = self._new_connection()
+        # with ssl=, the returned protocol is the loop's TLS wrapper, so keep our own reference
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: conn, sock, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.settings.handshake_timeout)
+        sslobj = transport.get_extra_info("ssl_object")
+        alpn = sslobj.selected_alpn_protocol() if sslobj else None
+        log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
+        return conn, ClientInfo(peer, True, server_name(sslobj))
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    await _readable(loop, sock)
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return await _peek(loop, sock)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+def run(settings: Settings) -> None:
+    """Run the gateway until SIGTERM or SIGINT (the CLI's `serve`)."""
+    import signal
+
+    import uvloop
+
+    async def main() -> None:
+        gw = Gateway(settings)
+        await gw.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gw.shutdown()))
+        started = time.monotonic()
+        await gw.serve_forever()
+        log.debug("served for %.0fs", time.monotonic() - started)
+
+    uvloop.run(main())

@@ -1,0 +1,158 @@
+"""One client session, from its first message to the end of the relay: startup, routing,
+authentication, wake, backend login, pipe. Every refusal is an ErrorResponse with a SQLSTATE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from storage.roles import Role
+
+from . import auth, errors, relay, routing
+from . import protocol as p
+from .cancel import CancelTarget
+from .errors import GatewayError
+from .wire import ConnectionClosed, PgConnection
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("pgsni.session")
+
+
+@dataclass
+class ClientInfo:
+    peer: str
+    tls: bool
+    server_name: str | None = None
+
+
+@dataclass
+class SessionLog:
+    db_id: str | None = None
+    method: str = "none"
+    user: str | None = None
+    auth: str = "none"
+    wake_ms: float | None = None
+    outcome: str = "closed"
+
+
+class Session:
+    def __init__(self, gw: "Gateway", conn: PgConnection, client: ClientInfo) -> None:
+        self.gw, self.conn, self.client = gw, conn, client
+        self.log = SessionLog()
+        self.started = time.monotonic()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except GatewayError as e:
+            self.log.outcome = f"refused {e.code}"
+            self.conn.send(e.response().encode())
+        except p.ProtocolViolation as e:
+            self.log.outcome = "protocol violation"
+            self.conn.send(p.ErrorResponse(errors.PROTOCOL_VIOLATION, f"invalid message: {e}").encode())
+        except relay.BackendRefused as e:
+            self.log.outcome = f"backend refused {e.error.code}"
+            self.conn.send(e.raw)
+        except (ConnectionClosed, ConnectionError):
+            self.log.outcome = "client left"
+        except asyncio.TimeoutError:
+            self.log.outcome = "handshake timeout"
+            self.conn.send(p.ErrorResponse(errors.PROTOCOL_VIOLATION,
+                                           "timed out waiting for the client to finish the handshake").encode())
+        except Exception:
+            self.log.outcome = "internal error"
+            log.exception("session from %s failed", self.client.peer)
+            self.conn.send(p.ErrorResponse(errors.INTERNAL_ERROR, "internal error in the gateway",
+                                           hint="The gateway log has the details.").encode())
+        finally:
+            self.conn.close()
+            self._log_line()
+
+    async def _run(self) -> None:
+        s = self.gw.settings
+        async with asyncio.timeout(s.handshake_timeout):
+            startup = await self._read_startup()
+            if startup is None:
+                return
+            db_id, backend_params = self._route(startup)
+            role = await self._role(db_id, startup.params["user"])
+            await auth.authenticate(self.conn, startup.params["user"], role,
+                                    channel_binding_pem=self.gw.cert_pem if self.client.tls else None)
+            self.log.auth = "ok"
+            self.conn.send(p.Authentication(p.AUTH_OK).encode())
+        await self._serve(db_id, backend_params)
+
+    async def _read_startup(self) -> p.StartupMessage | None:
+        event = await self.conn.next_event()
+        if isinstance(event, p.CancelRequest):
+            self.log.outcome = "cancel"
+            await self.gw.cancels.cancel(event)
+            return None
+        if not isinstance(event, p.StartupMessage):
+            raise p.ProtocolViolation(f"unexpected {type(event).__name__} after the connection was set up")
+        if event.major != 3:
+            raise GatewayError(errors.FEATURE_NOT_SUPPORTED,
+                               f"unsupported frontend protocol {event.major}.{event.minor}: "
+                               "server supports 3.0 to 3.0")
+        unsupported = tuple(k for k in event.params if k.startswith("_pq_."))
+        if event.minor > 0 or unsupported:
+            self.conn.send(p.NegotiateProtocolVersion(0, unsupported).encode())
+        if not event.params.get("user"):
+            raise GatewayError(errors.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+        if not self.client.tls and self.gw.settings.require_tls:
+            raise errors.tls_required()
+        return event
+
+    def _route(self, startup: p.StartupMessage) -> tuple[str, dict[str, str]]:
+        params = startup.params
+        route, options = routing.route(self.client.server_name, params.get("options"),
+                                       self.gw.settings.domains)
+        self.log.db_id, self.log.method, self.log.user = route.db_id, route.method, params["user"]
+        params = dict(params)
+        params.setdefault("database", params["user"])
+        return route.db_id, relay.backend_params(params, options)
+
+    async def _role(self, db_id: str, user: str) -> Role | None:
+        roles = await self.gw.instances.roles(db_id)
+        if roles is None:
+            if not self.gw.settings.create_on_connect:
+                raise errors.unknown_database(db_id)
+            # create-on-connect: the new database will have role postgres with the dev password
+            return self.gw.dev_role if user == "postgres" else None
+        return roles.get(user)
+
+    async def _serve(self, db_id: str, params: dict[str, str]) -> None:
+        gw = self.gw
+        if gw.shutting_down:
+            raise errors.shutting_down()
+        woke = time.monotonic()
+        create = gw.settings.dev_password if gw.settings.create_on_connect else None
+        inst = await gw.instances.acquire(db_id, create_password=create)
+        key = None
+        try:
+            backend = await relay.login(inst.socket_path, params, gw.settings.start_timeout)
+            self.log.wake_ms = (time.monotonic() - woke) * 1000
+            if backend.key is not None:
+                key = gw.cancels.issue(CancelTarget(inst.socket_path, backend.key))
+            out = b"".join(backend.to_client)
+            if key is not None:
+                out += key.encode()
+            self.conn.send(out + backend.ready)
+            self.log.outcome = "relayed"
+            await relay.pipe(self.conn, backend.conn)
+        finally:
+            if key is not None:
+                gw.cancels.forget(key)
+            gw.instances.release(inst)
+
+    def _log_line(self) -> None:
+        l = self.log
+        wake = f"{l.wake_ms:.0f}ms" if l.wake_ms is not None else "-"
+        log.info("conn peer=%s tls=%s db=%s via=%s user=%s auth=%s wake=%s bytes_in=%d "
+                 "duration=%.3fs outcome=%s", self.client.peer, self.client.tls, l.db_id, l.method,
+                 l.user, l.auth, wake, self.conn.bytes_in, time.monotonic() - self.started, l.outcome)

@@ -1,0 +1,13 @@
+"""Database ids: lowercase DNS labels, so an id is always safe as a host label and a path part."""
+
+from __future__ import annotations
+
+import re
+
+# letters, digits and inner hyphens, 1 to 63 characters
+_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def valid_id(db_id: str) -> bool:
+    """True for a lowercase DNS label that is not punycode (`xn--`)."""
+    return bool(_ID.fullmatch(db_id)) and not db_id.startswith("xn--")

@@ -1,0 +1,59 @@
+"""Role metadata saved beside each database: the SCRAM verifiers from `pg_authid`, so the
+gateway can authenticate a client before it wakes (or restores) the database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    verifier: str | None  # "SCRAM-SHA-256$..." or None (no password, or not SCRAM)
+    can_login: bool = True
+    valid_until: str | None = None  # ISO 8601, or None for no expiry
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        if not self.valid_until:
+            return False
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.fromisoformat(self.valid_until) <= now
+
+
+ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil FROM pg_authid "
+              "ORDER BY rolname")
+
+
+def from_rows(rows) -> dict[str, Role]:
+    roles = {}
+    for name, password, can_login, valid_until in rows:
+        verifier = password if password and password.startswith("SCRAM-SHA-256$") else None
+        until = None
+        if valid_until is not None and valid_until != dt.datetime.max.replace(tzinfo=dt.timezone.utc):
+            until = valid_until.isoformat() if valid_until.year < 9999 else None
+        roles[name] = Role(name, verifier, bool(can_login), until)
+    return roles
+
+
+def save(path: Path, roles: dict[str, Role]) -> None:
+    """Write atomically (temp file, fsync, rename) with mode 0600: verifiers are secrets."""
+    data = json.dumps({"roles": [asdict(r) for r in roles.values()]}, indent=1, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Role] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return {r["name"]: Role(**r) for r in data["roles"]}
