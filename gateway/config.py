@@ -94,7 +94,11 @@ def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
+        if kind in ("int", "float") and isinstance(raw, bool):
+            raise ValueError(raw)
         if kind == "int":
+            if isinstance(raw, float):
+                raise ValueError(raw)
             return int(raw)
         if kind == "float":
             return float(raw)

@@ -196,14 +196,14 @@ class InstanceManager:
                 await self._stop(victim, "evicted (instance cap)")
 
     async def _stop(self, inst: Instance, reason: str) -> None:
-        if self.instances.get(inst.db_id) is inst:
-            del self.instances[inst.db_id]
         if inst.alive:
             try:
                 await self._refresh_roles(inst)
             except (psycopg.Error, OSError) as e:
                 log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
         await inst.process.stop(self.settings.stop_timeout)
+        if self.instances.get(inst.db_id) is inst:
+            del self.instances[inst.db_id]
         inst.lock.release()
         if inst.watcher and inst.watcher is not asyncio.current_task():
             inst.watcher.cancel()

@@ -312,7 +312,8 @@ class NegotiateProtocolVersion:
     unsupported: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        body = _I32.pack(self.newest_minor) + _I32.pack(len(self.unsupported))
+        # on the wire this is the whole version number (3 << 16 | minor), as Postgres sends it
+        body = _I32.pack((3 << 16) | self.newest_minor) + _I32.pack(len(self.unsupported))
         body += b"".join(_cstr(o) for o in self.unsupported)
         return Message(b"v", body).encode()
 
@@ -386,7 +387,7 @@ def decode_backend(msg: Message) -> BackendEvent:
             for _ in range(count):
                 name, offset = _read_cstr(body, offset)
                 names.append(name)
-            return NegotiateProtocolVersion(minor, tuple(names))
+            return NegotiateProtocolVersion(minor & 0xFFFF, tuple(names))
     except struct.error:
         raise ProtocolViolation(f"message type {msg.type!r} is truncated") from None
     return msg

@@ -28,8 +28,20 @@ def check_id(db_id: str) -> str:
 
 
 def id_from_sni(server_name: str, domains: list[str]) -> str:
+    db_id = _sni_label(server_name, domains)
+    if db_id is None:
+        raise GatewayError(
+            CONNECTION_REJECTED, f"server name {server_name[:120]!r} is not served by this gateway",
+            hint="Use <id>." + " or <id>.".join(domains) + " as the host name, or name the "
+                 "database with options=endpoint=<id>.")
+    return db_id
+
+
+def _sni_label(server_name: str, domains: list[str]) -> str | None:
+    """The id in `<id>.<domain>`; None when the name is under none of the domains."""
     name = server_name.lower()
-    for domain in domains:
+    # longest first: with nested domains (example.com and db.example.com) the most specific wins
+    for domain in sorted(domains, key=len, reverse=True):
         suffix = "." + domain.lower()
         if name.endswith(suffix):
             label = server_name[: -len(suffix)]
@@ -38,9 +50,7 @@ def id_from_sni(server_name: str, domains: list[str]) -> str:
                     UNKNOWN_DATABASE, f"server name {server_name[:120]!r} has more than one label "
                     f"before {domain!r}", hint=f"Use <id>.{domain} as the host name.")
             return check_id(label)
-    raise GatewayError(
-        CONNECTION_REJECTED, f"server name {server_name[:120]!r} is not served by this gateway",
-        hint="Use <id>." + " or <id>.".join(domains) + " as the host name.")
+    return None
 
 
 def split_options(options: str) -> tuple[str | None, str]:
@@ -79,7 +89,10 @@ def split_options(options: str) -> tuple[str | None, str]:
 def route(server_name: str | None, options: str | None, domains: list[str]) -> tuple[Route, str]:
     """Pick the database for a connection. Returns the route and the options left for Postgres."""
     endpoint, rest = split_options(options or "")
-    sni_id = id_from_sni(server_name, domains) if server_name else None
+    sni_id = None
+    if server_name:
+        # a name outside our domains (localhost, a CNAME) is fine when options name the database
+        sni_id = _sni_label(server_name, domains) if endpoint is not None else id_from_sni(server_name, domains)
     if endpoint is not None:
         check_id(endpoint)
         if sni_id is not None and sni_id != endpoint:

@@ -21,7 +21,10 @@ class Role:
         if not self.valid_until:
             return False
         now = now or dt.datetime.now(dt.timezone.utc)
-        return dt.datetime.fromisoformat(self.valid_until) <= now
+        until = dt.datetime.fromisoformat(self.valid_until)
+        if until.tzinfo is None:  # a hand-written file without an offset: read it as UTC
+            until = until.replace(tzinfo=dt.timezone.utc)
+        return until <= now
 
 
 ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil FROM pg_authid "

@@ -1,0 +1,96 @@
+"""Shared fixtures: TLS material (trustme), a data root Postgres can reach, a template PGDATA
+made once per session, and a running gateway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+
+from gateway.config import Settings
+from gateway.postgres import find_bindir
+from storage.local import TEMPLATE, LocalCatalog
+from storage.osuser import RunAs
+
+from .support.harness import DOMAIN, GatewayThread
+
+# fsync=off is safe for tests (the OS cache survives a killed process); synchronous_commit
+# stays on, or a SIGKILLed instance would lose commits a client saw.
+PG_OPTIONS = {"fsync": "off"}
+
+
+def reachable_tmpdir(prefix: str) -> Path:
+    """A directory under /tmp that the Postgres OS user can traverse (pytest's own tmp_path
+    is 0700 root-owned when tests run as root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o711)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> dict[str, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert(f"*.{DOMAIN}", DOMAIN, "localhost", "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    paths = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server-key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(paths["cert"]), append=True)
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def template_pgdata() -> Path:
+    """One initdb per test session; each data root gets a copy."""
+    root = reachable_tmpdir("pgsni-tpl-")
+    catalog = LocalCatalog(root, RunAs.resolve("postgres"), find_bindir())
+    tpl = catalog.template()
+    yield tpl
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def data_root(template_pgdata) -> Path:
+    root = reachable_tmpdir("pgsni-data-")
+    subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / TEMPLATE)], check=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_settings(tls, data_root):
+    def make(**kw) -> Settings:
+        base = dict(listen_host="127.0.0.1", listen_port=0, domains=[DOMAIN],
+                    tls_cert=str(tls["cert"]), tls_key=str(tls["key"]), data_root=str(data_root),
+                    socket_dir=f"/tmp/pgsni-s-{data_root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
+                    handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0)
+        base.update(kw)
+        return Settings(**base)
+    return make
+
+
+@pytest.fixture
+def start_gateway(make_settings):
+    started: list[GatewayThread] = []
+
+    def start(**kw) -> GatewayThread:
+        gt = GatewayThread(make_settings(**kw)).start()
+        started.append(gt)
+        return gt
+
+    yield start
+    for gt in started:
+        gt.stop()
+        shutil.rmtree(gt.settings.socket_path, ignore_errors=True)
+
+
+@pytest.fixture
+def gateway(start_gateway) -> GatewayThread:
+    return start_gateway()

@@ -1,0 +1,89 @@
+"""Authentication happens at the gateway, before anything wakes: refusals carry the right
+SQLSTATE and start no Postgres."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from ..support.harness import conninfo, connect_sqlstate, postmasters
+
+
+def _sqlstate(dsn: str) -> str:
+    """The libpq error text of a refused connection."""
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(dsn).close()
+    return str(info.value)
+
+
+@pytest.fixture
+def stopped_db(gateway):
+    gateway.create_db("app1")
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    assert gateway.running() == set()
+    return gateway
+
+
+def test_wrong_password_starts_nothing(stopped_db, tls, data_root):
+    gw = stopped_db
+    starts = gw.gw.instances.starts
+    msg = _sqlstate(conninfo(gw.port, tls["ca"], "app1", password="wrong"))
+    assert 'password authentication failed for user "postgres"' in msg
+    assert gw.gw.instances.starts == starts
+    assert postmasters(data_root / "app1" / "pgdata") == []
+
+
+def test_wrong_password_sqlstate_is_28P01(stopped_db, tls):
+    assert connect_sqlstate(stopped_db.port, tls["ca"], "app1", password="nope") == "28P01"
+    assert stopped_db.running() == set()
+
+
+def test_unknown_role_is_28000(stopped_db, tls):
+    assert connect_sqlstate(stopped_db.port, tls["ca"], "app1", user="mallory") == "28000"
+    msg = _sqlstate(conninfo(stopped_db.port, tls["ca"], "app1", user="mallory"))
+    assert 'role "mallory" does not exist' in msg
+    assert stopped_db.running() == set()
+
+
+def test_unknown_database_is_3D000(gateway, tls):
+    assert connect_sqlstate(gateway.port, tls["ca"], "nosuchdb") == "3D000"
+    assert 'database "nosuchdb" does not exist' in _sqlstate(conninfo(gateway.port, tls["ca"], "nosuchdb"))
+    assert gateway.gw.instances.starts == 0
+
+
+def test_right_password_after_stop_uses_saved_verifiers(stopped_db, tls):
+    with psycopg.connect(conninfo(stopped_db.port, tls["ca"], "app1")) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert stopped_db.running() == {"app1"}
+
+
+def test_password_change_is_seen_by_the_gateway(gateway, tls):
+    gateway.create_db("app1")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:
+        conn.execute("create role app login password 'first-pw'")
+        conn.execute("alter role postgres password 'rotated-pw'")
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    # stopped: the verifiers saved at stop time are used
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1", user="app", password="first-pw")) as c:
+        assert c.execute("select current_user").fetchone() == ("app",)
+    assert connect_sqlstate(gateway.port, tls["ca"], "app1") == "28P01"
+    psycopg.connect(conninfo(gateway.port, tls["ca"], "app1", password="rotated-pw")).close()
+
+
+def test_role_without_login_is_refused(gateway, tls):
+    gateway.create_db("app1")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:
+        conn.execute("create role viewer nologin password 'viewer-pw'")
+    gateway.gw.settings.auth_cache_seconds = 0
+    assert connect_sqlstate(gateway.port, tls["ca"], "app1", user="viewer", password="viewer-pw") == "28000"
+    assert "not permitted to log in" in _sqlstate(
+        conninfo(gateway.port, tls["ca"], "app1", user="viewer", password="viewer-pw"))
+
+
+def test_create_on_connect_uses_the_dev_password(start_gateway, tls):
+    gw = start_gateway(create_on_connect=True, dev_password="devpw")
+    assert connect_sqlstate(gw.port, tls["ca"], "fresh", password="other") == "28P01"
+    assert gw.gw.catalog.list() == []
+    with psycopg.connect(conninfo(gw.port, tls["ca"], "fresh", password="devpw")) as conn:
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
+    assert gw.gw.catalog.list() == ["fresh"]

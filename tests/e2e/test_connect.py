@@ -1,0 +1,113 @@
+"""Connecting through the gateway with real clients: psql, psycopg (libpq 18), asyncpg."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import asyncpg
+import psycopg
+from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, psql
+
+
+def test_psql_lands_in_its_own_database(gateway, tls):
+    gateway.create_db("app1")
+    out = psql(conninfo(gateway.port, tls["ca"], "app1"),
+               "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()")
+    assert out.returncode == 0, out.stderr
+    # the backend connection is over the private unix socket, so Postgres sees no SSL itself
+    assert out.stdout.strip() == "postgres|f"
+    out = psql(conninfo(gateway.port, tls["ca"], "app1"), "show listen_addresses")
+    assert out.stdout.strip() == ""
+
+
+def test_databases_are_isolated(gateway, tls):
+    gateway.create_db("app1")
+    gateway.create_db("app2")
+    a, b = conninfo(gateway.port, tls["ca"], "app1"), conninfo(gateway.port, tls["ca"], "app2")
+    assert psql(a, "create table only_in_a(x int); insert into only_in_a values (42)").returncode == 0
+    assert psql(a, "select x from only_in_a").stdout.strip() == "42"
+    out = psql(b, "select x from only_in_a")
+    assert out.returncode != 0 and 'relation "only_in_a" does not exist' in out.stderr
+    dirs = {psql(c, "show data_directory").stdout.strip() for c in (a, b)}
+    assert len(dirs) == 2 and all(d.endswith("/pgdata") for d in dirs)
+
+
+def test_psycopg_direct_tls_and_channel_binding(gateway, tls):
+    gateway.create_db("app1")
+    dsn = conninfo(gateway.port, tls["ca"], "app1", sslnegotiation="direct", channel_binding="require")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select 1 + 1").fetchone() == (2,)
+        assert conn.pgconn.ssl_in_use
+        assert conn.info.parameter_status("server_version").startswith("15")
+
+
+def test_psycopg_newer_protocol_is_negotiated_down(gateway, tls):
+    gateway.create_db("app1")
+    dsn = conninfo(gateway.port, tls["ca"], "app1", max_protocol_version="3.2")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select 'ok'").fetchone() == ("ok",)
+        assert conn.pgconn.protocol_version == 3
+
+
+def test_no_sni_with_endpoint_option(gateway, tls):
+    gateway.create_db("app1")
+    dsn = conninfo(gateway.port, tls["ca"], None, options="'endpoint=app1 -c search_path=foo'")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("show search_path").fetchone() == ("foo",)
+        assert conn.execute("select count(*) from pg_class").fetchone()[0] > 0
+
+
+def test_no_sni_without_endpoint_is_told_how_to_fix_it(gateway, tls):
+    out = psql(conninfo(gateway.port, tls["ca"], None), "select 1")
+    assert out.returncode != 0
+    assert "no database id" in out.stderr and "options=endpoint=<id>" in out.stderr
+
+
+def test_sni_and_endpoint_must_agree(gateway, tls):
+    gateway.create_db("app1")
+    out = psql(conninfo(gateway.port, tls["ca"], "app1", options="endpoint=app2"), "select 1")
+    assert out.returncode != 0 and "app2" in out.stderr and "app1" in out.stderr
+
+
+async def test_asyncpg_with_endpoint_option(gateway, tls):
+    gateway.create_db("app1")
+    ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+    ctx.check_hostname = False
+    conn = await asyncpg.connect(host="127.0.0.1", port=gateway.port, user="postgres",
+                                 password=TEST_PASSWORD, database="postgres", ssl=ctx,
+                                 server_settings={"options": "endpoint=app1"})
+    try:
+        assert await conn.fetchval("select 40 + 2") == 42
+    finally:
+        await conn.close()
+
+
+async def test_asyncpg_direct_tls_with_sni(gateway, tls, monkeypatch):
+    """asyncpg has no hostaddr, so the name must resolve: point *.db.example.com at loopback."""
+    gateway.create_db("app2")
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kw):
+        if isinstance(host, str) and host.endswith("." + DOMAIN):
+            host = "127.0.0.1"
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+    conn = await asyncpg.connect(host=f"app2.{DOMAIN}", port=gateway.port, user="postgres",
+                                 password=TEST_PASSWORD, database="postgres", ssl=ctx, direct_tls=True)
+    try:
+        assert (await conn.fetchval("select current_setting('data_directory')")).endswith("/app2/pgdata")
+    finally:
+        await conn.close()
+
+
+def test_plain_connection_is_refused_when_tls_is_required(gateway, tls):
+    gateway.create_db("app1")
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    starts = gateway.gw.instances.starts
+    out = psql(f"host=127.0.0.1 port={gateway.port} user=postgres sslmode=disable "
+               f"options=endpoint=app1 password={TEST_PASSWORD}", "select 1")
+    assert out.returncode != 0 and "requires TLS" in out.stderr and "sslmode=require" in out.stderr
+    assert gateway.gw.instances.starts == starts and gateway.running() == set()

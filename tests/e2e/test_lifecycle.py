@@ -1,0 +1,105 @@
+"""Instances: one postmaster per database however many clients arrive, idle stop, restart
+after a crash, the instance cap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from ..support.harness import conninfo, connect_sqlstate, postmasters, psql
+
+
+def _wait(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_concurrent_first_connects_start_one_server(gateway, tls, data_root):
+    gateway.create_db("cold")
+    gateway.call(lambda: gateway.gw.instances.stop("cold"))
+    starts = gateway.gw.instances.starts
+    results, barrier = [], threading.Barrier(12)
+
+    def client():
+        barrier.wait()
+        with psycopg.connect(conninfo(gateway.port, tls["ca"], "cold")) as conn:
+            results.append(conn.execute("select pg_postmaster_start_time()").fetchone()[0])
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 12
+    assert len(set(results)) == 1  # all were served by the same postmaster
+    assert gateway.gw.instances.starts == starts + 1
+    assert len([p for p in postmasters(data_root / "cold" / "pgdata")]) >= 1
+
+
+def test_idle_stop_then_reconnect_keeps_data(start_gateway, tls, data_root):
+    gw = start_gateway(idle_timeout=0.5)
+    gw.create_db("idle1")
+    dsn = conninfo(gw.port, tls["ca"], "idle1")
+    assert psql(dsn, "create table t(x int); insert into t select generate_series(1, 100)").returncode == 0
+    _wait(lambda: gw.running() == set(), what="idle stop")
+    assert postmasters(data_root / "idle1" / "pgdata") == []
+    out = psql(dsn, "select count(*) from t")
+    assert out.returncode == 0 and out.stdout.strip() == "100"
+
+
+def test_busy_instance_is_not_stopped_for_idleness(start_gateway, tls):
+    gw = start_gateway(idle_timeout=0.3)
+    gw.create_db("busy")
+    with psycopg.connect(conninfo(gw.port, tls["ca"], "busy")) as conn:
+        time.sleep(1.2)
+        assert conn.execute("select 7").fetchone() == (7,)
+        assert gw.running() == {"busy"}
+
+
+def test_instance_killed_then_reconnect(gateway, tls, data_root):
+    gateway.create_db("crashy")
+    dsn = conninfo(gateway.port, tls["ca"], "crashy")
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("create table t(x int); insert into t values (1), (2)")
+    pid = gateway.gw.instances.instances["crashy"].process.pid
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: "crashy" not in gateway.running(), what="crash noticed")
+    # the gateway killed the orphaned backends too, so the client's session is gone
+    _wait(lambda: postmasters(data_root / "crashy" / "pgdata") == [], what="orphans gone")
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("select 1")
+    conn.close()
+    with psycopg.connect(dsn) as again:
+        assert again.execute("select count(*) from t").fetchone() == (2,)
+    log = (data_root / "crashy" / "postgres.log").read_text()
+    assert "database system was interrupted" in log or "not properly shut down" in log
+
+
+def test_cap_evicts_least_recently_used_idle(start_gateway, tls):
+    gw = start_gateway(max_instances=2)
+    for name in ("cap1", "cap2"):
+        gw.create_db(name)
+    assert gw.running() == {"cap1", "cap2"}
+    psycopg.connect(conninfo(gw.port, tls["ca"], "cap1")).close()  # cap2 is now the LRU
+    gw.create_db("cap3")
+    assert gw.running() == {"cap1", "cap3"}
+
+
+def test_cap_with_no_idle_instance_is_53300(start_gateway, tls):
+    gw = start_gateway(max_instances=1)
+    gw.create_db("only")
+    gw.create_db("other")  # evicts "only" (idle)
+    with psycopg.connect(conninfo(gw.port, tls["ca"], "other")):
+        assert connect_sqlstate(gw.port, tls["ca"], "only") == "53300"
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(conninfo(gw.port, tls["ca"], "only"))
+        assert "too many databases are active" in str(info.value)

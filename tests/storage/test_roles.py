@@ -1,0 +1,32 @@
+"""Role metadata: saved atomically with a safe mode, loaded back, expiry understood."""
+
+import datetime as dt
+import stat
+
+from storage.roles import Role, from_rows, load, save
+
+
+def test_save_and_load_round_trip_with_mode_0600(tmp_path):
+    roles = {"postgres": Role("postgres", "SCRAM-SHA-256$4096:c2FsdA==$a2V5:c2Vy", True, None)}
+    path = tmp_path / "roles.json"
+    save(path, roles)
+    assert load(path) == roles
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load(tmp_path / "missing.json") is None
+
+
+def test_only_scram_verifiers_are_kept():
+    rows = [("a", "SCRAM-SHA-256$4096:x$y:z", True, None), ("b", "md5abc", True, None),
+            ("c", None, False, None)]
+    roles = from_rows(rows)
+    assert roles["a"].verifier.startswith("SCRAM-SHA-256$")
+    assert roles["b"].verifier is None and roles["c"].verifier is None
+    assert roles["c"].can_login is False
+
+
+def test_expiry_with_and_without_an_offset():
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    assert Role("r", None, True, "2025-12-31T00:00:00+00:00").expired(now)
+    assert Role("r", None, True, "2025-12-31T00:00:00").expired(now)
+    assert not Role("r", None, True, "2026-06-01T00:00:00").expired(now)
+    assert not Role("r", None, True, None).expired(now)
