@@ -79,6 +79,7 @@ async def _login(conn: PgConnection, params: dict[str, str]) -> BackendSession:
 
 
 async def pipe(client: PgConnection, backend: PgConnection) -> None:
-    """Forward raw bytes both ways until either side closes."""
+    """Forward raw bytes both ways until either side closes. The other side is then closed
+    (after flushing); the session does not wait for an idle TLS client to answer the close."""
     link(client, backend)
-    await asyncio.gather(client.closed, backend.closed)
+    await asyncio.wait([client.closed, backend.closed], return_when=asyncio.FIRST_COMPLETED)

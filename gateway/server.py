@@ -27,6 +27,10 @@ from .wire import PgConnection
 
 log = logging.getLogger("pgsni.server")
 
+# how long a closing TLS connection waits for the client's close_notify; an idle client
+# never reads, so without a bound the transport would linger for the loop's 30 s default
+TLS_SHUTDOWN_TIMEOUT = 2.0
+
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
@@ -164,7 +168,8 @@ class Gateway:
         # with ssl=, the returned protocol is the loop's TLS wrapper, so keep our own reference
         transport, _ = await loop.connect_accepted_socket(
             lambda: conn, sock, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.settings.handshake_timeout)
+            ssl_handshake_timeout=self.settings.handshake_timeout,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         sslobj = transport.get_extra_info("ssl_object")
         alpn = sslobj.selected_alpn_protocol() if sslobj else None
         log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
