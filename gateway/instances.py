@@ -14,6 +14,7 @@ import psycopg
 
 from storage import roles as roles_mod
 from storage.local import LocalCatalog, StorageError
+from storage.osuser import OSUserError
 
 from . import errors
 from .config import Settings
@@ -162,12 +163,11 @@ class InstanceManager:
                                   s.socket_path / db_id, self.catalog.log_file(db_id),
                                   self.catalog.run_as, s.postgres_options)
         try:
-            s.socket_path.mkdir(mode=0o700, exist_ok=True)
             self.catalog.run_as.make_dir(s.socket_path)
             await stop_orphan(process.pgdata, s.stop_timeout)
             started = time.monotonic()
             await process.start(s.start_timeout)
-        except (PostgresError, OSError) as e:
+        except (PostgresError, OSError, OSUserError) as e:
             lock.release()
             process.kill_group()
             log.error("starting %s failed: %s", db_id, e)

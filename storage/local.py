@@ -56,7 +56,7 @@ class LocalCatalog:
         return self.db_dir(db_id) / "instance.lock"
 
     def prepare(self) -> None:
-        self.run_as.check_reachable(self.root.parent)
+        self.run_as.check_reachable(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711 if self.run_as.switches_user else 0o700)
 

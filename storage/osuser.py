@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,14 @@ class RunAs:
         return kw
 
     def make_dir(self, path: Path, mode: int = 0o700) -> Path:
-        """Create (or fix) a directory owned by this user with `mode`."""
+        """Create (or fix) a directory owned by this user with `mode`. An existing one must be
+        a real directory owned by us or this user: under /tmp, another local user could have
+        planted a symlink or a directory of their own at a predictable name."""
         path.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), self.uid):
+            raise OSUserError(f"{path} exists but is not a directory owned by this gateway or "
+                              f"{self.name!r}; remove it or choose another path")
         self.chown(path)
         os.chmod(path, mode)
         return path

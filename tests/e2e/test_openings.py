@@ -14,6 +14,13 @@ from ..support.rawclient import RawClient, pack_untyped
 PARAMS = {"user": "postgres", "database": "postgres"}
 
 
+def _tls_client(gateway, tls, db_id: str = "app1") -> RawClient:
+    """A raw client over TLS (SSLRequest first) with SNI `<db_id>.<domain>`."""
+    raw = RawClient(gateway.port)
+    raw.start_tls(str(tls["ca"]), f"{db_id}.{DOMAIN}")
+    return raw
+
+
 def _login(raw: RawClient, *, then: bytes = b"") -> list:
     raw.scram("postgres", TEST_PASSWORD, then=then)
     events = []
@@ -63,8 +70,7 @@ def test_gssenc_request_is_declined_then_tls_proceeds(gateway, tls):
 
 def test_newer_minor_version_and_pq_options_get_negotiate_protocol_version(gateway, tls):
     gateway.create_db("app1")
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.startup({**PARAMS, "_pq_.frobnicate": "on"}, minor=2)
     first = raw.next_backend()
     assert first == p.NegotiateProtocolVersion(0, ("_pq_.frobnicate",))
@@ -73,8 +79,7 @@ def test_newer_minor_version_and_pq_options_get_negotiate_protocol_version(gatew
 
 
 def test_protocol_2_is_refused(gateway, tls):
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.send(p.StartupMessage(2, 0, PARAMS).encode())
     err = raw.next_backend()
     assert isinstance(err, p.ErrorResponse) and err.code == "0A000"
@@ -83,8 +88,7 @@ def test_protocol_2_is_refused(gateway, tls):
 
 def test_pipelined_query_after_scram_is_not_dropped(gateway, tls):
     gateway.create_db("app1")
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.startup(PARAMS)
     # the query goes out with the last SCRAM message, long before ReadyForQuery comes back
     events = _login(raw, then=raw.query("select 'pipelined'"))
@@ -95,8 +99,7 @@ def test_pipelined_query_after_scram_is_not_dropped(gateway, tls):
 
 def test_malformed_startup_gets_08P01_and_gateway_keeps_serving(gateway, tls):
     gateway.create_db("app1")
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.send(pack_untyped(3 << 16, b"user\0postgres\0dangling\0"))  # odd number of strings
     err = raw.next_backend()
     assert isinstance(err, p.ErrorResponse) and err.code == "08P01"
@@ -109,8 +112,7 @@ def test_malformed_startup_gets_08P01_and_gateway_keeps_serving(gateway, tls):
     assert isinstance(err, p.ErrorResponse) and err.code == "08P01"
     raw.close()
     # and the next client is served normally
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.startup(PARAMS)
     assert isinstance(_login(raw)[-1], p.ReadyForQuery)
     raw.close()
@@ -118,8 +120,7 @@ def test_malformed_startup_gets_08P01_and_gateway_keeps_serving(gateway, tls):
 
 def test_oversized_sasl_message_is_refused(gateway, tls):
     gateway.create_db("app1")
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.startup(PARAMS)
     assert raw.next_backend().code == p.AUTH_SASL
     raw.send(b"p" + (10_000_000).to_bytes(4, "big"))
@@ -145,8 +146,7 @@ def test_client_vanishing_mid_scram_costs_nothing(gateway, tls):
     gateway.create_db("app1")
     gateway.call(lambda: gateway.gw.instances.stop("app1"))
     starts = gateway.gw.instances.starts
-    raw = RawClient(gateway.port)
-    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    raw = _tls_client(gateway, tls)
     raw.startup(PARAMS)
     assert raw.next_backend().code == p.AUTH_SASL
     raw.sock.close()
