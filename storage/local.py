@@ -12,15 +12,12 @@ import subprocess
 from pathlib import Path
 
 from . import roles as roles_mod
+from .errors import StorageError
 from .ids import valid_id
 from .osuser import RunAs
 
 TEMPLATE = "_template"
 HBA = "# pgsni: only the gateway reaches this server, over a unix socket in a 0700 directory\nlocal all all trust\n"
-
-
-class StorageError(Exception):
-    pass
 
 
 class DatabaseExists(StorageError):
