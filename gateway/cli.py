@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -108,6 +109,51 @@ def _catalog(settings: Settings):
     return LocalCatalog(settings.data_path, RunAs.resolve(settings.pg_user), find_bindir(settings.pg_bindir))
 
 
+class _Offline:
+    """The storage and instance machinery without a listening gateway, for one CLI command.
+    A database a running gateway has open is refused by its lock."""
+
+    def __init__(self, settings: Settings) -> None:
+        from storage.factory import open_backend
+
+        from .instances import InstanceManager
+        from .server import open_databases
+
+        self.catalog = _catalog(settings)
+        self.catalog.prepare()
+        self.backend = open_backend(settings)
+        self.databases = open_databases(settings, self.catalog, self.backend)
+        self.manager = InstanceManager(settings, self.databases)
+
+    async def __aenter__(self) -> "_Offline":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.manager.stop_all()
+        await self.backend.close()
+
+
+def _run(ctx: click.Context, body) -> object:
+    """Run `body(offline)` with clear CLI errors for gateway and storage failures."""
+    from storage.errors import StorageError
+
+    from .errors import GatewayError
+
+    settings = _settings(ctx)
+    _setup_logging("WARNING")
+
+    async def main():
+        async with _Offline(settings) as off:
+            return await body(off)
+
+    try:
+        return asyncio.run(main())
+    except GatewayError as e:
+        raise click.ClickException(e.message + (f" ({e.detail})" if e.detail else "")) from None
+    except StorageError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def _check_id(db_id: str) -> str:
     from storage.ids import valid_id
 
@@ -123,31 +169,15 @@ def _check_id(db_id: str) -> str:
 @click.pass_context
 def db_create(ctx: click.Context, db_id: str, password: str | None) -> None:
     """Create database ID; prints the password of role postgres once."""
-    from storage.local import StorageError
-
-    from .errors import GatewayError
-    from .instances import InstanceManager
-
-    settings = _settings(ctx)
     _check_id(db_id)
     password = password or secrets.token_urlsafe(18)
 
-    async def create() -> None:
-        catalog = _catalog(settings)
-        catalog.prepare()
-        if catalog.exists(db_id):
+    async def create(off: _Offline) -> None:
+        if await off.databases.exists(db_id):
             raise click.ClickException(f'database "{db_id}" already exists')
-        manager = InstanceManager(settings, catalog)
-        try:
-            await manager.create(db_id, password)
-        finally:
-            await manager.stop_all()
+        await off.manager.create(db_id, password)
 
-    _setup_logging("WARNING")
-    try:
-        asyncio.run(create())
-    except (GatewayError, StorageError) as e:
-        raise click.ClickException(getattr(e, "message", str(e))) from None
+    _run(ctx, create)
     if ctx.obj["json"]:
         click.echo(json.dumps({"id": db_id, "user": "postgres", "password": password}))
     else:
@@ -158,13 +188,27 @@ def db_create(ctx: click.Context, db_id: str, password: str | None) -> None:
 @db.command("list")
 @click.pass_context
 def db_list(ctx: click.Context) -> None:
-    """List databases on the data root."""
-    ids = _catalog(_settings(ctx)).list()
+    """List databases, on local disk and in storage."""
+
+    async def listing(off: _Offline) -> list[dict]:
+        local = set(off.catalog.list())
+        stored = set(await off.databases.store.list_databases())
+        rows = []
+        for db_id in sorted(local | stored):
+            state = off.databases.state(db_id) if db_id in local else None
+            rows.append({"id": db_id, "local": db_id in local, "stored": db_id in stored,
+                         "version": state.version if state else None,
+                         "unsaved_changes": bool(state and state.dirty)})
+        return rows
+
+    rows = _run(ctx, listing)
     if ctx.obj["json"]:
-        click.echo(json.dumps(ids))
-    else:
-        for db_id in ids:
-            click.echo(db_id)
+        click.echo(json.dumps([r["id"] for r in rows]))
+        return
+    for r in rows:
+        where = "+".join(w for w in ("local", "stored") if r[w])
+        flag = " (unsaved changes)" if r["unsaved_changes"] else ""
+        click.echo(f"{r['id']}\t{where}{flag}")
 
 
 @db.command("delete")
@@ -172,20 +216,85 @@ def db_list(ctx: click.Context) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def db_delete(ctx: click.Context, db_id: str, yes: bool) -> None:
-    """Delete database ID and all its data."""
-    from storage.local import StorageError
-
-    catalog = _catalog(_settings(ctx))
+    """Delete database ID: its local copy and every stored version."""
     _check_id(db_id)
-    if not catalog.exists(db_id):
+
+    async def exists(off: _Offline) -> bool:
+        return await off.databases.exists(db_id)
+
+    if not _run(ctx, exists):
         raise click.ClickException(f'database "{db_id}" does not exist')
     if not yes:
-        click.confirm(f'Delete database "{db_id}" and all its data?', abort=True)
-    try:
-        catalog.delete(db_id)
-    except StorageError as e:
-        raise click.ClickException(str(e)) from None
+        click.confirm(f'Delete database "{db_id}" and all its versions?', abort=True)
+
+    async def delete(off: _Offline) -> None:
+        if off.catalog.db_dir(db_id).exists():
+            off.catalog.delete(db_id)  # refused while a gateway has it open
+        await off.databases.store.delete_database(db_id)
+
+    _run(ctx, delete)
     click.echo(f'deleted database "{db_id}"')
+
+
+@db.command("snapshot")
+@click.argument("db_id", metavar="ID")
+@click.pass_context
+def db_snapshot(ctx: click.Context, db_id: str) -> None:
+    """Save the local copy of ID to storage as a new version (if it changed)."""
+    _check_id(db_id)
+
+    async def snap(off: _Offline):
+        if not off.catalog.exists(db_id):
+            raise click.ClickException(f'database "{db_id}" has no local copy here')
+        with off.catalog.lock(db_id):
+            return await off.databases.save(db_id, note="pgsni db snapshot")
+
+    manifest = _run(ctx, snap)
+    if manifest is None:
+        click.echo("no changes since the stored version; nothing to do")
+    else:
+        click.echo(f"saved {db_id} as version {manifest.version}")
+
+
+@db.command("versions")
+@click.argument("db_id", metavar="ID")
+@click.pass_context
+def db_versions(ctx: click.Context, db_id: str) -> None:
+    """List the stored versions of ID (newest last)."""
+    _check_id(db_id)
+
+    async def versions(off: _Offline):
+        return await off.databases.store.versions(db_id)
+
+    infos = _run(ctx, versions)
+    if not infos:
+        raise click.ClickException(f'database "{db_id}" has no stored versions')
+    if ctx.obj["json"]:
+        click.echo(json.dumps([{"version": i.version, "size": i.size, "current": i.current} for i in infos]))
+        return
+    for i in infos:
+        click.echo(f"{i.version}\t{i.size:>12}\t{'current' if i.current else ''}".rstrip())
+
+
+@db.command("restore")
+@click.argument("db_id", metavar="ID")
+@click.option("--version", "version", required=True, help="Version to make current (see `db versions`).")
+@click.pass_context
+def db_restore(ctx: click.Context, db_id: str, version: str) -> None:
+    """Roll ID back to an earlier version. Unsaved changes become a new version first, so the
+    roll-back can itself be undone. The database must not be open in a running gateway."""
+    from storage.cache import roll_back
+
+    _check_id(db_id)
+
+    async def restore(off: _Offline):
+        with off.catalog.lock(db_id) if off.catalog.exists(db_id) else contextlib.nullcontext():
+            return await roll_back(off.databases, db_id, version)
+
+    saved, target = _run(ctx, restore)
+    if saved is not None:
+        click.echo(f"saved the current state as version {saved.version}")
+    click.echo(f"{db_id} is now at version {target.version}")
 
 
 @main.group()
@@ -203,6 +312,6 @@ def config_reference() -> None:
 @click.pass_context
 def config_show(ctx: click.Context) -> None:
     """Print the effective settings."""
-    import dataclasses
+    from .config import redacted
 
-    click.echo(json.dumps(dataclasses.asdict(_settings(ctx)), indent=2))
+    click.echo(json.dumps(redacted(_settings(ctx)), indent=2))

@@ -41,6 +41,23 @@ class Settings:
     socket_dir: str = _opt("", "Directory for the instances' unix sockets (0700). Empty: a short path under /tmp derived from data_root.")
     create_on_connect: bool = _opt(False, "DEVELOPMENT ONLY: create unknown databases on first connect, with password dev_password for role postgres.")
     dev_password: str = _opt("postgres", "Password of role postgres in databases made by create_on_connect.")
+    # storage
+    storage: str = _opt("local", "Where snapshots live: local (a directory), s3 (the S3 API), s3fs (a bucket mounted with s3fs-fuse), or a URL: s3://bucket/prefix, file:///path.")
+    storage_path: str = _opt(".pgsni/storage", "Directory for storage=local; the mount point for storage=s3fs.")
+    s3_bucket: str = _opt("", "Bucket for storage=s3 or s3fs.")
+    s3_prefix: str = _opt("", "Key prefix inside the bucket (e.g. prod/).")
+    s3_endpoint: str = _opt("", "S3 endpoint URL (MinIO, Tigris, moto). Empty: AWS.")
+    s3_region: str = _opt("", "S3 region. Empty: from the AWS configuration, else us-east-1.")
+    s3_access_key: str = _opt("", "S3 access key id. Empty: AWS_ACCESS_KEY_ID / the AWS configuration.", secret=True)
+    s3_secret_key: str = _opt("", "S3 secret key. Empty: AWS_SECRET_ACCESS_KEY / the AWS configuration.", secret=True)
+    s3_path_style: bool = _opt(True, "Path-style S3 addressing (needed by MinIO and moto).")
+    s3fs_mount: bool = _opt(False, "storage=s3fs: mount the bucket at storage_path with s3fs-fuse (else use an existing mount).")
+    storage_attempts: int = _opt(4, "Attempts per storage request before the store counts as unavailable.")
+    storage_timeout: float = _opt(10.0, "Seconds per storage request attempt.")
+    retention_keep: int = _opt(10, "Versions kept per database (newest first; the current one is always kept).")
+    retention_days: float = _opt(0.0, "Also keep every version younger than this many days (0: off).")
+    cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
+    max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
     # instances
     pg_bindir: str = _opt("", "Directory with postgres/initdb binaries. Empty: discover (/usr/lib/postgresql/<newest>/bin or PATH).")
     pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
@@ -68,6 +85,33 @@ class Settings:
             raise ConfigError("max_instances must be at least 1")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024")
+        kind = self.storage_kind
+        if kind in ("s3", "s3fs") and not self.s3_bucket and not self.storage.startswith("s3://"):
+            raise ConfigError(f"storage={self.storage}: s3_bucket is required")
+        if self.retention_keep < 1:
+            raise ConfigError("retention_keep must be at least 1 (the current version)")
+
+    @property
+    def storage_kind(self) -> str:
+        """local, s3 or s3fs, with URLs folded in (s3://bucket/prefix, file:///path)."""
+        if self.storage.startswith("s3://"):
+            return "s3"
+        if self.storage.startswith("file://"):
+            return "local"
+        if self.storage not in ("local", "s3", "s3fs"):
+            raise ConfigError(f"storage: {self.storage!r} is not local, s3, s3fs, s3://... or file://...")
+        return self.storage
+
+    def storage_location(self) -> tuple[str, str]:
+        """(bucket or directory, prefix) after folding in a storage URL."""
+        if self.storage.startswith("s3://"):
+            bucket, _, prefix = self.storage[5:].partition("/")
+            return bucket, prefix
+        if self.storage.startswith("file://"):
+            return self.storage[7:], ""
+        if self.storage_kind == "s3":
+            return self.s3_bucket, self.s3_prefix
+        return self.storage_path, self.s3_prefix if self.storage_kind == "s3fs" else ""
 
     @property
     def data_path(self) -> Path:
@@ -144,6 +188,15 @@ def load(config_file: str | os.PathLike | None = None, env: dict[str, str] | Non
                 raise ConfigError(f"unknown setting {name!r}")
             values[name] = _coerce(by_name[name], raw, "--" + name.replace("_", "-"))
     return Settings(**values)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as a dict with secrets masked, for `config show` and logs."""
+    out = dataclasses.asdict(settings)
+    for f in fields(Settings):
+        if f.metadata.get("secret") and out[f.name]:
+            out[f.name] = "********"
+    return out
 
 
 def reference_markdown() -> str:

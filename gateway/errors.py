@@ -19,6 +19,7 @@ CANNOT_CONNECT_NOW = "57P03"
 ADMIN_SHUTDOWN = "57P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 INTERNAL_ERROR = "XX000"
+DATA_CORRUPTED = "XX001"
 
 
 class GatewayError(Exception):
@@ -63,3 +64,8 @@ def startup_failed(db_id: str, reason: str) -> GatewayError:
 def shutting_down() -> GatewayError:
     return GatewayError(ADMIN_SHUTDOWN, "the gateway is shutting down",
                         hint="Reconnect in a moment.")
+
+
+def storage_unavailable(db_id: str) -> GatewayError:
+    return GatewayError(CANNOT_CONNECT_NOW, f'the storage holding database "{db_id}" is unavailable',
+                        hint="Try again shortly; no data was lost.")

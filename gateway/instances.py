@@ -12,8 +12,10 @@ from pathlib import Path
 
 import psycopg
 
+from storage import errors as storage_errors
 from storage import roles as roles_mod
-from storage.local import LocalCatalog, StorageError
+from storage.cache import Databases
+from storage.errors import StorageError
 from storage.osuser import OSUserError
 
 from . import errors
@@ -32,6 +34,7 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     roles: dict[str, roles_mod.Role] | None = None
     roles_at: float = 0.0
+    start_lsn: str | None = None  # WAL insert position when it started: unchanged = nothing to save
     watcher: asyncio.Task | None = None
 
     @property
@@ -49,9 +52,10 @@ class Instance:
 
 
 class InstanceManager:
-    def __init__(self, settings: Settings, catalog: LocalCatalog) -> None:
+    def __init__(self, settings: Settings, databases: Databases) -> None:
         self.settings = settings
-        self.catalog = catalog
+        self.databases = databases
+        self.catalog = databases.catalog
         self.instances: dict[str, Instance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
@@ -67,7 +71,7 @@ class InstanceManager:
         async with self._lock(db_id):
             inst = self.instances.get(db_id)
             if inst is None or not inst.alive:
-                if not self.catalog.exists(db_id):
+                if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
                     if create_password is None:
                         raise errors.unknown_database(db_id)
                     inst = await self._create(db_id, create_password)
@@ -89,12 +93,12 @@ class InstanceManager:
             if inst.roles is not None and time.monotonic() - inst.roles_at < self.settings.auth_cache_seconds:
                 return inst.roles
             try:
-                return await self._refresh_roles(inst)
+                await self._refresh_roles(inst)
+                return inst.roles
             except (psycopg.Error, OSError) as e:
                 log.warning("reading roles from running %s failed (%s); using saved metadata", db_id, e)
-        if not self.catalog.exists(db_id):
-            return None
-        return self.catalog.roles(db_id) or {}
+        with storage_failures(db_id):
+            return await self.databases.roles(db_id)
 
     async def create(self, db_id: str, password: str) -> Instance:
         """Create a database and leave it running (idle); for the CLI and the admin surface."""
@@ -126,10 +130,47 @@ class InstanceManager:
                     if inst.clients == 0 and self.instances.get(db_id) is inst:
                         await self._stop(inst, "idle")
 
+    async def maintain_forever(self, interval: float = 10.0) -> None:
+        """Retry saving copies whose snapshot failed (storage was down), and keep the local
+        cache within its budget."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.maintain()
+
+    async def maintain(self) -> None:
+        for db_id in self.databases.dirty_stopped():
+            if db_id in self.instances:
+                continue
+            async with self._lock(db_id):
+                if db_id not in self.instances:
+                    await self._save(db_id)
+        try:
+            await self.databases.evict(set(self.instances), self._lock)
+        except StorageError as e:
+            log.warning("cache eviction skipped: %s", e)
+
     # --- internals (callers hold the database's lock) -----------------------------------------
+    async def _restore(self, db_id: str):
+        """Bring a database that is only in storage onto local disk; None if it is nowhere."""
+        with storage_failures(db_id):
+            try:
+                return await self.databases.ensure_local(db_id)
+            except storage_errors.NotFound:
+                return None
+
+    async def _save(self, db_id: str) -> None:
+        try:
+            await self.databases.save(db_id)
+        except StorageError as e:
+            log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
+                      db_id, e)
+
     async def _create(self, db_id: str, password: str) -> Instance:
         from .auth import scram_verifier
 
+        with storage_failures(db_id):
+            if await self.databases.current(db_id) is not None:
+                raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
         try:
             await asyncio.to_thread(self.catalog.create, db_id)
         except StorageError as e:
@@ -176,6 +217,11 @@ class InstanceManager:
         inst = Instance(db_id, process, lock)
         self.instances[db_id] = inst
         inst.watcher = asyncio.create_task(self._watch(inst))
+        self.databases.mark_running(db_id)
+        try:
+            inst.start_lsn = await self._refresh_roles(inst)
+        except (psycopg.Error, OSError) as e:
+            log.warning("could not read roles of %s after start: %s", db_id, e)
         log.info("started %s (pid %d) in %.0f ms", db_id, process.pid, (time.monotonic() - started) * 1000)
         return inst
 
@@ -196,14 +242,20 @@ class InstanceManager:
                 await self._stop(victim, "evicted (instance cap)")
 
     async def _stop(self, inst: Instance, reason: str) -> None:
+        end_lsn = None
         if inst.alive:
             try:
-                await self._refresh_roles(inst)
+                end_lsn = await self._refresh_roles(inst)
             except (psycopg.Error, OSError) as e:
                 log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
         await inst.process.stop(self.settings.stop_timeout)
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
+        # no WAL written since start (and a clean stop): the copy still equals its stored version
+        changed = end_lsn is None or inst.start_lsn is None or end_lsn != inst.start_lsn
+        state = self.databases.mark_stopped(inst.db_id, changed=changed)
+        if state.dirty:
+            await self._save(inst.db_id)
         inst.lock.release()
         if inst.watcher and inst.watcher is not asyncio.current_task():
             inst.watcher.cancel()
@@ -220,6 +272,7 @@ class InstanceManager:
         inst.process.kill_group()
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
+        self.databases.mark_stopped(inst.db_id, changed=True)
         inst.lock.release()
 
     async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:
@@ -227,11 +280,38 @@ class InstanceManager:
             host=str(inst.socket_dir), user="postgres", dbname="postgres",
             application_name="pgsni", autocommit=True, connect_timeout=10)
 
-    async def _refresh_roles(self, inst: Instance) -> dict[str, roles_mod.Role]:
+    async def _refresh_roles(self, inst: Instance) -> str:
+        """Read roles (saving them beside the database when they changed); return the WAL
+        insert position, which tells whether anything was written."""
         async with await self._connect(inst) as conn:
             cur = await conn.execute(roles_mod.ROLE_QUERY)
             roles = roles_mod.from_rows(await cur.fetchall())
+            lsn = (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
         if roles != inst.roles:
             await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
         inst.roles, inst.roles_at = roles, time.monotonic()
-        return roles
+        return lsn
+
+
+class storage_failures:
+    """Turn storage errors into what a client should read (context manager)."""
+
+    def __init__(self, db_id: str) -> None:
+        self.db_id = db_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None or not isinstance(exc, StorageError):
+            return
+        log.error("storage error for %s: %s", self.db_id, exc)
+        if isinstance(exc, storage_errors.StorageUnavailable):
+            raise errors.storage_unavailable(self.db_id) from exc
+        if isinstance(exc, storage_errors.CorruptArchive):
+            raise errors.GatewayError(errors.DATA_CORRUPTED,
+                                      f'the stored snapshot of database "{self.db_id}" is damaged',
+                                      detail=str(exc), hint="The operator can roll back with "
+                                      "`pgsni db restore ID --version V`.") from exc
+        raise errors.GatewayError(errors.INTERNAL_ERROR, f'storage error for database "{self.db_id}"',
+                                  detail=str(exc)) from exc

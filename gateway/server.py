@@ -12,6 +12,8 @@ import struct
 import time
 
 from certs.context import leaf_certificate_pem, server_context, server_name
+from storage.cache import Databases
+from storage.factory import open_backend, snapshot_store
 from storage.local import LocalCatalog
 from storage.osuser import RunAs
 from storage.roles import Role
@@ -39,7 +41,9 @@ class Gateway:
         self.cert_pem = leaf_certificate_pem(settings.tls_cert)
         run_as = RunAs.resolve(settings.pg_user)
         self.catalog = LocalCatalog(settings.data_path, run_as, find_bindir(settings.pg_bindir))
-        self.instances = InstanceManager(settings, self.catalog)
+        self.backend = open_backend(settings)
+        self.databases = open_databases(settings, self.catalog, self.backend)
+        self.instances = InstanceManager(settings, self.databases)
         self.cancels = CancelTable()
         self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password)) \
             if settings.create_on_connect else None
@@ -70,9 +74,10 @@ class Gateway:
         sock.setblocking(False)
         self._listener = sock
         self._tasks = [asyncio.create_task(self._accept_loop()),
-                       asyncio.create_task(self.instances.reap_idle_forever())]
-        log.info("pgsni listening on %s:%d for *.%s (data root %s)", s.listen_host, self.port,
-                 ", *.".join(s.domains), self.catalog.root)
+                       asyncio.create_task(self.instances.reap_idle_forever()),
+                       asyncio.create_task(self.instances.maintain_forever())]
+        log.info("pgsni listening on %s:%d for *.%s (data root %s, storage %s)", s.listen_host,
+                 self.port, ", *.".join(s.domains), self.catalog.root, self.backend.describe())
         if s.create_on_connect:
             log.warning("DEVELOPMENT MODE: unknown databases are created on first connect with "
                         "password %r for role postgres. Never use this in production.", s.dev_password)
@@ -99,6 +104,7 @@ class Gateway:
             await asyncio.wait(list(self.sessions), timeout=5)
         for t in list(self.sessions):
             t.cancel()
+        await self.backend.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -174,6 +180,12 @@ class Gateway:
         alpn = sslobj.selected_alpn_protocol() if sslobj else None
         log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
         return conn, ClientInfo(peer, True, server_name(sslobj))
+
+
+def open_databases(settings: Settings, catalog: LocalCatalog, backend) -> Databases:
+    return Databases(catalog, snapshot_store(settings, backend),
+                     budget_bytes=settings.cache_budget_mb << 20,
+                     cache_seconds=settings.auth_cache_seconds)
 
 
 async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:

@@ -1,0 +1,222 @@
+"""The local cache of databases: which copies are on this machine, whether they hold changes
+not yet in storage, restoring a copy from storage on first use, saving it when its instance
+stops, and removing the least recently used clean copies beyond a disk budget.
+
+A local copy that is newer than storage is never removed; saving it is retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import roles as roles_mod
+from .errors import NotFound, PreconditionFailed, StorageError
+from .local import LocalCatalog
+from .snapshots import Current, Manifest, SnapshotStore
+
+log = logging.getLogger("pgsni.cache")
+
+
+@dataclass
+class LocalState:
+    version: str | None = None  # the stored version this copy was restored from or saved as
+    dirty: bool = True  # holds changes that are not in storage yet
+    running: bool = False  # an instance runs (or ran and died) on it
+    last_used: float = 0.0  # unix time of the last stop
+
+
+class Databases:
+    def __init__(self, catalog: LocalCatalog, store: SnapshotStore, *, budget_bytes: int = 0,
+                 cache_seconds: float = 2.0) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.budget_bytes = budget_bytes
+        self.cache_seconds = cache_seconds
+        self._current: dict[str, tuple[float, Current | None]] = {}
+
+    # --- local state ---------------------------------------------------------------------------
+    def _state_file(self, db_id: str) -> Path:
+        return self.catalog.db_dir(db_id) / "state.json"
+
+    def state(self, db_id: str) -> LocalState:
+        try:
+            return LocalState(**json.loads(self._state_file(db_id).read_text()))
+        except FileNotFoundError:
+            return LocalState()
+
+    def save_state(self, db_id: str, state: LocalState) -> None:
+        path = self._state_file(db_id)
+        tmp = path.with_name("state.json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # --- what exists ---------------------------------------------------------------------------
+    async def current(self, db_id: str, *, fresh: bool = False) -> Current | None:
+        """The stored current version, cached briefly (auth and wake ask in quick succession)."""
+        hit = self._current.get(db_id)
+        if hit and not fresh and time.monotonic() - hit[0] < self.cache_seconds:
+            return hit[1]
+        cur = await self.store.current(db_id)
+        self._current[db_id] = (time.monotonic(), cur)
+        return cur
+
+    def forget(self, db_id: str) -> None:
+        self._current.pop(db_id, None)
+
+    async def exists(self, db_id: str) -> bool:
+        return self.catalog.exists(db_id) or await self.current(db_id) is not None
+
+    async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
+        """Roles for authenticating while the database is stopped: the local copy's saved
+        roles, else those in the stored manifest. None if the database exists nowhere."""
+        if self.catalog.exists(db_id):
+            return self.catalog.roles(db_id) or {}
+        cur = await self.current(db_id)
+        return cur.manifest.role_map() if cur else None
+
+    # --- restore -------------------------------------------------------------------------------
+    async def ensure_local(self, db_id: str) -> Manifest | None:
+        """Restore the current version if there is no local copy. The caller holds the
+        database's lock, so concurrent first connects download once."""
+        if self.catalog.exists(db_id):
+            return None
+        cur = await self.current(db_id)
+        if cur is None:
+            raise NotFound(f'database "{db_id}" does not exist')
+        await self.install(db_id, cur.manifest)
+        return cur.manifest
+
+    async def install(self, db_id: str, manifest: Manifest) -> None:
+        """Download `manifest`'s version into a fresh local copy, replacing any existing one
+        atomically (the old copy must not be running)."""
+        root = self.catalog.root
+        work = root / f".restore-{db_id}-{secrets.token_hex(4)}"
+        self.catalog.run_as.make_dir(work)
+        started = time.monotonic()
+        try:
+            await self.store.restore(manifest, work / "pgdata")
+            roles_mod.save(work / "roles.json", manifest.role_map())
+            await asyncio.to_thread(self.catalog.run_as.chown_tree, work / "pgdata")
+            target = self.catalog.db_dir(db_id)
+            if target.exists():
+                old = root / f".trash-{db_id}-{secrets.token_hex(4)}"
+                os.rename(target, old)
+                os.rename(work, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(work, target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        self.save_state(db_id, LocalState(version=manifest.version, dirty=False, last_used=time.time()))
+        log.info("restored %s version %s in %.0f ms", db_id, manifest.version,
+                 (time.monotonic() - started) * 1000)
+
+    # --- instance lifecycle hooks -------------------------------------------------------------
+    def mark_running(self, db_id: str) -> None:
+        state = self.state(db_id)
+        state.running = True
+        self.save_state(db_id, state)
+
+    def mark_stopped(self, db_id: str, *, changed: bool) -> LocalState:
+        state = self.state(db_id)
+        state.running = False
+        state.dirty = state.dirty or changed
+        state.last_used = time.time()
+        self.save_state(db_id, state)
+        return state
+
+    async def save(self, db_id: str, note: str = "") -> Manifest | None:
+        """Snapshot a stopped local copy if it holds unsaved changes. Refuses to overwrite a
+        stored version this copy does not descend from (another writer got there first)."""
+        if not self.catalog.exists(db_id):
+            return None  # no local copy: storage already holds everything there is
+        state = self.state(db_id)
+        if state.running:
+            raise StorageError(f"database {db_id} is running; stop it before saving")
+        if not state.dirty:
+            return None
+        cur = await self.current(db_id, fresh=True)
+        if cur is not None and cur.manifest.version != state.version:
+            raise PreconditionFailed(
+                f"storage holds version {cur.manifest.version} of {db_id}, but the local copy "
+                f"descends from {state.version}; not overwriting (another gateway wrote it?)")
+        manifest = await self.store.snapshot(db_id, self.catalog.pgdata(db_id),
+                                             self.catalog.roles(db_id) or {}, expect=cur, note=note)
+        self.forget(db_id)
+        state = self.state(db_id)
+        state.version, state.dirty = manifest.version, False
+        self.save_state(db_id, state)
+        return manifest
+
+    def dirty_stopped(self) -> list[str]:
+        return [i for i in self.catalog.list() if (s := self.state(i)).dirty and not s.running]
+
+    # --- cache budget ---------------------------------------------------------------------------
+    def evictable(self, running: set[str]) -> list[tuple[float, str, int]]:
+        """(last_used, id, bytes) of local copies that are clean and stopped, oldest first."""
+        out = []
+        for db_id in self.catalog.list():
+            state = self.state(db_id)
+            if db_id in running or state.running or state.dirty or state.version is None:
+                continue
+            out.append((state.last_used, db_id, _du(self.catalog.db_dir(db_id))))
+        return sorted(out)
+
+    async def evict(self, running: set[str], locked) -> list[str]:
+        """Remove least recently used clean copies until the stopped ones fit the budget.
+        `locked(id)` is an async context manager holding the database's lock."""
+        if self.budget_bytes <= 0:
+            return []
+        candidates = self.evictable(running)
+        total = sum(size for _, _, size in candidates)
+        removed = []
+        for _, db_id, size in candidates:
+            if total <= self.budget_bytes:
+                break
+            async with locked(db_id):
+                state = self.state(db_id)
+                cur = await self.current(db_id, fresh=True)
+                if state.dirty or state.running or cur is None or cur.manifest.version != state.version:
+                    continue  # changed meanwhile, or storage does not hold exactly this copy
+                await asyncio.to_thread(self.catalog.delete, db_id)
+            total -= size
+            removed.append(db_id)
+            log.info("evicted local copy of %s (%d MB) to stay within the cache budget", db_id, size >> 20)
+        return removed
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+async def roll_back(databases: Databases, db_id: str, version: str) -> tuple[Manifest | None, Manifest]:
+    """Make `version` current again. Unsaved local changes are first saved as a new version,
+    so the roll-back itself can be undone. The database must be stopped (caller holds its lock)."""
+    saved = await databases.save(db_id, note=f"saved before restoring {version}")
+    cur = await databases.current(db_id, fresh=True)
+    if cur is None:
+        raise NotFound(f'database "{db_id}" is not in storage')
+    target = await databases.store.manifest(db_id, version)  # NotFound for an unknown version
+    await databases.install(db_id, target)
+    await databases.store.set_current(db_id, version, cur)
+    databases.forget(db_id)
+    return saved, target

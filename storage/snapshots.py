@@ -1,0 +1,321 @@
+"""Versions of a database in storage: each snapshot is an immutable archive plus a manifest,
+and a small pointer object names the current version. The pointer moves only after the new
+version is fully uploaded and checked, with a conditional write so two writers never
+silently overwrite each other.
+
+    dbs/<id>/versions/<version>.tar.zst    tar of the stopped PGDATA, zstd
+    dbs/<id>/versions/<version>.json       manifest: files + sha256, roles, Postgres major, time
+    dbs/<id>/current.json                  {"version": ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import secrets
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import archive
+from .backend import Backend
+from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError
+from .roles import Role
+
+log = logging.getLogger("pgsni.snapshots")
+FORMAT = 1
+
+
+def new_version() -> str:
+    """Sortable by time, unique across writers: 20261122T184901.123Z-3f9a1c."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Manifest:
+    db_id: str
+    version: str
+    created: str
+    pg_major: str
+    roles: dict[str, dict]
+    files: dict[str, dict]  # path -> {"size": n, "sha256": hex}
+    archive: dict  # {"key", "size", "sha256", "compression"}
+    parent: str | None = None
+    note: str = ""
+    format: int = FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT:
+                raise StorageError(f"manifest format {raw.get('format')!r} is not supported")
+            return cls(**raw)
+        except (ValueError, TypeError) as e:
+            raise CorruptArchive(f"manifest is not valid: {e}") from None
+
+    def role_map(self) -> dict[str, Role]:
+        return {name: Role(**r) for name, r in self.roles.items()}
+
+    def file_entries(self) -> dict[str, archive.FileEntry]:
+        return {p: archive.FileEntry(e["size"], e["sha256"]) for p, e in self.files.items()}
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    size: int
+    current: bool = False
+
+
+@dataclass
+class Current:
+    manifest: Manifest
+    etag: str
+
+
+@dataclass
+class _Keys:
+    db_id: str
+    base: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = f"dbs/{self.db_id}/"
+
+    @property
+    def pointer(self) -> str:
+        return self.base + "current.json"
+
+    def archive(self, version: str) -> str:
+        return f"{self.base}versions/{version}.tar.zst"
+
+    def manifest(self, version: str) -> str:
+        return f"{self.base}versions/{version}.json"
+
+
+class SnapshotStore:
+    def __init__(self, backend: Backend, spool_dir: Path, *, max_restore_bytes: int = 64 << 30,
+                 keep_last: int = 10, keep_days: float = 0.0) -> None:
+        self.backend = backend
+        self.spool_dir = spool_dir
+        self.max_restore_bytes = max_restore_bytes
+        self.keep_last = keep_last
+        self.keep_days = keep_days
+
+    # --- reading ----------------------------------------------------------------------------
+    async def current(self, db_id: str) -> Current | None:
+        """The current version's manifest and the pointer's etag, or None if the database is
+        not in storage."""
+        keys = _Keys(db_id)
+        try:
+            data, etag = await self.backend.get(keys.pointer)
+        except NotFound:
+            return None
+        try:
+            version = json.loads(data)["version"]
+        except (ValueError, KeyError, TypeError):
+            raise CorruptArchive(f"pointer {keys.pointer} is not valid") from None
+        return Current(await self.manifest(db_id, version), etag)
+
+    async def manifest(self, db_id: str, version: str) -> Manifest:
+        data, _ = await self.backend.get(_Keys(db_id).manifest(version))
+        m = Manifest.from_json(data)
+        if m.db_id != db_id or m.version != version:
+            raise CorruptArchive(f"manifest of {db_id}/{version} names {m.db_id}/{m.version}")
+        return m
+
+    async def versions(self, db_id: str) -> list[VersionInfo]:
+        keys = _Keys(db_id)
+        cur = await self.current(db_id)
+        out = []
+        for obj in await self.backend.list(keys.base + "versions/"):
+            if obj.key.endswith(".tar.zst"):
+                v = obj.key.rsplit("/", 1)[1][: -len(".tar.zst")]
+                out.append(VersionInfo(v, obj.size, current=cur is not None and cur.manifest.version == v))
+        return out
+
+    async def list_databases(self) -> list[str]:
+        return sorted({o.key.split("/")[1] for o in await self.backend.list("dbs/")
+                       if o.key.endswith("/current.json")})
+
+    # --- writing ----------------------------------------------------------------------------
+    async def snapshot(self, db_id: str, pgdata: Path, roles: dict[str, Role], *,
+                       expect: Current | None | bool = True, note: str = "") -> Manifest:
+        """Archive a stopped PGDATA as a new version and make it current.
+
+        `expect`: the Current read earlier (the pointer must still be at its etag), None (the
+        database must not be in storage yet), or True (read the pointer now)."""
+        keys = _Keys(db_id)
+        if expect is True:
+            expect = await self.current(db_id)
+        version = new_version()
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spool = self.spool_dir / f"{db_id}-{version}.tar.zst"
+        try:
+            info = await asyncio.to_thread(_create_spool, pgdata, spool)
+            uploaded = await self.backend.upload_file(keys.archive(version), spool)
+            if uploaded.size != info.size:
+                raise StorageError(f"upload of {keys.archive(version)} is {uploaded.size} bytes, "
+                                   f"expected {info.size}")
+        finally:
+            spool.unlink(missing_ok=True)
+        manifest = Manifest(
+            db_id=db_id, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(),
+            pg_major=(pgdata / "PG_VERSION").read_text().strip(),
+            roles={n: asdict(r) for n, r in roles.items()},
+            files={p: asdict(e) for p, e in info.files.items()},
+            archive={"key": keys.archive(version), "size": info.size, "sha256": info.sha256,
+                     "compression": "zstd"},
+            parent=expect.manifest.version if isinstance(expect, Current) else None, note=note)
+        await self.backend.put(keys.manifest(version), manifest.to_json(), if_none_match=True)
+        await self._point(db_id, version, expect if isinstance(expect, Current) else None)
+        log.info("snapshot %s/%s: %d files, %d bytes", db_id, version, len(info.files), info.size)
+        await self.prune(db_id)
+        return manifest
+
+    async def set_current(self, db_id: str, version: str, expect: Current | None) -> Manifest:
+        """Point at an existing version (a rollback); the manifest must exist."""
+        manifest = await self.manifest(db_id, version)
+        await self._point(db_id, version, expect)
+        return manifest
+
+    async def _point(self, db_id: str, version: str, expect: Current | None) -> None:
+        data = json.dumps({"version": version}).encode()
+        try:
+            if expect is None:
+                await self.backend.put(_Keys(db_id).pointer, data, if_none_match=True)
+            else:
+                await self.backend.put(_Keys(db_id).pointer, data, if_match=expect.etag)
+        except PreconditionFailed:
+            raise PreconditionFailed(
+                f"database {db_id} was changed in storage by another writer while this one was "
+                f"snapshotting; version {version} was kept but not made current") from None
+
+    async def prune(self, db_id: str) -> list[str]:
+        """Apply retention: keep the newest `keep_last` versions and those younger than
+        `keep_days` (when set); never the current one. Returns the versions removed."""
+        infos = await self.versions(db_id)
+        newest_first = sorted(infos, key=lambda i: i.version, reverse=True)
+        cutoff = None
+        if self.keep_days > 0:
+            cutoff = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.keep_days)).strftime("%Y%m%dT%H%M%S")
+        doomed = []
+        for index, info in enumerate(newest_first):
+            young = cutoff is not None and info.version >= cutoff
+            if info.current or index < self.keep_last or young:
+                continue
+            doomed.append(info.version)
+        if doomed:
+            keys = _Keys(db_id)
+            await self.backend.delete([k for v in doomed for k in (keys.archive(v), keys.manifest(v))])
+            log.info("retention removed %d version(s) of %s", len(doomed), db_id)
+        return doomed
+
+    async def delete_database(self, db_id: str) -> None:
+        keys = _Keys(db_id)
+        await self.backend.delete([o.key for o in await self.backend.list(keys.base)])
+
+    # --- restoring ----------------------------------------------------------------------------
+    async def restore(self, manifest: Manifest, target: Path) -> None:
+        """Download a version straight into extraction (no temporary archive), checking the
+        archive's sha256 and every file against the manifest. `target` must not exist; on
+        failure the caller removes it."""
+        expected_archive = manifest.archive
+        feed: queue.Queue = queue.Queue(maxsize=16)
+        stop = threading.Event()
+        digest = hashlib.sha256()
+        received = 0
+
+        def consume() -> None:
+            try:
+                archive.extract(_QueueReader(feed, stop), target, compression="zstd",
+                                max_bytes=self.max_restore_bytes, expected=manifest.file_entries())
+            finally:
+                stop.set()
+
+        extractor = asyncio.ensure_future(asyncio.to_thread(consume))
+        feeding = True
+        try:
+            async with contextlib.aclosing(self.backend.download(expected_archive["key"])) as chunks:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    received += len(chunk)
+                    if extractor.done() and extractor.exception() is not None:
+                        break  # the archive is already known to be bad: stop downloading
+                    if feeding:
+                        # False once the extractor has seen the end of the tar; the rest (the end
+                        # of the zstd frame) is still hashed
+                        feeding = await _offer(feed, chunk, stop)
+            if feeding:
+                await _offer(feed, None, stop)
+            await extractor
+        except BaseException:
+            stop.set()
+            await asyncio.gather(extractor, return_exceptions=True)
+            raise
+        if received != expected_archive["size"] or digest.hexdigest() != expected_archive["sha256"]:
+            raise CorruptArchive(
+                f"snapshot {manifest.db_id}/{manifest.version} does not match its manifest "
+                f"(got {received} bytes, sha256 {digest.hexdigest()[:12]}...)")
+
+
+def _create_spool(pgdata: Path, spool: Path) -> archive.ArchiveInfo:
+    fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        info = archive.create(pgdata, out)
+        out.flush()
+        os.fsync(out.fileno())
+    return info
+
+
+async def _offer(feed: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand a chunk to the extracting thread without blocking the loop; False if it quit."""
+    while not stop.is_set():
+        try:
+            feed.put_nowait(item)
+            return True
+        except queue.Full:
+            await asyncio.sleep(0.002)
+    return False
+
+
+class _QueueReader:
+    """A read-only, non-seekable file object over chunks arriving in a queue (None = EOF)."""
+
+    def __init__(self, feed: queue.Queue, stop: threading.Event) -> None:
+        self.feed, self.stop = feed, stop
+        self.buf = b""
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.eof and (n < 0 or len(self.buf) < n):
+            try:
+                item = self.feed.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set():  # the download side gave up
+                    raise StorageError("download interrupted") from None
+                continue
+            if item is None:
+                self.eof = True
+            else:
+                self.buf += item
+        if n < 0:
+            n = len(self.buf)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
