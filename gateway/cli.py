@@ -56,6 +56,7 @@ def serve(ctx: click.Context, listen: str | None, domains: tuple[str, ...], **fl
 
     from .postgres import PostgresError
     from .server import run
+    from storage.errors import StorageError
     from storage.osuser import OSUserError
 
     host = port = None
@@ -69,7 +70,7 @@ def serve(ctx: click.Context, listen: str | None, domains: tuple[str, ...], **fl
     _setup_logging(settings.log_level)
     try:
         run(settings)
-    except (TLSConfigError, PostgresError, OSUserError, OSError) as e:
+    except (TLSConfigError, PostgresError, OSUserError, OSError, StorageError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -93,6 +94,37 @@ def certs_generate(domains: tuple[str, ...], out: str, force: bool) -> None:
     click.echo(f"CA:          {made.ca}\ncertificate: {made.cert} (*.{', *.'.join(domains)})\nkey:         {made.key}")
     click.echo(f'connect with: psql "host=ID.{domains[0]} hostaddr=127.0.0.1 user=postgres '
                f'sslmode=verify-full sslrootcert={made.ca}"')
+
+
+@certs.command("upload")
+@click.option("--cert", required=True, type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain.")
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False), help="PEM private key of --cert.")
+@click.pass_context
+def certs_upload(ctx: click.Context, cert: str, key: str) -> None:
+    """Check a certificate and key and upload them to storage as tls/cert.pem and tls/key.pem,
+    for tls_from_storage (a running gateway picks them up within tls_reload_seconds)."""
+    from certs.context import TLSConfigError
+    from certs.reload import upload
+    from storage.errors import StorageError
+    from storage.factory import open_backend
+
+    settings = _settings(ctx)
+    _setup_logging("WARNING")
+    backend = open_backend(settings)
+
+    async def main() -> None:
+        try:
+            await upload(backend, Path(cert), Path(key))
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(main())
+    except (TLSConfigError, StorageError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"uploaded {cert} as tls/cert.pem and {key} as tls/key.pem to {backend.describe()}")
+    if not settings.tls_from_storage:
+        click.echo("note: tls_from_storage is off, so the gateway still uses tls_cert and tls_key")
 
 
 @main.group()
@@ -166,16 +198,30 @@ def _check_id(db_id: str) -> str:
 @db.command("create")
 @click.argument("db_id", metavar="ID")
 @click.option("--password", envvar="PGSNI_NEW_PASSWORD", help="Password for role postgres (default: generated).")
+@click.option("--from", "source", metavar="SOURCE",
+              help="Start from this PGDATA archive (.tar, .tar.gz, .tar.zst): a file path, "
+                   "s3://bucket/key or an https:// URL, instead of an empty database.")
+@click.option("--sha256", metavar="HEX", help="With --from: the archive's sha256; a mismatch creates nothing.")
 @click.pass_context
-def db_create(ctx: click.Context, db_id: str, password: str | None) -> None:
+def db_create(ctx: click.Context, db_id: str, password: str | None, source: str | None,
+              sha256: str | None) -> None:
     """Create database ID; prints the password of role postgres once."""
     _check_id(db_id)
+    if sha256 is not None:
+        from .create_from import check_sha256
+
+        sha256 = check_sha256(source, sha256)
     password = password or secrets.token_urlsafe(18)
 
     async def create(off: _Offline) -> None:
         if await off.databases.exists(db_id):
             raise click.ClickException(f'database "{db_id}" already exists')
-        await off.manager.create(db_id, password)
+        if source is None:
+            await off.manager.create(db_id, password)
+        else:
+            from .create_from import create_from
+
+            await create_from(off.manager, db_id, password, source, sha256)
 
     _run(ctx, create)
     if ctx.obj["json"]:

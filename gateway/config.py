@@ -54,6 +54,8 @@ class Settings:
     s3fs_mount: bool = _opt(False, "storage=s3fs: mount the bucket at storage_path with s3fs-fuse (else use an existing mount).")
     storage_attempts: int = _opt(4, "Attempts per storage request before the store counts as unavailable.")
     storage_timeout: float = _opt(10.0, "Seconds per storage request attempt.")
+    tls_from_storage: bool = _opt(False, "Load the certificate and key from storage under tls/ (cert.pem, key.pem) and reload them when they change.")
+    tls_reload_seconds: float = _opt(30.0, "With tls_from_storage: seconds between checks of tls/ for a new certificate.")
     retention_keep: int = _opt(10, "Versions kept per database (newest first; the current one is always kept).")
     retention_days: float = _opt(0.0, "Also keep every version younger than this many days (0: off).")
     cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
@@ -90,6 +92,8 @@ class Settings:
             raise ConfigError(f"storage={self.storage}: s3_bucket is required")
         if self.retention_keep < 1:
             raise ConfigError("retention_keep must be at least 1 (the current version)")
+        if self.tls_reload_seconds <= 0:
+            raise ConfigError("tls_reload_seconds must be positive")
 
     @property
     def storage_kind(self) -> str:

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import psycopg
 
@@ -23,6 +24,8 @@ from .config import Settings
 from .postgres import PostgresError, PostgresProcess, stop_orphan
 
 log = logging.getLogger("pgsni.instances")
+
+Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a new database
 
 
 @dataclass(eq=False)
@@ -100,10 +103,11 @@ class InstanceManager:
         with storage_failures(db_id):
             return await self.databases.roles(db_id)
 
-    async def create(self, db_id: str, password: str) -> Instance:
-        """Create a database and leave it running (idle); for the CLI and the admin surface."""
+    async def create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
+        """Create a database and leave it running (idle); for the CLI and the admin surface.
+        `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
         async with self._lock(db_id):
-            return await self._create(db_id, password)
+            return await self._create(db_id, password, place)
 
     async def stop(self, db_id: str, reason: str = "requested") -> bool:
         async with self._lock(db_id):
@@ -165,31 +169,45 @@ class InstanceManager:
             log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
                       db_id, e)
 
-    async def _create(self, db_id: str, password: str) -> Instance:
-        from .auth import scram_verifier
-
+    async def _create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
         with storage_failures(db_id):
             if await self.databases.current(db_id) is not None:
                 raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
         try:
-            await asyncio.to_thread(self.catalog.create, db_id)
+            if place is None:
+                await asyncio.to_thread(self.catalog.create, db_id)
+            else:
+                await place(db_id)
         except StorageError as e:
             raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
         try:
             inst = await self._start(db_id)
+            await self._take_over(inst, password)
+        except BaseException:
+            # a half-made database must not stay behind looking real, nor reach storage
+            if db_id in self.instances:
+                await self._stop(self.instances[db_id], "creation failed", discard=True)
+            await asyncio.to_thread(self.catalog.delete, db_id)
+            raise
+        log.info("created database %s", db_id)
+        return inst
+
+    async def _take_over(self, inst: Instance, password: str) -> None:
+        """Give role postgres of a new database `password`, and read its roles."""
+        from .auth import scram_verifier
+
+        try:
             async with await self._connect(inst) as conn:
                 # the verifier, not the password, goes to Postgres: the plaintext never leaves here
                 await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
                     scram_verifier(password)))
             await self._refresh_roles(inst)
-        except BaseException:
-            # a half-made database must not stay behind looking real
-            if db_id in self.instances:
-                await self._stop(self.instances[db_id], "creation failed")
-            await asyncio.to_thread(self.catalog.delete, db_id)
-            raise
-        log.info("created database %s", db_id)
-        return inst
+        except psycopg.Error as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if 'role "postgres" does not exist' in reason:
+                reason = 'it has no role named "postgres" (pgsni manages databases as that role)'
+            raise errors.GatewayError(errors.INTERNAL_ERROR, f'cannot set up role "postgres" in '
+                                      f'database "{inst.db_id}": {reason}') from e
 
     async def _start(self, db_id: str) -> Instance:
         await self._make_room(db_id)
@@ -241,9 +259,11 @@ class InstanceManager:
                 log.info("evicting %s to make room for %s", victim.db_id, db_id)
                 await self._stop(victim, "evicted (instance cap)")
 
-    async def _stop(self, inst: Instance, reason: str) -> None:
+    async def _stop(self, inst: Instance, reason: str, *, discard: bool = False) -> None:
+        """Stop an instance and save its changes to storage; with `discard`, its files are
+        about to be deleted: nothing is read from it or saved."""
         end_lsn = None
-        if inst.alive:
+        if inst.alive and not discard:
             try:
                 end_lsn = await self._refresh_roles(inst)
             except (psycopg.Error, OSError) as e:
@@ -254,7 +274,7 @@ class InstanceManager:
         # no WAL written since start (and a clean stop): the copy still equals its stored version
         changed = end_lsn is None or inst.start_lsn is None or end_lsn != inst.start_lsn
         state = self.databases.mark_stopped(inst.db_id, changed=changed)
-        if state.dirty:
+        if state.dirty and not discard:
             await self._save(inst.db_id)
         inst.lock.release()
         if inst.watcher and inst.watcher is not asyncio.current_task():

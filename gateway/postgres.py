@@ -159,6 +159,9 @@ class PostgresProcess:
             "unix_socket_permissions": "0700",
             "logging_collector": "off",
             "password_encryption": "scram-sha-256",
+            # pinned: a postgresql.conf from an imported archive must not point elsewhere
+            "data_directory": str(self.pgdata),
+            "hba_file": str(self.pgdata / "pg_hba.conf"),
             **self.options,
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.pgdata)]

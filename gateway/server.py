@@ -12,8 +12,9 @@ import struct
 import time
 
 from certs.context import leaf_certificate_pem, server_context, server_name
+from certs.reload import TLSMaterial
 from storage.cache import Databases
-from storage.factory import open_backend, snapshot_store
+from storage.factory import attach_storage, open_backend, snapshot_store
 from storage.local import LocalCatalog
 from storage.osuser import RunAs
 from storage.roles import Role
@@ -37,11 +38,17 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ssl_context = server_context(settings.tls_cert, settings.tls_key)
-        self.cert_pem = leaf_certificate_pem(settings.tls_cert)
+        # with tls_from_storage, self.tls sets these in start(), before listening
+        self.ssl_context: ssl.SSLContext | None = None
+        self.cert_pem: str | None = None
+        if not settings.tls_from_storage:
+            self.ssl_context = server_context(settings.tls_cert, settings.tls_key)
+            self.cert_pem = leaf_certificate_pem(settings.tls_cert)
         run_as = RunAs.resolve(settings.pg_user)
         self.catalog = LocalCatalog(settings.data_path, run_as, find_bindir(settings.pg_bindir))
         self.backend = open_backend(settings)
+        self.tls = TLSMaterial.for_settings(settings, self.backend, self._use_tls) \
+            if settings.tls_from_storage else None
         self.databases = open_databases(settings, self.catalog, self.backend)
         self.instances = InstanceManager(settings, self.databases)
         self.cancels = CancelTable()
@@ -52,6 +59,7 @@ class Gateway:
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._detach_storage = None  # storage=s3fs: the unmount, from start()
 
     @property
     def port(self) -> int:
@@ -59,8 +67,25 @@ class Gateway:
         return self._listener.getsockname()[1]
 
     async def start(self) -> None:
+        # storage=s3fs: mount the bucket (or check the existing mount) before storage is read
+        self._detach_storage = await asyncio.to_thread(attach_storage, self.settings)
+        try:
+            await self._start()
+        except BaseException:
+            await self._detach()
+            raise
+
+    async def _detach(self) -> None:
+        detach, self._detach_storage = self._detach_storage, None
+        if detach is not None:
+            await asyncio.to_thread(detach)
+
+    async def _start(self) -> None:
         s = self.settings
         self.catalog.prepare()
+        if self.tls is not None:  # TLSConfigError if storage has no usable pair
+            await self.tls.load()
+        self.databases.recover()
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
         family = socket.AF_INET6 if ":" in s.listen_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -76,6 +101,8 @@ class Gateway:
         self._tasks = [asyncio.create_task(self._accept_loop()),
                        asyncio.create_task(self.instances.reap_idle_forever()),
                        asyncio.create_task(self.instances.maintain_forever())]
+        if self.tls is not None:
+            self._tasks.append(asyncio.create_task(self.tls.poll_forever()))
         log.info("pgsni listening on %s:%d for *.%s (data root %s, storage %s)", s.listen_host,
                  self.port, ", *.".join(s.domains), self.catalog.root, self.backend.describe())
         if s.create_on_connect:
@@ -105,8 +132,13 @@ class Gateway:
         for t in list(self.sessions):
             t.cancel()
         await self.backend.close()
+        await self._detach()
         self._stopped.set()
         log.info("stopped")
+
+    def _use_tls(self, material: TLSMaterial) -> None:
+        """A new pair from storage: new connections get it, open ones keep theirs."""
+        self.ssl_context, self.cert_pem = material.context, material.cert_pem
 
     # --- accepting ---------------------------------------------------------------------------
     async def _accept_loop(self) -> None:
@@ -171,6 +203,7 @@ class Gateway:
     async def _start_tls(self, sock: socket.socket, peer: str, direct: bool) -> tuple[PgConnection, ClientInfo]:
         loop = asyncio.get_running_loop()
         conn = self._new_connection()
+        cert_pem = self.cert_pem  # the certificate this handshake presents, for channel binding
         # with ssl=, the returned protocol is the loop's TLS wrapper, so keep our own reference
         transport, _ = await loop.connect_accepted_socket(
             lambda: conn, sock, ssl=self.ssl_context,
@@ -179,7 +212,7 @@ class Gateway:
         sslobj = transport.get_extra_info("ssl_object")
         alpn = sslobj.selected_alpn_protocol() if sslobj else None
         log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
-        return conn, ClientInfo(peer, True, server_name(sslobj))
+        return conn, ClientInfo(peer, True, server_name(sslobj), cert_pem)
 
 
 def open_databases(settings: Settings, catalog: LocalCatalog, backend) -> Databases:

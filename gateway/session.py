@@ -28,6 +28,7 @@ class ClientInfo:
     peer: str
     tls: bool
     server_name: str | None = None
+    cert_pem: str | None = None  # the certificate presented in this TLS handshake
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Session:
             db_id, backend_params = self._route(startup)
             role = await self._role(db_id, startup.params["user"])
             await auth.authenticate(self.conn, startup.params["user"], role,
-                                    channel_binding_pem=self.gw.cert_pem if self.client.tls else None)
+                                    channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem)
+                                    if self.client.tls else None)
             self.log.auth = "ok"
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
         await self._serve(db_id, backend_params)

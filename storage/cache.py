@@ -160,6 +160,19 @@ class Databases:
         self.save_state(db_id, state)
         return manifest
 
+    def recover(self) -> list[str]:
+        """At gateway start: copies still marked running belong to a gateway that died. Their
+        instance was not stopped cleanly, so they may hold unsaved changes."""
+        recovered = []
+        for db_id in self.catalog.list():
+            if self.state(db_id).running:
+                self.mark_stopped(db_id, changed=True)
+                recovered.append(db_id)
+        if recovered:
+            log.warning("recovered %d database(s) left running by an earlier gateway: %s",
+                        len(recovered), ", ".join(recovered))
+        return recovered
+
     def dirty_stopped(self) -> list[str]:
         return [i for i in self.catalog.list() if (s := self.state(i)).dirty and not s.running]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .backend import Backend
 from .snapshots import SnapshotStore
@@ -22,10 +22,27 @@ def open_backend(settings: "Settings") -> Backend:
                          region=settings.s3_region or None, access_key=settings.s3_access_key or None,
                          secret_key=settings.s3_secret_key or None, path_style=settings.s3_path_style,
                          attempts=settings.storage_attempts, timeout=settings.storage_timeout)
+    if kind == "s3fs":
+        from .s3fs import MountedDirBackend
+
+        # the bucket mounted as a directory. When we mount it ourselves (s3fs_mount) the mount
+        # is `bucket:/prefix`, so the prefix is already applied; an existing mount is taken to
+        # be the bucket's root and the prefix is a directory inside it (same keys either way)
+        return MountedDirBackend(Path(where).absolute(), "" if settings.s3fs_mount else prefix)
     from .localdir import LocalDirBackend
 
-    # local, and s3fs: the bucket mounted as a directory (see storage/s3fs.py for mounting)
     return LocalDirBackend(Path(where).absolute(), prefix)
+
+
+def attach_storage(settings: "Settings") -> Callable[[], None] | None:
+    """At gateway start, before any storage access: storage=s3fs mounts the bucket (if
+    s3fs_mount) or refuses to go on unless it is mounted. Returns the cleanup for shutdown
+    (the unmount), or None. Blocking: call it in a thread."""
+    if settings.storage_kind != "s3fs":
+        return None
+    from .s3fs import attach
+
+    return attach(settings)
 
 
 def snapshot_store(settings: "Settings", backend: Backend | None = None) -> SnapshotStore:

@@ -4,12 +4,14 @@ PGDATA made once with initdb; creation and deletion are atomic renames."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 from . import roles as roles_mod
 from .errors import StorageError
@@ -101,16 +103,25 @@ class LocalCatalog:
     # --- lifecycle --------------------------------------------------------------------------
     def create(self, db_id: str) -> Path:
         """Clone the template into `<root>/<id>/pgdata`; atomic: a half-made copy never shows."""
+        with self.staging(db_id) as pgdata:
+            # cp -a keeps modes and ownership and is faster than a Python tree walk
+            subprocess.run(["cp", "-a", "--reflink=auto", str(self.template()), str(pgdata)],
+                           check=True, capture_output=True)
+        return self.pgdata(db_id)
+
+    @contextlib.contextmanager
+    def staging(self, db_id: str) -> Iterator[Path]:
+        """Yield where a new database's PGDATA is to be made, in a work directory beside the
+        databases; when the block succeeds it becomes `<root>/<id>` with one rename, else it
+        is removed: a half-made database never shows, and nothing is left behind."""
         target = self.db_dir(db_id)
         if target.exists():
             raise DatabaseExists(f'database "{db_id}" already exists')
-        template = self.template()
+        self.prepare()
         work = self.root / f".new-{db_id}-{secrets.token_hex(4)}"
         self.run_as.make_dir(work)
         try:
-            # cp -a keeps modes and ownership and is faster than a Python tree walk
-            subprocess.run(["cp", "-a", "--reflink=auto", str(template), str(work / "pgdata")],
-                           check=True, capture_output=True)
+            yield work / "pgdata"
             try:
                 os.rename(work, target)
             except OSError:
@@ -118,7 +129,6 @@ class LocalCatalog:
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
-        return self.pgdata(db_id)
 
     def delete(self, db_id: str) -> None:
         target = self.db_dir(db_id)

@@ -11,15 +11,12 @@ silently overwrite each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import queue
 import secrets
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from . import archive
 from .backend import Backend
 from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError
 from .roles import Role
+from .streams import feed_thread
 
 log = logging.getLogger("pgsni.snapshots")
 FORMAT = 1
@@ -231,38 +229,19 @@ class SnapshotStore:
         archive's sha256 and every file against the manifest. `target` must not exist; on
         failure the caller removes it."""
         expected_archive = manifest.archive
-        feed: queue.Queue = queue.Queue(maxsize=16)
-        stop = threading.Event()
         digest = hashlib.sha256()
         received = 0
 
-        def consume() -> None:
-            try:
-                archive.extract(_QueueReader(feed, stop), target, compression="zstd",
-                                max_bytes=self.max_restore_bytes, expected=manifest.file_entries())
-            finally:
-                stop.set()
+        def seen(chunk: bytes) -> None:
+            nonlocal received
+            digest.update(chunk)
+            received += len(chunk)
 
-        extractor = asyncio.ensure_future(asyncio.to_thread(consume))
-        feeding = True
-        try:
-            async with contextlib.aclosing(self.backend.download(expected_archive["key"])) as chunks:
-                async for chunk in chunks:
-                    digest.update(chunk)
-                    received += len(chunk)
-                    if extractor.done() and extractor.exception() is not None:
-                        break  # the archive is already known to be bad: stop downloading
-                    if feeding:
-                        # False once the extractor has seen the end of the tar; the rest (the end
-                        # of the zstd frame) is still hashed
-                        feeding = await _offer(feed, chunk, stop)
-            if feeding:
-                await _offer(feed, None, stop)
-            await extractor
-        except BaseException:
-            stop.set()
-            await asyncio.gather(extractor, return_exceptions=True)
-            raise
+        def consume(reader) -> None:
+            archive.extract(reader, target, compression="zstd", max_bytes=self.max_restore_bytes,
+                            expected=manifest.file_entries())
+
+        await feed_thread(self.backend.download(expected_archive["key"]), consume, on_chunk=seen)
         if received != expected_archive["size"] or digest.hexdigest() != expected_archive["sha256"]:
             raise CorruptArchive(
                 f"snapshot {manifest.db_id}/{manifest.version} does not match its manifest "
@@ -276,46 +255,3 @@ def _create_spool(pgdata: Path, spool: Path) -> archive.ArchiveInfo:
         out.flush()
         os.fsync(out.fileno())
     return info
-
-
-async def _offer(feed: queue.Queue, item, stop: threading.Event) -> bool:
-    """Hand a chunk to the extracting thread without blocking the loop; False if it quit."""
-    while not stop.is_set():
-        try:
-            feed.put_nowait(item)
-            return True
-        except queue.Full:
-            await asyncio.sleep(0.002)
-    return False
-
-
-class _QueueReader:
-    """A read-only, non-seekable file object over chunks arriving in a queue (None = EOF)."""
-
-    def __init__(self, feed: queue.Queue, stop: threading.Event) -> None:
-        self.feed, self.stop = feed, stop
-        self.buf = b""
-        self.eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        while not self.eof and (n < 0 or len(self.buf) < n):
-            try:
-                item = self.feed.get(timeout=0.1)
-            except queue.Empty:
-                if self.stop.is_set():  # the download side gave up
-                    raise StorageError("download interrupted") from None
-                continue
-            if item is None:
-                self.eof = True
-            else:
-                self.buf += item
-        if n < 0:
-            n = len(self.buf)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out

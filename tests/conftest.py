@@ -69,6 +69,7 @@ def make_settings(tls, data_root):
     def make(**kw) -> Settings:
         base = dict(listen_host="127.0.0.1", listen_port=0, domains=[DOMAIN],
                     tls_cert=str(tls["cert"]), tls_key=str(tls["key"]), data_root=str(data_root),
+                    storage_path=str(data_root / "_storage"),
                     socket_dir=f"/tmp/pgsni-s-{data_root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
                     handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0)
         base.update(kw)

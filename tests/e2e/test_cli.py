@@ -31,6 +31,7 @@ def cli(tls, data_root):
     socket_dir = f"/tmp/pgsni-c-{data_root.name[-8:]}"
     env = _base_env() | {
         "PGSNI_DATA_ROOT": str(data_root),
+        "PGSNI_STORAGE_PATH": str(data_root / "_storage"),
         "PGSNI_SOCKET_DIR": socket_dir,
         "PGSNI_POSTGRES_OPTIONS": ",".join(f"{k}={v}" for k, v in PG_OPTIONS.items()),
         "PGSNI_TLS_CERT": str(tls["cert"]),
@@ -77,7 +78,8 @@ def test_create_list_connect_delete(cli, start_gateway, tls, data_root):
 
     listed = cli("db", "list")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split() == ["app1"]  # the template is not a database
+    # the template is not a database; a created database is saved to storage when it stops
+    assert listed.stdout.split() == ["app1", "local+stored"]
     as_json = cli("--json", "db", "list")
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout) == ["app1"]
@@ -104,7 +106,7 @@ def test_create_list_connect_delete(cli, start_gateway, tls, data_root):
     assert kept.returncode != 0
     assert "Aborted" in kept.stderr
     assert (pgdata / "PG_VERSION").is_file()
-    assert cli("db", "list").stdout.split() == ["app1"]
+    assert cli("db", "list").stdout.split() == ["app1", "local+stored"]
 
     gone = cli("db", "delete", "app1", "--yes")
     assert gone.returncode == 0, gone.stderr

@@ -67,6 +67,7 @@ def serve(tls, data_root, tmp_path):
     def start(**overrides) -> GatewayProcess:
         settings = dict(domains=[DOMAIN], tls_cert=str(tls["cert"]), tls_key=str(tls["key"]),
                         data_root=str(data_root), socket_dir=socket_dir,
+                        storage_path=str(data_root / "_storage"),
                         postgres_options=dict(PG_OPTIONS), create_on_connect=True,
                         dev_password=DEV_PASSWORD, shutdown_grace=1.0, log_level="DEBUG")
         settings.update(overrides)

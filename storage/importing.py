@@ -1,0 +1,122 @@
+"""A new database's PGDATA from a user's archive: the source streams straight into extraction
+(its raw bytes hashed on the way), then the tree is made fit for this gateway (same Postgres
+major, no stale pid file, our pg_hba.conf, private modes, the Postgres user as owner) before
+it appears under the data root in one rename. On any failure nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from . import archive
+from .errors import CorruptArchive, StorageError, UnsafeArchive
+from .local import HBA, LocalCatalog
+from .sources import Source
+from .streams import feed_thread
+
+STALE = ("postmaster.pid", "postmaster.opts")
+
+
+async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
+                         sha256: str | None = None, max_bytes: int = 64 << 30,
+                         on_bytes: Callable[[int], None] | None = None) -> None:
+    """Make `<root>/<id>/pgdata` from the archive `source` (tar, tar.gz or tar.zst, told
+    apart by content). `sha256`: the hex digest the source's bytes must have."""
+    with catalog.staging(db_id) as pgdata:
+        unpacked = pgdata.with_name("archive")
+        digest = await _extract(source, unpacked, max_bytes, on_bytes)
+        if sha256 is not None and digest != sha256.lower():
+            raise CorruptArchive(f"{source.name} has sha256 {digest}, not the expected {sha256.lower()}")
+        await asyncio.to_thread(_adopt, catalog, unpacked, pgdata)
+
+
+async def _extract(source: Source, target: Path, max_bytes: int,
+                   on_bytes: Callable[[int], None] | None) -> str:
+    """Extract while downloading; return the sha256 of the raw bytes received."""
+    digest = hashlib.sha256()
+
+    def seen(chunk: bytes) -> None:
+        digest.update(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+
+    def consume(reader) -> None:
+        archive.extract(reader, target, compression="auto", max_bytes=max_bytes)
+
+    await feed_thread(source.chunks, consume, on_chunk=seen)
+    return digest.hexdigest()
+
+
+def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path) -> None:
+    """Move the data directory found in `unpacked` to `pgdata` and make it fit to run here."""
+    root = archive.find_pgdata_root(unpacked)
+    check_major(root, catalog.bindir)
+    os.rename(root, pgdata)
+    shutil.rmtree(unpacked, ignore_errors=True)  # whatever else the archive held
+    for name in STALE:  # left by a server that was running when the archive was made
+        (pgdata / name).unlink(missing_ok=True)
+    _write_new(pgdata / "pg_hba.conf", HBA)
+    if not (pgdata / "postgresql.conf").exists():  # Debian keeps it in /etc/postgresql
+        _write_new(pgdata / "postgresql.conf", "# pgsni: the archive had no postgresql.conf\n")
+    _protect(pgdata)
+    catalog.run_as.chown_tree(pgdata)
+
+
+def check_major(pgdata: Path, bindir: Path) -> None:
+    """Refuse a data directory of another Postgres major version than the one installed."""
+    with open(pgdata / "PG_VERSION", "rb") as f:
+        found = f.read(32).decode("ascii", "replace").strip()
+    if not re.fullmatch(r"\d+(\.\d+)?", found):
+        raise StorageError(f"archive's PG_VERSION is not a Postgres version: {found[:20]!r}")
+    running = installed_major(bindir)
+    if found != running:
+        raise StorageError(f"archive is Postgres {found}; this gateway runs {running}")
+
+
+def installed_major(bindir: Path) -> str:
+    """The major version of `<bindir>/postgres` ("15"), from `postgres --version`."""
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True)
+    match = re.search(r"\(PostgreSQL\) (\d+)(\.\d+)?", out.stdout)
+    if out.returncode != 0 or not match:
+        raise StorageError(f"cannot tell the version of {bindir / 'postgres'}: "
+                           f"{(out.stderr or out.stdout).strip()[:200]}")
+    major = int(match.group(1))
+    return str(major) if major >= 10 else f"{major}{match.group(2) or ''}"
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Replace `path` with a new 0600 file (never writing through a symlink planted there)."""
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(text)
+
+
+def _protect(pgdata: Path) -> None:
+    """Directories 0700, files 0600, and no symlink leading out of the data directory
+    (extraction kept symlinks inside the archive, which may hold more than PGDATA)."""
+    for dirpath, dirnames, filenames in os.walk(pgdata):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                _check_symlink(pgdata, path)
+            else:
+                os.chmod(path, 0o700 if stat.S_ISDIR(mode) else 0o600)
+    os.chmod(pgdata, 0o700)
+
+
+def _check_symlink(pgdata: Path, path: str) -> None:
+    rel, link = os.path.relpath(path, pgdata), os.readlink(path)
+    reason = archive._symlink_problem(rel, link)
+    if reason:
+        raise UnsafeArchive(f"archive symlink {rel} -> {link} {reason}: links must stay inside "
+                            f"the data directory (tablespaces are not supported)")
