@@ -25,7 +25,7 @@ from storage import s3fs
 from storage.errors import StorageError, StorageUnavailable
 from storage.s3fs import MountedDirBackend, mounted
 
-from ..support.harness import GatewayThread, conninfo, psql
+from ..support.harness import GatewayThread, conninfo, processes, psql
 from ..support.moto import ACCESS_KEY
 
 SECRET = "s3fs-test-secret-" + secrets.token_hex(8)  # moto takes any; this one must never leak
@@ -34,17 +34,7 @@ SECRET = "s3fs-test-secret-" + secrets.token_hex(8)  # moto takes any; this one 
 # --- helpers -------------------------------------------------------------------------------------
 def _s3fs_pids(path: Path) -> list[int]:
     """Pids of s3fs processes serving `path` (only ever ones this test session started)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"s3fs") and str(path).encode() in argv:
-            pids.append(int(proc.name))
-    return pids
+    return processes(b"s3fs", path)
 
 
 def _force_cleanup(path: Path) -> None:

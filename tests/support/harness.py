@@ -85,8 +85,9 @@ def psql(dsn: str, sql: str, timeout: float = 60) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=timeout)
 
 
-def postmasters(pgdata: Path) -> list[int]:
-    """Pids of live postgres processes whose command line names this PGDATA."""
+def processes(program: bytes, path: Path) -> list[int]:
+    """Pids of live processes whose executable ends with `program` and whose command line
+    names `path`."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -95,9 +96,14 @@ def postmasters(pgdata: Path) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"/postgres") and str(pgdata).encode() in argv:
+        if argv and argv[0].endswith(program) and str(path).encode() in argv:
             pids.append(int(proc.name))
     return pids
+
+
+def postmasters(pgdata: Path) -> list[int]:
+    """Pids of live postgres processes whose command line names this PGDATA."""
+    return processes(b"/postgres", pgdata)
 
 
 def connect_sqlstate(port: int, ca: Path, db_id: str, *, user: str = "postgres",
