@@ -134,6 +134,23 @@ class InstanceManager:
                     if inst.clients == 0 and self.instances.get(db_id) is inst:
                         await self._stop(inst, "idle")
 
+    async def stop_orphans(self) -> list[str]:
+        """At start: stop postmasters an earlier gateway left running (it died without stopping
+        them), before anything saves or restarts those databases. A database whose lock another
+        live process holds (a CLI command) is left alone."""
+        stopped = []
+        for db_id in self.catalog.list():
+            try:
+                lock = self.catalog.lock(db_id).acquire()
+            except StorageError:
+                continue
+            try:
+                if await stop_orphan(self.catalog.pgdata(db_id), self.settings.stop_timeout):
+                    stopped.append(db_id)
+            finally:
+                lock.release()
+        return stopped
+
     async def maintain_forever(self, interval: float = 10.0) -> None:
         """Retry saving copies whose snapshot failed (storage was down), and keep the local
         cache within its budget."""

@@ -85,6 +85,7 @@ class Gateway:
         self.catalog.prepare()
         if self.tls is not None:  # TLSConfigError if storage has no usable pair
             await self.tls.load()
+        await self.instances.stop_orphans()  # first: nothing may save a copy a postmaster runs on
         self.databases.recover()
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
         family = socket.AF_INET6 if ":" in s.listen_host else socket.AF_INET
