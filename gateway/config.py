@@ -36,6 +36,13 @@ class Settings:
     require_tls: bool = _opt(True, "Refuse clients that do not use TLS.")
     handshake_timeout: float = _opt(10.0, "Seconds a client has to finish TLS, startup and authentication.")
     max_message_size: int = _opt(65536, "Largest message accepted from a client before login, in bytes.")
+    # limits (0: off)
+    max_client_connections: int = _opt(10000, "Most client connections at once, counted from accept (0: no cap).")
+    max_connections_per_db: int = _opt(500, "Most client connections to one database at once, counted from routing (0: no cap).")
+    max_connections_per_ip: int = _opt(1000, "Most client connections at once from one IP address (0: no cap).")
+    wake_rate: float = _opt(20.0, "Instance starts per second for clients (token bucket; 0: unlimited). A client waits up to start_timeout for its turn.")
+    wake_burst: int = _opt(40, "Instance starts allowed at once before wake_rate applies.")
+    auth_failures_per_minute: int = _opt(30, "Failed logins in a sliding minute, per client IP and per database, after which further attempts are refused at once (0: no limit).")
     # databases
     data_root: str = _opt(".pgsni/data", "Directory holding one sub-directory per database.")
     socket_dir: str = _opt("", "Directory for the instances' unix sockets (0700). Empty: a short path under /tmp derived from data_root.")
@@ -94,6 +101,12 @@ class Settings:
             raise ConfigError("retention_keep must be at least 1 (the current version)")
         if self.tls_reload_seconds <= 0:
             raise ConfigError("tls_reload_seconds must be positive")
+        for name in ("max_client_connections", "max_connections_per_db", "max_connections_per_ip",
+                     "wake_rate", "auth_failures_per_minute"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or positive")
+        if self.wake_burst < 1:
+            raise ConfigError("wake_burst must be at least 1")
 
     @property
     def storage_kind(self) -> str:

@@ -69,3 +69,28 @@ def shutting_down() -> GatewayError:
 def storage_unavailable(db_id: str) -> GatewayError:
     return GatewayError(CANNOT_CONNECT_NOW, f'the storage holding database "{db_id}" is unavailable',
                         hint="Try again shortly; no data was lost.")
+
+
+def too_many_connections_from(ip: str, limit: int) -> GatewayError:
+    return GatewayError(TOO_MANY_CONNECTIONS, f"too many connections from {ip} (limit {limit})",
+                        hint="Close idle connections or use a connection pool.")
+
+
+def too_many_connections_to(db_id: str, limit: int) -> GatewayError:
+    return GatewayError(TOO_MANY_CONNECTIONS, f'too many connections to database "{db_id}" (limit {limit})',
+                        hint="Close idle connections or use a connection pool.")
+
+
+def gateway_full(limit: int) -> GatewayError:
+    return GatewayError(TOO_MANY_CONNECTIONS, f"the gateway is at its connection limit ({limit})",
+                        hint="Try again shortly.")
+
+
+def too_many_starting() -> GatewayError:
+    return GatewayError(TOO_MANY_CONNECTIONS, "too many databases are starting; try again",
+                        hint="Retry in a few seconds.")
+
+
+def too_many_auth_failures() -> GatewayError:
+    return GatewayError(INVALID_AUTHORIZATION, "too many failed authentication attempts; try again later",
+                        hint="Failed logins are limited per client address and per database, per minute.")

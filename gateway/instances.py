@@ -21,6 +21,7 @@ from storage.osuser import OSUserError
 
 from . import errors
 from .config import Settings
+from .limits import TokenBucket
 from .postgres import PostgresError, PostgresProcess, stop_orphan
 
 log = logging.getLogger("pgsni.instances")
@@ -63,6 +64,7 @@ class InstanceManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
         self.starts = 0  # how many postmasters this manager has started (tests, metrics)
+        self.wakes = TokenBucket(settings.wake_rate, settings.wake_burst)  # starts for clients
 
     def _lock(self, db_id: str) -> asyncio.Lock:
         return self._locks.setdefault(db_id, asyncio.Lock())
@@ -74,6 +76,7 @@ class InstanceManager:
         async with self._lock(db_id):
             inst = self.instances.get(db_id)
             if inst is None or not inst.alive:
+                await self._wake_turn()
                 if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
                     if create_password is None:
                         raise errors.unknown_database(db_id)
@@ -83,6 +86,14 @@ class InstanceManager:
             inst.clients += 1
             inst.last_used = time.monotonic()
             return inst
+
+    async def _wake_turn(self) -> None:
+        """Wait for a token to start an instance (wake_rate), at most start_timeout."""
+        wait = self.wakes.reserve(self.settings.start_timeout)
+        if wait is None:
+            raise errors.too_many_starting()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def release(self, inst: Instance) -> None:
         inst.clients = max(0, inst.clients - 1)

@@ -24,6 +24,7 @@ from . import protocol as p
 from .cancel import CancelTable
 from .config import Settings
 from .instances import InstanceManager
+from .limits import Limits
 from .postgres import find_bindir
 from .session import ClientInfo, Session
 from .wire import PgConnection
@@ -52,6 +53,7 @@ class Gateway:
         self.databases = open_databases(settings, self.catalog, self.backend)
         self.instances = InstanceManager(settings, self.databases)
         self.cancels = CancelTable()
+        self.limits = Limits(settings)
         self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password)) \
             if settings.create_on_connect else None
         self.shutting_down = False
@@ -157,6 +159,17 @@ class Gateway:
             task.add_done_callback(self.sessions.discard)
 
     async def _handle(self, sock: socket.socket, addr) -> None:
+        # caps are checked at accept; a refused client still gets TLS and a readable
+        # ErrorResponse (after its startup message), and is not counted
+        ip = addr[0] if isinstance(addr, tuple) else str(addr)
+        refusal = self.limits.admit(ip)
+        try:
+            await self._handle_client(sock, addr, refusal)
+        finally:
+            if refusal is None:
+                self.limits.leave(ip)
+
+    async def _handle_client(self, sock: socket.socket, addr, refusal) -> None:
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -171,7 +184,7 @@ class Gateway:
         if conn is None:
             sock.close()
             return
-        await Session(self, conn, info).run()
+        await Session(self, conn, info, refusal).run()
 
     async def _open(self, sock: socket.socket, peer: str) -> tuple[PgConnection | None, ClientInfo]:
         """Read the opening bytes ourselves, so that nothing past them is consumed before TLS."""

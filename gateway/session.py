@@ -42,8 +42,11 @@ class SessionLog:
 
 
 class Session:
-    def __init__(self, gw: "Gateway", conn: PgConnection, client: ClientInfo) -> None:
+    def __init__(self, gw: "Gateway", conn: PgConnection, client: ClientInfo,
+                 refusal: GatewayError | None = None) -> None:
         self.gw, self.conn, self.client = gw, conn, client
+        self.refusal = refusal  # a connection cap was reached at accept
+        self.counted_db: str | None = None
         self.log = SessionLog()
         self.started = time.monotonic()
 
@@ -71,6 +74,8 @@ class Session:
             self.conn.send(p.ErrorResponse(errors.INTERNAL_ERROR, "internal error in the gateway",
                                            hint="The gateway log has the details.").encode())
         finally:
+            if self.counted_db is not None:
+                self.gw.limits.per_db.release(self.counted_db)
             self.conn.close()
             self._log_line()
 
@@ -80,11 +85,22 @@ class Session:
             startup = await self._read_startup()
             if startup is None:
                 return
+            if self.refusal is not None:
+                raise self.refusal
             db_id, backend_params = self._route(startup)
+            limits, ip = self.gw.limits, self.client.peer.rpartition(":")[0]
+            limits.enter_db(db_id)
+            self.counted_db = db_id
+            limits.check_auth(ip, db_id)  # before SCRAM, so a blocked attempt costs nothing
             role = await self._role(db_id, startup.params["user"])
-            await auth.authenticate(self.conn, startup.params["user"], role,
-                                    channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem)
-                                    if self.client.tls else None)
+            try:
+                await auth.authenticate(self.conn, startup.params["user"], role,
+                                        channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem)
+                                        if self.client.tls else None)
+            except GatewayError as e:
+                if e.code.startswith("28"):  # wrong password, unknown role, no login
+                    limits.auth_failed(ip, db_id)
+                raise
             self.log.auth = "ok"
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
         await self._serve(db_id, backend_params)

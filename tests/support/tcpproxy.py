@@ -8,8 +8,12 @@ import threading
 
 
 class TCPProxy:
-    def __init__(self, target_port: int) -> None:
+    """`source`: connect to the target from this local address (e.g. 127.0.0.2), so the
+    target sees a second client IP."""
+
+    def __init__(self, target_port: int, source: str | None = None) -> None:
         self.target = ("127.0.0.1", target_port)
+        self.source = (source, 0) if source else None
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -52,7 +56,8 @@ class TCPProxy:
                 _reset(client)
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(self.target, timeout=5, source_address=self.source)
+                upstream.settimeout(None)
             except OSError:
                 _reset(client)
                 continue
