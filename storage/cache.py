@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import roles as roles_mod
+from .atomic import write_atomic
 from .errors import NotFound, PreconditionFailed, StorageError
 from .local import LocalCatalog
 from .snapshots import Current, Manifest, SnapshotStore
@@ -52,14 +53,7 @@ class Databases:
             return LocalState()
 
     def save_state(self, db_id: str, state: LocalState) -> None:
-        path = self._state_file(db_id)
-        tmp = path.with_name("state.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._state_file(db_id), json.dumps(asdict(state)).encode())
 
     # --- what exists ---------------------------------------------------------------------------
     async def current(self, db_id: str, *, fresh: bool = False) -> Current | None:

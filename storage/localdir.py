@@ -44,12 +44,12 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 from . import backend as backend_mod
+from .atomic import temp_name, write_atomic, write_temp
 from .backend import Backend, ObjectInfo
 from .errors import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 from .keys import normalize_root_prefix, validate_key, validate_prefix
@@ -61,10 +61,6 @@ LOCK_NAME = ".pgsni-storage.lock"
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}.etag")
-
-
-def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
 
 
 def _stamp(st: os.stat_result) -> dict:
@@ -94,31 +90,9 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _write_atomic(path: Path, data: bytes) -> os.stat_result:
-    """Write `data` to a temp file next to `path`, fsync, rename over `path`. Returns the
-    stat of the written file (taken before the rename; rename keeps inode and mtime)."""
-    tmp = _tmp_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return st
-
-
 def _write_sidecar(path: Path, etag: str, st: os.stat_result) -> None:
     body = json.dumps({"etag": etag, **_stamp(st)}).encode()
-    _write_atomic(_sidecar(path), body)
+    write_atomic(_sidecar(path), body)
 
 
 def _read_sidecar(path: Path, st: os.stat_result) -> str | None:
@@ -316,17 +290,8 @@ class LocalDirBackend(Backend):
         return await self._run(write)
 
     def _commit_bytes(self, path: Path, data: bytes, etag: str) -> None:
-        tmp = _tmp_for(path)
+        tmp, st = write_temp(path, data)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
             self._commit_tmp(tmp, path, etag, st)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -349,7 +314,7 @@ class LocalDirBackend(Backend):
             src = open(src_path, "rb")  # FileNotFoundError here is the caller's problem
             try:
                 self._mkdirs(target.parent)
-                tmp = _tmp_for(target)
+                tmp = temp_name(target)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except BaseException:
                 src.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,7 @@ def from_rows(rows) -> dict[str, Role]:
 def save(path: Path, roles: dict[str, Role]) -> None:
     """Write atomically (temp file, fsync, rename) with mode 0600: verifiers are secrets."""
     data = json.dumps({"roles": [asdict(r) for r in roles.values()]}, indent=1, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data.encode())
 
 
 def load(path: Path) -> dict[str, Role] | None:

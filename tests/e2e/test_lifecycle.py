@@ -11,16 +11,7 @@ import time
 import psycopg
 import pytest
 
-from ..support.harness import conninfo, connect_sqlstate, postmasters, psql
-
-
-def _wait(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from ..support.harness import connect_sqlstate, conninfo, postmasters, psql, wait_until
 
 
 def test_concurrent_first_connects_start_one_server(gateway, tls, data_root):
@@ -50,7 +41,7 @@ def test_idle_stop_then_reconnect_keeps_data(start_gateway, tls, data_root):
     gw.create_db("idle1")
     dsn = conninfo(gw.port, tls["ca"], "idle1")
     assert psql(dsn, "create table t(x int); insert into t select generate_series(1, 100)").returncode == 0
-    _wait(lambda: gw.running() == set(), what="idle stop")
+    wait_until(lambda: gw.running() == set(), what="idle stop")
     assert postmasters(data_root / "idle1" / "pgdata") == []
     out = psql(dsn, "select count(*) from t")
     assert out.returncode == 0 and out.stdout.strip() == "100"
@@ -72,9 +63,9 @@ def test_instance_killed_then_reconnect(gateway, tls, data_root):
     conn.execute("create table t(x int); insert into t values (1), (2)")
     pid = gateway.gw.instances.instances["crashy"].process.pid
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: "crashy" not in gateway.running(), what="crash noticed")
+    wait_until(lambda: "crashy" not in gateway.running(), what="crash noticed")
     # the gateway killed the orphaned backends too, so the client's session is gone
-    _wait(lambda: postmasters(data_root / "crashy" / "pgdata") == [], what="orphans gone")
+    wait_until(lambda: postmasters(data_root / "crashy" / "pgdata") == [], what="orphans gone")
     with pytest.raises(psycopg.OperationalError):
         conn.execute("select 1")
     conn.close()

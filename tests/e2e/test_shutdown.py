@@ -118,14 +118,6 @@ def _connect(gp: GatewayProcess, ca: Path) -> psycopg.Connection:
     return psycopg.connect(conninfo(gp.port, ca, "app1", password=DEV_PASSWORD), autocommit=True)
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_sigterm_ends_sessions_stops_postgres_and_keeps_data(serve, tls, data_root):
     gp = serve()
     pgdata = data_root / "app1" / "pgdata"

@@ -13,17 +13,8 @@ import pytest
 
 from storage.cache import roll_back
 
-from ..support.harness import conninfo, connect_sqlstate, psql
+from ..support.harness import connect_sqlstate, conninfo, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY
-
-
-def _wait(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _versions(gw, db_id):

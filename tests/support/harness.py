@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -127,3 +128,12 @@ def connect_sqlstate(port: int, ca: Path, db_id: str, *, user: str = "postgres",
         return None
 
     return asyncio.run(attempt())
+
+
+def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `cond()` every 50 ms until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
