@@ -1,24 +1,81 @@
-"""`python -m bench storage [--runs N] [--scale S]`."""
+"""`python -m bench <datapath|connect|coldstart|density|storage|all> [--quick] [--runs N] [--out DIR]`."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import click
+
+SUITES = ("datapath", "connect", "coldstart", "density")
+
+
+def _suite(name: str, runs: int, quick: bool, out: Path) -> None:
+    import importlib
+
+    from .report import console
+
+    started = time.monotonic()
+    console.rule(f"[bold]{name}")
+    module = importlib.import_module(f"bench.{name}")
+    module.run(runs=runs, quick=quick, out=out)
+    console.print(f"{name} took {time.monotonic() - started:.0f} s")
+
+
+def _options(fn):
+    fn = click.option("--out", default="docs/benchmarks", show_default=True, type=click.Path(file_okay=False),
+                      help="Directory for the JSON results and PNG charts.")(fn)
+    fn = click.option("--runs", default=None, type=int, help="Runs per figure (median reported); default 3, 2 with --quick.")(fn)
+    fn = click.option("--quick", is_flag=True, help="Small sizes and short runs (seconds, for CI).")(fn)
+    return fn
 
 
 @click.group()
 def main() -> None:
-    """pgsni benchmarks."""
+    """pgsni benchmarks: everything is started here on 127.0.0.1."""
+
+
+def _make(name: str, doc: str):
+    @_options
+    def command(quick: bool, runs: int | None, out: str) -> None:
+        from .charts import render
+
+        _suite(name, runs or (2 if quick else 3), quick, Path(out))
+        render(Path(out), [name])
+
+    command.__doc__ = doc
+    main.command(name)(command)
+
+
+_make("datapath", "pgbench -S / TPC-B-like at 1, 8, 32 clients and bulk COPY: pgsni vs direct vs PgBouncer.")
+_make("connect", "New TLS+SCRAM connections per second and connect latency: pgsni vs direct vs PgBouncer.")
+_make("coldstart", "TCP connect to first result: new database, stopped on local disk, only in the bucket.")
+_make("density", "10, 50, 100 databases active at once: unique memory per instance, gateway RSS, latency.")
+
+
+@main.command("all")
+@_options
+def all_(quick: bool, runs: int | None, out: str) -> None:
+    """Every suite above (not storage), then the charts."""
+    from .charts import render
+
+    for name in SUITES:
+        _suite(name, runs or (2 if quick else 3), quick, Path(out))
+    render(Path(out), list(SUITES))
 
 
 @main.command()
 @click.option("--runs", default=3, show_default=True, help="Runs per figure; the median is reported.")
 @click.option("--scale", default=30, show_default=True, help="pgbench scale of the large database (30 ≈ 500 MB).")
-@click.option("--out", default="docs/benchmarks/storage.json", show_default=True)
-def storage(runs: int, scale: int, out: str) -> None:
+@click.option("--quick", is_flag=True, help="Scale 2, 1 run.")
+@click.option("--out", default="docs/benchmarks", show_default=True, type=click.Path(file_okay=False))
+def storage(runs: int, scale: int, quick: bool, out: str) -> None:
     """Snapshot and restore time vs. `tar | zstd` plus a plain S3 copy of the same bytes."""
     from .storage import run
 
-    run(runs=runs, scale=scale, out=out)
+    if quick:
+        runs, scale = 1, 2
+    run(runs=runs, scale=scale, out=str(Path(out) / "storage.json"))
 
 
 if __name__ == "__main__":

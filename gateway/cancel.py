@@ -10,6 +10,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import protocol as p
 
@@ -18,8 +19,9 @@ log = logging.getLogger("pgsni.cancel")
 
 @dataclass(frozen=True)
 class CancelTarget:
-    socket_path: Path
+    socket_path: Path | None  # a local instance's socket; None for a remote route
     backend: p.BackendKeyData
+    remote: Any = None  # a remote_routes.RemoteRoute: the cancel goes to its host:port
 
 
 class CancelTable:
@@ -57,6 +59,10 @@ class CancelTable:
 
 
 async def forward_cancel(target: CancelTarget, timeout: float = 5.0) -> None:
+    if target.remote is not None:
+        from .remote import forward_cancel as forward_remote  # remote imports this module
+        await forward_remote(target.remote, target.backend, timeout)
+        return
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(target.socket_path)), timeout)

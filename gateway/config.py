@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .remote_routes import RemoteRoute, parse_routes
 
 ENV_PREFIX = "PGSNI_"
 
@@ -48,6 +51,8 @@ class Settings:
     socket_dir: str = _opt("", "Directory for the instances' unix sockets (0700). Empty: a short path under /tmp derived from data_root.")
     create_on_connect: bool = _opt(False, "DEVELOPMENT ONLY: create unknown databases on first connect, with password dev_password for role postgres.")
     dev_password: str = _opt("postgres", "Password of role postgres in databases made by create_on_connect.")
+    remote_routes: dict[str, RemoteRoute] = _opt({}, "Database ids served by an existing external Postgres instead of a local instance: a TOML table per id with host, port (5432), sslmode (disable, require, verify-ca, verify-full: the default), sslrootcert, server_name, auth (password: the default, or passthrough). A JSON object in the environment. See docs/remote-routes.md.", parse=parse_routes)
+    remote_connect_timeout: float = _opt(5.0, "Seconds to reach a remote route's server (TCP and TLS) before the client gets 08001.")
     # storage
     storage: str = _opt("local", "Where snapshots live: local (a directory), s3 (the S3 API), s3fs (a bucket mounted with s3fs-fuse), or a URL: s3://bucket/prefix, file:///path.")
     storage_path: str = _opt(".pgsni/storage", "Directory for storage=local; the mount point for storage=s3fs.")
@@ -66,6 +71,8 @@ class Settings:
     retention_keep: int = _opt(10, "Versions kept per database (newest first; the current one is always kept).")
     retention_days: float = _opt(0.0, "Also keep every version younger than this many days (0: off).")
     cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
+    lease_seconds: float = _opt(60.0, "Lifetime of this gateway's heartbeat in storage. A gateway holds a lease on each database it runs, so gateways sharing a bucket never run one database twice; if the heartbeat cannot be renewed for this long (storage down), its databases are stopped. 0: no leases (only one gateway per bucket).")
+    gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
     max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
     # instances
     pg_bindir: str = _opt("", "Directory with postgres/initdb binaries. Empty: discover (/usr/lib/postgresql/<newest>/bin or PATH).")
@@ -78,6 +85,11 @@ class Settings:
     auth_cache_seconds: float = _opt(2.0, "How long role verifiers read from a running instance are reused.")
     postgres_options: dict[str, str] = _opt({}, "Extra Postgres settings (-c name=value) for every instance.")
     log_level: str = _opt("INFO", "Gateway log level.")
+    log_format: str = _opt("auto", "Log format: json (one object per line), text, or auto (JSON when stderr is not a terminal).")
+    # admin HTTP API (gateway/admin.py)
+    admin_host: str = _opt("127.0.0.1", "Address of the admin HTTP API (health, readiness, metrics, /v1/databases). A non-loopback address requires admin_token.")
+    admin_port: int = _opt(8080, "TCP port of the admin HTTP API (0: no admin server).")
+    admin_token: str = _opt("", "Bearer token required for /metrics and /v1 (Authorization: Bearer TOKEN). Empty: no token, allowed only on a loopback admin_host.", secret=True)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,11 +114,30 @@ class Settings:
         if self.tls_reload_seconds <= 0:
             raise ConfigError("tls_reload_seconds must be positive")
         for name in ("max_client_connections", "max_connections_per_db", "max_connections_per_ip",
-                     "wake_rate", "auth_failures_per_minute"):
+                     "wake_rate", "auth_failures_per_minute", "lease_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.wake_burst < 1:
             raise ConfigError("wake_burst must be at least 1")
+        try:
+            self.remote_routes = parse_routes(self.remote_routes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.remote_connect_timeout <= 0:
+            raise ConfigError("remote_connect_timeout must be positive")
+        if self.gateway_id and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.gateway_id):
+            raise ConfigError("gateway_id: use 1-63 lowercase letters, digits, '.', '_' or '-'")
+        self._validate_admin()
+
+    def _validate_admin(self) -> None:
+        if self.log_format not in ("auto", "json", "text"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not auto, json or text")
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError(f"admin_port: {self.admin_port} is not a TCP port")
+        if self.admin_port and not self.admin_token and not _is_loopback(self.admin_host):
+            raise ConfigError(f"admin_host: {self.admin_host} is not a loopback address, so the admin "
+                              "API needs a token: set admin_token (PGSNI_ADMIN_TOKEN), or admin_port=0 "
+                              "to turn the admin API off")
 
     @property
     def storage_kind(self) -> str:
@@ -143,8 +174,24 @@ class Settings:
         return Path(f"/tmp/pgsni-{digest}")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "parse" in f.metadata:  # a structured setting with its own parser (remote_routes)
+        try:
+            return f.metadata["parse"](raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
     try:
         if kind == "bool":
             if isinstance(raw, bool):

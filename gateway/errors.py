@@ -20,6 +20,7 @@ ADMIN_SHUTDOWN = "57P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 INTERNAL_ERROR = "XX000"
 DATA_CORRUPTED = "XX001"
+DISK_FULL = "53100"
 
 
 class GatewayError(Exception):
@@ -64,6 +65,11 @@ def startup_failed(db_id: str, reason: str) -> GatewayError:
 def shutting_down() -> GatewayError:
     return GatewayError(ADMIN_SHUTDOWN, "the gateway is shutting down",
                         hint="Reconnect in a moment.")
+
+
+def disk_full(db_id: str, reason: str) -> GatewayError:
+    return GatewayError(DISK_FULL, f'the gateway has no disk space left for database "{db_id}"',
+                        detail=reason, hint="Try again later; the operator must free space on the data root.")
 
 
 def storage_unavailable(db_id: str) -> GatewayError:

@@ -5,6 +5,7 @@ evicts the least recently used idle one when the cap is reached, and notices cra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from storage import errors as storage_errors
 from storage import roles as roles_mod
 from storage.cache import Databases
 from storage.errors import StorageError
+from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 
 from . import errors
 from .config import Settings
 from .limits import TokenBucket
+from .metrics import Metrics
 from .postgres import PostgresError, PostgresProcess, stop_orphan
 
 log = logging.getLogger("pgsni.instances")
@@ -40,6 +43,7 @@ class Instance:
     roles_at: float = 0.0
     start_lsn: str | None = None  # WAL insert position when it started: unchanged = nothing to save
     watcher: asyncio.Task | None = None
+    started_at: float = field(default_factory=time.monotonic)  # when it became ready
 
     @property
     def socket_dir(self) -> Path:
@@ -65,6 +69,18 @@ class InstanceManager:
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
         self.starts = 0  # how many postmasters this manager has started (tests, metrics)
         self.wakes = TokenBucket(settings.wake_rate, settings.wake_burst)  # starts for clients
+        self.metrics = Metrics()  # the gateway puts its own here (gateway/metrics.py)
+        self._leases: Leases | None = None
+        self._conflicts: set[str] = set()  # unsaved copies another gateway has taken over
+        self.after_create: Callable[[], None] | None = None  # the gateway refills spare clones
+
+    @property
+    def leases(self) -> Leases:
+        """Per-database leases in storage (storage/leases.py), named after this data root."""
+        if self._leases is None:
+            holder = self.settings.gateway_id or self.catalog.identity()
+            self._leases = Leases(self.databases.store.backend, holder, self.settings.lease_seconds)
+        return self._leases
 
     def _lock(self, db_id: str) -> asyncio.Lock:
         return self._locks.setdefault(db_id, asyncio.Lock())
@@ -77,12 +93,13 @@ class InstanceManager:
             inst = self.instances.get(db_id)
             if inst is None or not inst.alive:
                 await self._wake_turn()
-                if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
-                    if create_password is None:
-                        raise errors.unknown_database(db_id)
-                    inst = await self._create(db_id, create_password)
-                else:
-                    inst = await self._start(db_id)
+                async with self._claimed(db_id):
+                    if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
+                        if create_password is None:
+                            raise errors.unknown_database(db_id)
+                        inst = await self._create(db_id, create_password)
+                    else:
+                        inst = await self._start(db_id)
             inst.clients += 1
             inst.last_used = time.monotonic()
             return inst
@@ -117,7 +134,7 @@ class InstanceManager:
     async def create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
         """Create a database and leave it running (idle); for the CLI and the admin surface.
         `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
-        async with self._lock(db_id):
+        async with self._lock(db_id), self._claimed(db_id):
             return await self._create(db_id, password, place)
 
     async def stop(self, db_id: str, reason: str = "requested") -> bool:
@@ -128,8 +145,28 @@ class InstanceManager:
             await self._stop(inst, reason)
             return True
 
+    @contextlib.asynccontextmanager
+    async def stopped(self, db_id: str, reason: str = "requested", *, save: bool = True):
+        """Hold `db_id` stopped for the block (lifecycle operations: delete, restore, snapshot):
+        stop its instance if one runs (saving its changes, unless not `save`: its files are
+        about to go) and keep clients from starting it until the block ends. Yields whether
+        an instance was stopped."""
+        async with self._lock(db_id):
+            inst = self.instances.get(db_id)
+            if inst is not None:
+                await self._stop(inst, reason, discard=not save)
+            # the operation changes storage or the copy: no other gateway may run it meanwhile
+            if await self.leases.claim(db_id) and save:
+                await self.databases.catch_up(db_id)
+            try:
+                yield inst is not None
+            finally:
+                await self._release_if_saved(db_id)
+
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in list(self.instances)))
+        if self._leases is not None:
+            await self._leases.release_idle()  # another gateway may take over at once
 
     async def reap_idle_forever(self) -> None:
         interval = max(0.05, min(1.0, self.settings.idle_timeout / 4))
@@ -175,24 +212,82 @@ class InstanceManager:
                 continue
             async with self._lock(db_id):
                 if db_id not in self.instances:
-                    await self._save(db_id)
+                    await self._save_claimed(db_id)
         try:
             await self.databases.evict(set(self.instances), self._lock)
         except StorageError as e:
             log.warning("cache eviction skipped: %s", e)
 
+    async def keep_leases_forever(self) -> None:
+        await self.leases.keep_alive_forever(self._leases_expired)
+
+    async def _leases_expired(self) -> None:
+        """The heartbeat could not be renewed: stop every instance before another gateway may
+        take its database over (their saves are retried once storage is back)."""
+        for db_id in list(self.instances):
+            await self.stop(db_id, "lease heartbeat expired")
+
     # --- internals (callers hold the database's lock) -----------------------------------------
+    @contextlib.asynccontextmanager
+    async def _claimed(self, db_id: str):
+        """Hold the database's lease for what follows; give it back if nothing came of it."""
+        with storage_failures(db_id):
+            fresh = await self.leases.claim(db_id)
+        try:
+            if fresh:
+                with storage_failures(db_id):
+                    await self.databases.catch_up(db_id)
+            yield
+        except BaseException:
+            await self._release_if_saved(db_id)
+            raise
+
+    async def _release_if_saved(self, db_id: str) -> None:
+        """Give up the lease once nothing runs on the local copy and storage has all of it."""
+        if db_id in self.instances:
+            return
+        if not self.catalog.exists(db_id):
+            await self.leases.release(db_id)
+        elif not self.databases.state(db_id).dirty:
+            self.leases.release_later(db_id)
+
+    async def _save_claimed(self, db_id: str) -> None:
+        """Retry the save of a stopped copy: needs the lease (another gateway may have taken the
+        database over meanwhile; then this copy is kept, unsaved, for the operator)."""
+        try:
+            await self.leases.claim(db_id)
+        except LeaseHeld as e:
+            if db_id not in self._conflicts:
+                self._conflicts.add(db_id)
+                log.error("unsaved local copy of %s is not saved: %s took the database over; the "
+                          "copy stays in %s for the operator", db_id, e.holder, self.catalog.db_dir(db_id))
+            return
+        except StorageError as e:
+            log.warning("cannot save %s yet: %s", db_id, e)
+            return
+        await self._save(db_id)
+        await self._release_if_saved(db_id)
+
     async def _restore(self, db_id: str):
         """Bring a database that is only in storage onto local disk; None if it is nowhere."""
+        began = time.monotonic()
         with storage_failures(db_id):
             try:
-                return await self.databases.ensure_local(db_id)
+                restored = await self.databases.ensure_local(db_id)
             except storage_errors.NotFound:
                 return None
+        if restored is not None:
+            self.metrics.wake_phase("restore", time.monotonic() - began)
+        return restored
 
     async def _save(self, db_id: str) -> None:
         try:
             await self.databases.save(db_id)
+        except storage_errors.PreconditionFailed as e:
+            # storage moved past this copy (another writer): keep it aside, retrying cannot help
+            kept = self.databases.set_aside(db_id)
+            log.error("saving %s conflicts with storage (%s); the local copy was moved to %s for "
+                      "the operator", db_id, e, kept)
         except StorageError as e:
             log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
                       db_id, e)
@@ -206,6 +301,8 @@ class InstanceManager:
                 await asyncio.to_thread(self.catalog.create, db_id)
             else:
                 await place(db_id)
+        except storage_errors.DiskFull as e:
+            raise errors.disk_full(db_id, str(e)) from e
         except StorageError as e:
             raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
         try:
@@ -218,6 +315,8 @@ class InstanceManager:
             await asyncio.to_thread(self.catalog.delete, db_id)
             raise
         log.info("created database %s", db_id)
+        if self.after_create is not None:
+            self.after_create()
         return inst
 
     async def _take_over(self, inst: Instance, password: str) -> None:
@@ -255,11 +354,14 @@ class InstanceManager:
             started = time.monotonic()
             await process.start(s.start_timeout)
         except (PostgresError, OSError, OSUserError) as e:
+            self.metrics.wake(ok=False)
             lock.release()
             process.kill_group()
             log.error("starting %s failed: %s", db_id, e)
             raise errors.startup_failed(db_id, str(e)) from e
         self.starts += 1
+        self.metrics.wake(ok=True)
+        self.metrics.wake_phase("start", time.monotonic() - started)
         inst = Instance(db_id, process, lock)
         self.instances[db_id] = inst
         inst.watcher = asyncio.create_task(self._watch(inst))
@@ -305,6 +407,8 @@ class InstanceManager:
         if state.dirty and not discard:
             await self._save(inst.db_id)
         inst.lock.release()
+        if not discard:
+            await self._release_if_saved(inst.db_id)
         if inst.watcher and inst.watcher is not asyncio.current_task():
             inst.watcher.cancel()
         log.info("stopped %s (%s)", inst.db_id, reason)
@@ -354,8 +458,14 @@ class storage_failures:
         if exc is None or not isinstance(exc, StorageError):
             return
         log.error("storage error for %s: %s", self.db_id, exc)
+        if isinstance(exc, LeaseHeld):
+            raise errors.GatewayError(errors.CANNOT_CONNECT_NOW, str(exc), hint=(
+                "Connect through that gateway, or retry once it has stopped the database "
+                "(after idle_timeout).")) from exc
         if isinstance(exc, storage_errors.StorageUnavailable):
             raise errors.storage_unavailable(self.db_id) from exc
+        if isinstance(exc, storage_errors.DiskFull):
+            raise errors.disk_full(self.db_id, str(exc)) from exc
         if isinstance(exc, storage_errors.CorruptArchive):
             raise errors.GatewayError(errors.DATA_CORRUPTED,
                                       f'the stored snapshot of database "{self.db_id}" is damaged',

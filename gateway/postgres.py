@@ -159,6 +159,9 @@ class PostgresProcess:
             "unix_socket_permissions": "0700",
             "logging_collector": "off",
             "password_encryption": "scram-sha-256",
+            # a client that vanishes mid-query closes the gateway's backend connection; without
+            # this check a long query would run on (and hold its locks) until it next writes
+            "client_connection_check_interval": "1000",
             # pinned: a postgresql.conf from an imported archive must not point elsewhere
             "data_directory": str(self.pgdata),
             "hba_file": str(self.pgdata / "pg_hba.conf"),
@@ -173,7 +176,10 @@ class PostgresProcess:
         self.run_as.make_dir(self.socket_dir)
         if self.log_path.exists() and self.log_path.stat().st_size > 10 << 20:
             self.log_path.replace(self.log_path.with_suffix(".log.1"))
-        with open(self.log_path, "ab") as logf:
+        # private: the log can hold statements, role names and errors quoting data
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(fd, "ab") as logf:
             self.proc = ChildProcess(subprocess.Popen(
                 self._argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 **self.run_as.popen_kwargs()))
@@ -197,7 +203,7 @@ class PostgresProcess:
             if pid == self.proc.pid and status == "ready":
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.02)
+            delay = min(delay * 1.5, 0.005)  # ready is 40-150 ms away: poll finely, it is one small read
 
     async def stop(self, timeout: float) -> None:
         """Fast shutdown (SIGINT); immediate (SIGQUIT) if it hangs; SIGKILL as a last resort."""

@@ -19,12 +19,13 @@ from storage.local import LocalCatalog
 from storage.osuser import RunAs
 from storage.roles import Role
 
-from . import auth
+from . import auth, remote
 from . import protocol as p
 from .cancel import CancelTable
 from .config import Settings
 from .instances import InstanceManager
 from .limits import Limits
+from .metrics import MeteredBackend, Metrics
 from .postgres import find_bindir
 from .session import ClientInfo, Session
 from .wire import PgConnection
@@ -34,6 +35,8 @@ log = logging.getLogger("pgsni.server")
 # how long a closing TLS connection waits for the client's close_notify; an idle client
 # never reads, so without a bound the transport would linger for the loop's 30 s default
 TLS_SHUTDOWN_TIMEOUT = 2.0
+# ready copies of the template kept by a running gateway once it has created a database
+SPARE_CLONES = 2
 
 
 class Gateway:
@@ -47,11 +50,16 @@ class Gateway:
             self.cert_pem = leaf_certificate_pem(settings.tls_cert)
         run_as = RunAs.resolve(settings.pg_user)
         self.catalog = LocalCatalog(settings.data_path, run_as, find_bindir(settings.pg_bindir))
-        self.backend = open_backend(settings)
+        self.metrics = Metrics()
+        self.backend = MeteredBackend(open_backend(settings), self.metrics)
         self.tls = TLSMaterial.for_settings(settings, self.backend, self._use_tls) \
             if settings.tls_from_storage else None
         self.databases = open_databases(settings, self.catalog, self.backend)
         self.instances = InstanceManager(settings, self.databases)
+        self.instances.metrics = self.metrics
+        self.instances.after_create = self._refill_spares
+        self._spare_task: asyncio.Future | None = None
+        self.databases.store.on_transfer = self.metrics.snapshot
         self.cancels = CancelTable()
         self.limits = Limits(settings)
         self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password)) \
@@ -62,20 +70,37 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._detach_storage = None  # storage=s3fs: the unmount, from start()
+        self.admin = None  # gateway/admin.py's AdminServer, from start() unless admin_port=0
+        self.metrics.track(self.metrics.instances_running, lambda: len(self.instances.instances))
+        self.metrics.track(self.metrics.clients_open, lambda: len(self.sessions))
 
     @property
     def port(self) -> int:
         assert self._listener is not None
         return self._listener.getsockname()[1]
 
+    @property
+    def listening(self) -> bool:
+        """The accept loop runs (for readiness)."""
+        return self._listener is not None and bool(self._tasks) and not self._tasks[0].done()
+
     async def start(self) -> None:
         # storage=s3fs: mount the bucket (or check the existing mount) before storage is read
         self._detach_storage = await asyncio.to_thread(attach_storage, self.settings)
         try:
+            from .admin import start_admin
+
+            self.admin = await start_admin(self)  # first: /healthz answers during a long start
             await self._start()
         except BaseException:
+            await self._close_admin()
             await self._detach()
             raise
+
+    async def _close_admin(self) -> None:
+        admin, self.admin = self.admin, None
+        if admin is not None:
+            await admin.close()
 
     async def _detach(self) -> None:
         detach, self._detach_storage = self._detach_storage, None
@@ -90,6 +115,7 @@ class Gateway:
         await self.instances.stop_orphans()  # first: nothing may save a copy a postmaster runs on
         self.databases.recover()
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
+        await asyncio.to_thread(self.catalog.drop_spares)  # may be half-made or from an older template
         family = socket.AF_INET6 if ":" in s.listen_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -103,7 +129,8 @@ class Gateway:
         self._listener = sock
         self._tasks = [asyncio.create_task(self._accept_loop()),
                        asyncio.create_task(self.instances.reap_idle_forever()),
-                       asyncio.create_task(self.instances.maintain_forever())]
+                       asyncio.create_task(self.instances.maintain_forever()),
+                       asyncio.create_task(self.instances.keep_leases_forever())]
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self.tls.poll_forever()))
         log.info("pgsni listening on %s:%d for *.%s (data root %s, storage %s)", s.listen_host,
@@ -111,6 +138,19 @@ class Gateway:
         if s.create_on_connect:
             log.warning("DEVELOPMENT MODE: unknown databases are created on first connect with "
                         "password %r for role postgres. Never use this in production.", s.dev_password)
+            self._refill_spares()
+
+    def _refill_spares(self) -> None:
+        """Keep SPARE_CLONES copies of the template ready (in a thread, one refill at a time),
+        so that creating a database is a rename instead of a copy of ~1000 files."""
+        if self._spare_task is None or self._spare_task.done():
+            self._spare_task = asyncio.ensure_future(asyncio.to_thread(self._fill_spares))
+
+    def _fill_spares(self) -> None:
+        try:
+            self.catalog.fill_spares(SPARE_CLONES)
+        except Exception as e:  # a spare is an optimisation: never let it hurt a create
+            log.warning("could not prepare a spare copy of the template: %s", e)
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
@@ -130,12 +170,14 @@ class Gateway:
         if self.sessions:
             await asyncio.wait(list(self.sessions), timeout=self.settings.shutdown_grace)
         await self.instances.stop_all()
+        remote.close_all(self)  # remote routes' clients: no instance here to terminate them
         if self.sessions:
             await asyncio.wait(list(self.sessions), timeout=5)
         for t in list(self.sessions):
             t.cancel()
         await self.backend.close()
         await self._detach()
+        await self._close_admin()  # last: /readyz said "draining" until here
         self._stopped.set()
         log.info("stopped")
 

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from storage.roles import Role
 
-from . import auth, errors, relay, routing
+from . import auth, errors, relay, remote, routing
 from . import protocol as p
 from .cancel import CancelTarget
 from .errors import GatewayError
+from .metrics import auth_reason
 from .wire import ConnectionClosed, PgConnection
 
 if TYPE_CHECKING:
@@ -36,9 +37,12 @@ class SessionLog:
     db_id: str | None = None
     method: str = "none"
     user: str | None = None
-    auth: str = "none"
+    auth: str = "none"  # none (not attempted), ok, failed
+    auth_error: str | None = None  # the reason of a failure (metrics.auth_reason)
     wake_ms: float | None = None
+    cold: bool = False  # this connection waited for its instance to start
     outcome: str = "closed"
+    route: str = "local"  # local (an instance here) or remote (remote_routes)
 
 
 class Session:
@@ -47,6 +51,7 @@ class Session:
         self.gw, self.conn, self.client = gw, conn, client
         self.refusal = refusal  # a connection cap was reached at accept
         self.counted_db: str | None = None
+        self.metered: tuple[str, str] | None = None  # (db, method) counted as authenticated
         self.log = SessionLog()
         self.started = time.monotonic()
 
@@ -77,11 +82,12 @@ class Session:
             if self.counted_db is not None:
                 self.gw.limits.per_db.release(self.counted_db)
             self.conn.close()
+            self._meter_end()
             self._log_line()
 
     async def _run(self) -> None:
         s = self.gw.settings
-        async with asyncio.timeout(s.handshake_timeout):
+        async with asyncio.timeout(s.handshake_timeout) as deadline:
             startup = await self._read_startup()
             if startup is None:
                 return
@@ -91,7 +97,15 @@ class Session:
             limits, ip = self.gw.limits, self.client.peer.rpartition(":")[0]
             limits.enter_db(db_id)
             self.counted_db = db_id
-            limits.check_auth(ip, db_id)  # before SCRAM, so a blocked attempt costs nothing
+            try:
+                limits.check_auth(ip, db_id)  # before SCRAM, so a blocked attempt costs nothing
+            except GatewayError:
+                self._auth_failed("rate_limited")
+                raise
+            if db_id in s.remote_routes:  # an external Postgres; it checks the password itself
+                backend = await remote.open_session(self, db_id, backend_params)
+                deadline.reschedule(None)  # the handshake is over
+                return await remote.serve(self, db_id, backend)
             role = await self._role(db_id, startup.params["user"])
             try:
                 await auth.authenticate(self.conn, startup.params["user"], role,
@@ -100,8 +114,11 @@ class Session:
             except GatewayError as e:
                 if e.code.startswith("28"):  # wrong password, unknown role, no login
                     limits.auth_failed(ip, db_id)
+                self._auth_failed(auth_reason(e.code, e.message) or
+                                  ("channel_binding" if "channel binding" in e.message else "other"))
                 raise
             self.log.auth = "ok"
+            self._meter_auth(db_id)
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
         await self._serve(db_id, backend_params)
 
@@ -109,7 +126,7 @@ class Session:
         event = await self.conn.next_event()
         if isinstance(event, p.CancelRequest):
             self.log.outcome = "cancel"
-            await self.gw.cancels.cancel(event)
+            self.gw.metrics.cancel(await self.gw.cancels.cancel(event))
             return None
         if not isinstance(event, p.StartupMessage):
             raise p.ProtocolViolation(f"unexpected {type(event).__name__} after the connection was set up")
@@ -139,6 +156,7 @@ class Session:
         roles = await self.gw.instances.roles(db_id)
         if roles is None:
             if not self.gw.settings.create_on_connect:
+                self._auth_failed("unknown_database")
                 raise errors.unknown_database(db_id)
             # create-on-connect: the new database will have role postgres with the dev password
             return self.gw.dev_role if user == "postgres" else None
@@ -153,8 +171,14 @@ class Session:
         inst = await gw.instances.acquire(db_id, create_password=create)
         key = None
         try:
+            acquired = time.monotonic()
             backend = await relay.login(inst.socket_path, params, gw.settings.start_timeout)
-            self.log.wake_ms = (time.monotonic() - woke) * 1000
+            done = time.monotonic()
+            self.log.wake_ms = (done - woke) * 1000
+            self.log.cold = inst.started_at >= woke
+            if self.log.cold:
+                gw.metrics.wake_phase("login", done - acquired)
+                gw.metrics.wake_phase("total", done - woke)
             if backend.key is not None:
                 key = gw.cancels.issue(CancelTarget(inst.socket_path, backend.key))
             out = b"".join(backend.to_client)
@@ -168,9 +192,31 @@ class Session:
                 gw.cancels.forget(key)
             gw.instances.release(inst)
 
+    # --- metrics and the one log line per connection ---------------------------------------------
+    def _auth_failed(self, reason: str) -> None:
+        self.log.auth, self.log.auth_error = "failed", reason
+        self.gw.metrics.auth_failed(reason)
+
+    def _meter_auth(self, db_id: str) -> None:
+        self.metered = (db_id, self.log.method)
+        self.gw.metrics.connections.labels(*self.metered).inc()
+        self.gw.metrics.connections_current.labels(*self.metered).inc()
+
+    def _meter_end(self) -> None:
+        m = self.gw.metrics
+        if self.metered is not None:
+            m.connections_current.labels(*self.metered).dec()
+        elif self.log.outcome != "cancel":
+            m.connections.labels("", self.log.method).inc()  # only real ids become label values
+        m.client_bytes.labels("in").inc(self.conn.bytes_in)
+        m.client_bytes.labels("out").inc(self.conn.bytes_out)
+
     def _log_line(self) -> None:
         l = self.log
-        wake = f"{l.wake_ms:.0f}ms" if l.wake_ms is not None else "-"
-        log.info("conn peer=%s tls=%s db=%s via=%s user=%s auth=%s wake=%s bytes_in=%d "
-                 "duration=%.3fs outcome=%s", self.client.peer, self.client.tls, l.db_id, l.method,
-                 l.user, l.auth, wake, self.conn.bytes_in, time.monotonic() - self.started, l.outcome)
+        log.info("connection closed", extra={
+            "event": "connection", "client": self.client.peer, "tls": self.client.tls,
+            "db": l.db_id, "route": l.route, "sni_method": l.method, "user": l.user, "auth": l.auth,
+            "auth_error": l.auth_error,
+            "wake_ms": round(l.wake_ms, 1) if l.wake_ms is not None else None, "cold": l.cold,
+            "bytes_in": self.conn.bytes_in, "bytes_out": self.conn.bytes_out,
+            "duration_s": round(time.monotonic() - self.started, 3), "outcome": l.outcome})

@@ -23,6 +23,7 @@ class PgConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: PgConnection | None = None
         self.bytes_in = 0
+        self.bytes_out = 0  # written to this side (gateway messages and forwarded bytes)
         self._waiter: asyncio.Future | None = None
         self._eof = False
         self._read_paused = False
@@ -36,6 +37,7 @@ class PgConnection(asyncio.Protocol):
         self.bytes_in += len(data)
         peer = self.peer
         if peer is not None:
+            peer.bytes_out += len(data)
             peer.transport.write(data)  # type: ignore[union-attr]
             return
         self.reader.receive_data(data)
@@ -89,6 +91,7 @@ class PgConnection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(data)
             self.transport.write(data)
 
     def close(self) -> None:

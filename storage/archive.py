@@ -126,9 +126,22 @@ def create(pgdata: Path, out: BinaryIO, *, level: int = 3) -> ArchiveInfo:
     zwriter = compressor.stream_writer(sink, closefd=False)
     tar = tarfile.open(fileobj=zwriter, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_CHUNK)
     tar.copybufsize = _CHUNK
-    files: dict[str, FileEntry] = {}
     # No `with`: on an error the end-of-archive marker and the frame end must NOT be written,
     # so a half-made archive can never pass for a complete one.
+    try:
+        files = _add_tree(tar, pgdata)
+    except BaseException:
+        # nor may tarfile flush its buffer when it is garbage-collected (into a closed file)
+        tar.closed = tar.fileobj.closed = True  # type: ignore[union-attr]
+        raise
+    tar.close()
+    zwriter.close()  # ends the zstd frame (with its checksum); closefd=False leaves `out` open
+    sink.flush()
+    return ArchiveInfo(files, sink.bytes, sink.sha256.hexdigest())
+
+
+def _add_tree(tar: tarfile.TarFile, pgdata: Path) -> dict[str, FileEntry]:
+    files: dict[str, FileEntry] = {}
     for rel, path, st in _walk(pgdata):
         info = tarfile.TarInfo(rel)
         info.mode = stat.S_IMODE(st.st_mode)
@@ -153,10 +166,7 @@ def create(pgdata: Path, out: BinaryIO, *, level: int = 3) -> ArchiveInfo:
         else:
             raise StorageError(f"cannot archive {rel}: it is a {_kind(st.st_mode)}, not a regular "
                                f"file, directory or symlink")
-    tar.close()
-    zwriter.close()  # ends the zstd frame (with its checksum); closefd=False leaves `out` open
-    sink.flush()
-    return ArchiveInfo(files, sink.bytes, sink.sha256.hexdigest())
+    return files
 
 
 def _walk(root: Path, rel_dir: str = "") -> Iterator[tuple[str, str, os.stat_result]]:

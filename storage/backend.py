@@ -57,6 +57,22 @@ class Backend(abc.ABC):
     async def delete(self, keys: list[str]) -> None:
         """Delete objects; absent keys are not an error."""
 
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        """Copy object `src` to `dst` inside this store, without the bytes passing through
+        here where the store can avoid it (a link or file copy locally, server-side on S3).
+        NotFound if `src` is absent. This fallback streams through a temp file."""
+        import os
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=".pgsni-copy-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in self.download(src):
+                    out.write(chunk)
+            return await self.upload_file(dst, Path(name))
+        finally:
+            os.unlink(name)
+
     async def close(self) -> None:
         """Release connections."""
 

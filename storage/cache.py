@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import roles as roles_mod
 from .atomic import write_atomic
-from .errors import NotFound, PreconditionFailed, StorageError
+from .errors import NotFound, PreconditionFailed, StorageError, disk_full_as
 from .local import LocalCatalog
 from .snapshots import Current, Manifest, SnapshotStore
 
@@ -91,16 +91,49 @@ class Databases:
         await self.install(db_id, cur.manifest)
         return cur.manifest
 
+    async def catch_up(self, db_id: str) -> Manifest | None:
+        """After taking a database's lease: another gateway may have run it since this copy was
+        saved. A clean copy older than storage is replaced by the stored version; a copy with
+        unsaved changes that storage has moved past is a conflict (kept, never overwritten)."""
+        if not self.catalog.exists(db_id):
+            return None
+        state = self.state(db_id)
+        cur = await self.current(db_id, fresh=True)
+        if cur is None or cur.manifest.version == state.version:
+            return None
+        if state.dirty:
+            kept = self.set_aside(db_id)
+            log.error("the local copy of %s had unsaved changes on top of version %s, but storage "
+                      "moved on to %s (another gateway ran it): the copy was moved to %s for the "
+                      "operator, and the stored version is used", db_id, state.version,
+                      cur.manifest.version, kept)
+        log.info("local copy of %s is at %s, storage at %s: restoring the newer version",
+                 db_id, state.version, cur.manifest.version)
+        await self.install(db_id, cur.manifest)
+        return cur.manifest
+
+    def set_aside(self, db_id: str) -> Path:
+        """Move a local copy that conflicts with storage out of the way (never deleted): it
+        becomes `<root>/.conflict-<id>-<time>`, which no database name can collide with."""
+        kept = self.catalog.root / f".conflict-{db_id}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        os.rename(self.catalog.db_dir(db_id), kept)
+        self.forget(db_id)
+        return kept
+
     async def install(self, db_id: str, manifest: Manifest) -> None:
         """Download `manifest`'s version into a fresh local copy, replacing any existing one
         atomically (the old copy must not be running)."""
         root = self.catalog.root
         work = root / f".restore-{db_id}-{secrets.token_hex(4)}"
-        self.catalog.run_as.make_dir(work)
         started = time.monotonic()
         try:
-            await self.store.restore(manifest, work / "pgdata")
-            roles_mod.save(work / "roles.json", manifest.role_map())
+            with disk_full_as(f'restoring database "{db_id}"'):
+                self.catalog.run_as.make_dir(work)
+                await self.store.restore(manifest, work / "pgdata")
+                roles_mod.save(work / "roles.json", manifest.role_map())
+                # the state goes in before the rename: a copy never shows without it
+                state = LocalState(version=manifest.version, dirty=False, last_used=time.time())
+                write_atomic(work / "state.json", json.dumps(asdict(state)).encode())
             await asyncio.to_thread(self.catalog.run_as.chown_tree, work / "pgdata")
             target = self.catalog.db_dir(db_id)
             if target.exists():
@@ -113,7 +146,6 @@ class Databases:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        self.save_state(db_id, LocalState(version=manifest.version, dirty=False, last_used=time.time()))
         log.info("restored %s version %s in %.0f ms", db_id, manifest.version,
                  (time.monotonic() - started) * 1000)
 
@@ -178,7 +210,7 @@ class Databases:
             state = self.state(db_id)
             if db_id in running or state.running or state.dirty or state.version is None:
                 continue
-            out.append((state.last_used, db_id, _du(self.catalog.db_dir(db_id))))
+            out.append((state.last_used, db_id, disk_usage(self.catalog.db_dir(db_id))))
         return sorted(out)
 
     async def evict(self, running: set[str], locked) -> list[str]:
@@ -204,7 +236,8 @@ class Databases:
         return removed
 
 
-def _du(path: Path) -> int:
+def disk_usage(path: Path) -> int:
+    """Bytes in the files under `path` (files that vanish meanwhile count as empty)."""
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:

@@ -1,5 +1,9 @@
 """Storage errors. Every one carries a message fit for an operator (and, trimmed, a client)."""
 
+import contextlib
+import errno
+from typing import Iterator
+
 
 class StorageError(Exception):
     """Base class for everything that can go wrong with database storage."""
@@ -23,3 +27,18 @@ class UnsafeArchive(StorageError):
 
 class CorruptArchive(StorageError):
     """An archive's bytes do not match its manifest (checksum, size, or file list)."""
+
+
+class DiskFull(StorageError):
+    """The local disk (the data root) has no space left for a database copy."""
+
+
+@contextlib.contextmanager
+def disk_full_as(what: str) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT raised inside the block into DiskFull naming `what`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left on the data root for {what}") from e
+        raise

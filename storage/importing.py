@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import archive
-from .errors import CorruptArchive, StorageError, UnsafeArchive
+from .errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
 from .local import HBA, LocalCatalog
 from .sources import Source
 from .streams import feed_thread
@@ -29,7 +29,7 @@ async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
                          on_bytes: Callable[[int], None] | None = None) -> None:
     """Make `<root>/<id>/pgdata` from the archive `source` (tar, tar.gz or tar.zst, told
     apart by content). `sha256`: the hex digest the source's bytes must have."""
-    with catalog.staging(db_id) as pgdata:
+    with disk_full_as(f'creating database "{db_id}"'), catalog.staging(db_id) as pgdata:
         unpacked = pgdata.with_name("archive")
         digest = await _extract(source, unpacked, max_bytes, on_bytes)
         if sha256 is not None and digest != sha256.lower():

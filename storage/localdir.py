@@ -90,6 +90,16 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy `src` to a new file `dst` (0600), fsynced."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        while chunk := f.read(CHUNK):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def _write_sidecar(path: Path, etag: str, st: os.stat_result) -> None:
     body = json.dumps({"etag": etag, **_stamp(st)}).encode()
     write_atomic(_sidecar(path), body)
@@ -363,6 +373,32 @@ class LocalDirBackend(Backend):
             if not committed:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        """A hard link where the file system allows it (objects are never modified in place:
+        writes replace them by rename), else a file copy (s3fs: a server-side copy there)."""
+        src_path, dst_path = self._path(src), self._path(dst)
+
+        def run() -> ObjectInfo:
+            info = self._info_sync(src, src_path)
+            if info is None:
+                raise NotFound(f"{src} not found in {self.describe()}")
+            self._mkdirs(dst_path.parent)
+            tmp = temp_name(dst_path)
+            try:
+                try:
+                    os.link(src_path, tmp)
+                except OSError:
+                    _copy_file(src_path, tmp)
+                with self._locked():
+                    self._commit_tmp(tmp, dst_path, info.etag, os.stat(tmp))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return ObjectInfo(dst, info.size, info.etag)
+
+        return await self._run(run)
 
     async def delete(self, keys: list[str]) -> None:
         paths = [self._path(k) for k in keys]  # validate them all before deleting any

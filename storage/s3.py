@@ -478,6 +478,12 @@ class S3Backend(Backend):
             log.warning("storage %s: could not abort multipart upload of %s (%s); its parts "
                         "remain until a lifecycle rule removes them", self.url, full, self._reason(e))
 
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        """Server-side (CopyObject; multipart UploadPartCopy beyond 5 GiB)."""
+        from .s3copy import copy
+
+        return await copy(self, src, dst)
+
     async def delete(self, keys: list[str]) -> None:
         full = [self._full(k) for k in keys]  # validate them all before deleting any
         for i in range(0, len(full), DELETE_BATCH):

@@ -17,12 +17,14 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import archive
 from .backend import Backend
-from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError
+from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError, disk_full_as
 from .roles import Role
 from .streams import feed_thread
 
@@ -109,6 +111,8 @@ class SnapshotStore:
         self.max_restore_bytes = max_restore_bytes
         self.keep_last = keep_last
         self.keep_days = keep_days
+        # called as on_transfer("save" | "restore", archive bytes, seconds) after each success
+        self.on_transfer: Callable[[str, int, float], None] | None = None
 
     # --- reading ----------------------------------------------------------------------------
     async def current(self, db_id: str) -> Current | None:
@@ -154,13 +158,15 @@ class SnapshotStore:
         `expect`: the Current read earlier (the pointer must still be at its etag), None (the
         database must not be in storage yet), or True (read the pointer now)."""
         keys = _Keys(db_id)
+        began = time.monotonic()
         if expect is True:
             expect = await self.current(db_id)
         version = new_version()
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         spool = self.spool_dir / f"{db_id}-{version}.tar.zst"
         try:
-            info = await asyncio.to_thread(_create_spool, pgdata, spool)
+            with disk_full_as(f"the snapshot of {db_id} (spooled in {self.spool_dir})"):
+                info = await asyncio.to_thread(_create_spool, pgdata, spool)
             uploaded = await self.backend.upload_file(keys.archive(version), spool)
             if uploaded.size != info.size:
                 raise StorageError(f"upload of {keys.archive(version)} is {uploaded.size} bytes, "
@@ -178,6 +184,7 @@ class SnapshotStore:
         await self.backend.put(keys.manifest(version), manifest.to_json(), if_none_match=True)
         await self._point(db_id, version, expect if isinstance(expect, Current) else None)
         log.info("snapshot %s/%s: %d files, %d bytes", db_id, version, len(info.files), info.size)
+        self._transferred("save", info.size, began)
         await self.prune(db_id)
         return manifest
 
@@ -231,6 +238,7 @@ class SnapshotStore:
         expected_archive = manifest.archive
         digest = hashlib.sha256()
         received = 0
+        began = time.monotonic()
 
         def seen(chunk: bytes) -> None:
             nonlocal received
@@ -246,6 +254,11 @@ class SnapshotStore:
             raise CorruptArchive(
                 f"snapshot {manifest.db_id}/{manifest.version} does not match its manifest "
                 f"(got {received} bytes, sha256 {digest.hexdigest()[:12]}...)")
+        self._transferred("restore", received, began)
+
+    def _transferred(self, operation: str, size: int, began: float) -> None:
+        if self.on_transfer is not None:
+            self.on_transfer(operation, size, time.monotonic() - began)
 
 
 def _create_spool(pgdata: Path, spool: Path) -> archive.ArchiveInfo:

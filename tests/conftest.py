@@ -71,7 +71,8 @@ def make_settings(tls, data_root):
                     tls_cert=str(tls["cert"]), tls_key=str(tls["key"]), data_root=str(data_root),
                     storage_path=str(data_root / "_storage"),
                     socket_dir=f"/tmp/pgsni-s-{data_root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
-                    handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0)
+                    handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0,
+                    admin_port=0)  # tests that want the admin API pass a free port
         base.update(kw)
         return Settings(**base)
     return make

@@ -37,6 +37,7 @@ def cli(tls, data_root):
         "PGSNI_TLS_CERT": str(tls["cert"]),
         "PGSNI_TLS_KEY": str(tls["key"]),
         "PGSNI_DOMAINS": DOMAIN,
+        "PGSNI_ADMIN_PORT": "0",  # `serve` must not take the admin API's default port 8080
     }
 
     def run(*args: str, input: str | None = None, timeout: float = 120,
@@ -82,7 +83,8 @@ def test_create_list_connect_delete(cli, start_gateway, tls, data_root):
     assert listed.stdout.split() == ["app1", "local+stored"]
     as_json = cli("--json", "db", "list")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == ["app1"]
+    assert [r["id"] for r in json.loads(as_json.stdout)] == ["app1"]
+    assert json.loads(as_json.stdout)[0]["stored"] is True
 
     # a gateway on the same data root accepts the printed password, and only that
     gw = start_gateway()
@@ -139,7 +141,7 @@ def test_create_json(cli, data_root):
     chosen = cli("--json", "db", "create", "app4", "--password", "my-own-pw")
     assert chosen.returncode == 0, chosen.stderr
     assert json.loads(chosen.stdout)["password"] == "my-own-pw"
-    assert json.loads(cli("--json", "db", "list").stdout) == ["app2", "app4"]
+    assert [r["id"] for r in json.loads(cli("--json", "db", "list").stdout)] == ["app2", "app4"]
 
 
 @pytest.mark.parametrize("bad_id", ["Bad_Id", "../x", "x-", "xn--abc", "a" * 64])

@@ -178,7 +178,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def _snapshot(cli, data_root: Path) -> tuple[str, set[str]]:
     listed = cli("db", "list")
     assert listed.returncode == 0, listed.stderr
-    return listed.stdout, {p.name for p in data_root.iterdir()}
+    # the gateway's name (gateway-id) and its lease heartbeat in storage may appear; a
+    # database's own objects must not
+    stored = data_root / "_storage" / "dbs"
+    return listed.stdout, ({p.name for p in data_root.iterdir()} - {"gateway-id", "_storage"}
+                           | {f"stored:{p.relative_to(stored)}" for p in stored.rglob("*") if p.is_file()})
 
 
 def _refused(cli, data_root: Path, *args: str, expect: str, extra_env=None) -> str:

@@ -69,7 +69,8 @@ def serve(tls, data_root, tmp_path):
                         data_root=str(data_root), socket_dir=socket_dir,
                         storage_path=str(data_root / "_storage"),
                         postgres_options=dict(PG_OPTIONS), create_on_connect=True,
-                        dev_password=DEV_PASSWORD, shutdown_grace=1.0, log_level="DEBUG")
+                        dev_password=DEV_PASSWORD, shutdown_grace=1.0, log_level="DEBUG",
+                        admin_port=0)
         settings.update(overrides)
         n = len(started)
         config = tmp_path / f"pgsni-{n}.toml"

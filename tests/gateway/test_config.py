@@ -262,8 +262,10 @@ def test_reference_env_names_are_the_ones_load_reads():
         elif f.type == "float":
             assert getattr(load(env={var: "1.5"}), f.name) == 1.5
         elif f.type == "str":
-            # storage only takes a kind or a URL; any other string setting takes any text
-            value = "s3://bucket/prefix" if f.name == "storage" else "zz"
+            # storage only takes a kind or a URL, log_format a format, admin_host without a
+            # token a loopback address; any other string setting takes any text
+            value = {"storage": "s3://bucket/prefix", "log_format": "json",
+                     "admin_host": "::1"}.get(f.name, "zz")
             assert getattr(load(env={var: value}), f.name) == value
 
 

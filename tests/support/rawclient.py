@@ -65,10 +65,10 @@ class RawClient:
     def startup(self, params: dict[str, str], minor: int = 0) -> None:
         self.send(p.StartupMessage(3, minor, params).encode())
 
-    def scram(self, user: str, password: str, *, then: bytes = b"") -> None:
-        """Answer AuthenticationSASL; `then` is sent right after the final SCRAM message,
-        before the server has answered (pipelining)."""
-        auth = self.next_backend()
+    def scram(self, user: str, password: str, *, then: bytes = b"", auth=None) -> None:
+        """Answer AuthenticationSASL (`auth`, if the caller has read it already); `then` is
+        sent right after the final SCRAM message, before the server has answered (pipelining)."""
+        auth = auth or self.next_backend()
         assert isinstance(auth, p.Authentication) and auth.code == p.AUTH_SASL, auth
         client = ScramClient(["SCRAM-SHA-256"], user, password)
         first = client.get_client_first().replace(f"n={user},", "n=,", 1)

@@ -1,10 +1,12 @@
 """A loopback TCP proxy that tests can cut and restore, to make a server look down (connections
-refused, open ones reset) without losing the server's state."""
+refused, open ones reset) without losing the server's state, or slow it down (`delay`)."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 
 
 class TCPProxy:
@@ -24,6 +26,7 @@ class TCPProxy:
         self._closing = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.delay = 0.0  # seconds added before each chunk is forwarded, either way (latency)
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -67,23 +70,48 @@ class TCPProxy:
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        # a sender thread delivers each chunk `delay` seconds after it arrived: latency
+        # without a throughput limit, as on a long link
+        chunks: queue.Queue = queue.Queue()
+        sender = threading.Thread(target=self._deliver, args=(chunks, src, dst), daemon=True)
+        sender.start()
         try:
             while True:
                 data = src.recv(65536)
                 if not data or not self._up.is_set():
                     break
-                dst.sendall(data)
+                chunks.put((time.monotonic() + self.delay, data))
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            chunks.put(None)
+            sender.join(60)
+            _shutdown(src, dst)
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+    def _deliver(self, chunks: queue.Queue, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while (item := chunks.get()) is not None:
+                due, data = item
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                if not self._up.is_set():
+                    break
+                dst.sendall(data)
+            return
+        except (OSError, ValueError):
+            pass
+        _shutdown(src, dst)  # the reader is blocked on src: wake it
+
+
+def _shutdown(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _reset(s: socket.socket) -> None:

@@ -1,0 +1,93 @@
+"""`python -m bench.markdown [DIR]`: the results tables of docs/benchmarks.md, as markdown,
+from the suites' JSON files (so the page carries exactly what the last run measured)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(out: Path, suite: str) -> dict | None:
+    p = out / f"{suite}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def datapath(doc: dict) -> list[str]:
+    lines = [_row(["mode", "clients", "pgsni TPS", "direct TPS", "PgBouncer TPS", "pgsni ÷ direct",
+                   "pgsni ÷ PgBouncer", "p50 / p99 ms pgsni", "direct", "PgBouncer", "gateway CPU (cores)"]),
+             _row(["---"] * 2 + ["---:"] * 9)]
+    for r in doc["results"]["pgbench"]:
+        lines.append(_row([r["mode"], r["clients"], f"{r['pgsni_tps']:,.0f}", f"{r['direct_tps']:,.0f}",
+                           f"{r['pgbouncer_tps']:,.0f}", f"**{r['tps_vs_direct']:.2f}×**",
+                           f"**{r['tps_vs_pgbouncer']:.2f}×**",
+                           f"{r['pgsni_p50_ms']:.2f} / {r['pgsni_p99_ms']:.1f}",
+                           f"{r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.1f}",
+                           f"{r['pgbouncer_p50_ms']:.2f} / {r['pgbouncer_p99_ms']:.1f}",
+                           f"{r['pgsni_cpu_cores']:.2f}"]))
+    lines += ["", _row(["COPY", "size", "pgsni MB/s", "direct MB/s", "PgBouncer MB/s", "pgsni ÷ direct",
+                        "gateway RSS before → peak", "gateway CPU"]), _row(["---"] + ["---:"] * 7)]
+    for b in doc["results"]["bulk"]:
+        lines.append(_row([b["mode"], f"{b['size_mb']} MB", b["pgsni_mb_s"], b["direct_mb_s"], b["pgbouncer_mb_s"],
+                           f"**{b['speed_vs_direct']:.2f}×**",
+                           f"{b['pgsni_rss_before_mb']:.0f} → {b['pgsni_rss_peak_mb']:.0f} MB",
+                           f"{b['pgsni_cpu_cores']:.2f}"]))
+    return lines
+
+
+def connect(doc: dict) -> list[str]:
+    r = doc["results"]
+    lines = [_row(["target", "connections/s", "pgsni ÷ this", "connect p50", "p95", "p50 − client PBKDF2"]),
+             _row(["---"] + ["---:"] * 5)]
+    for t in ("pgsni", "direct", "pgbouncer"):
+        x = r[t]
+        lines.append(_row([t, x["conn_per_s"], f"{r['pgsni']['conn_per_s'] / x['conn_per_s']:.2f}×",
+                           f"{x['p50_ms']} ms", f"{x['p95_ms']} ms", f"{x['p50_minus_client_scram_ms']} ms"]))
+    c = r["client_scram"]
+    lines += ["", f"Client-side SCRAM at {c['iterations']} iterations: PBKDF2 {c['pbkdf2_ms']} ms (libpq's "
+              f"share, C), a whole scramp exchange {c['scramp_exchange_ms']} ms (Python). Gateway CPU per "
+              f"new connection: {r['pgsni_gateway_cpu_ms_per_conn']} ms."]
+    return lines
+
+
+def coldstart(doc: dict) -> list[str]:
+    lines = [_row(["case", "p50", "p95", "n", "target p50", "met", "gateway's own phases (mean ms)"]),
+             _row(["---"] + ["---:"] * 5 + ["---"])]
+    for r in doc["results"]:
+        target = f"< {r['target_p50_ms']} ms" if "target_p50_ms" in r else ""
+        met = ("yes" if r["meets_target"] else "**no**") if "meets_target" in r else ""
+        phases = ", ".join(f"{k} {v:g}" for k, v in r.get("server_phases_mean_ms", {}).items())
+        lines.append(_row([r["case"], f"{r['p50_ms']:,.0f} ms", f"{r['p95_ms']:,.0f} ms", r["n"], target, met, phases]))
+    return lines
+
+
+def density(doc: dict) -> list[str]:
+    lines = [_row(["databases", "running", "USS/instance idle", "USS/instance with a client", "PSS idle",
+                   "gateway RSS", "SELECT 1 p50 / max", "reconnect p50 / max", "all responsive"]),
+             _row(["---:"] * 8 + ["---"])]
+    for r in doc["results"]:
+        lines.append(_row([r["n"], r["running"], f"{r['idle_uss_mb_per_instance']} MB",
+                           f"{r['active_uss_mb_per_instance']} MB", f"{r['idle_pss_mb_per_instance']} MB",
+                           f"{r['gateway_rss_mb']} MB", f"{r['query_p50_ms']} / {r['query_max_ms']} ms",
+                           f"{r['reconnect_p50_ms']} / {r['reconnect_max_ms']} ms",
+                           "yes" if r["all_responsive"] else "**no**"]))
+    return lines
+
+
+def main(out: Path) -> None:
+    for suite in ("datapath", "connect", "coldstart", "density"):
+        doc = _load(out, suite)
+        if doc is None:
+            continue
+        m = doc["machine"]
+        params = ", ".join(f"{k} {v}" for k, v in doc["params"].items())
+        print(f"### {suite}\n\n*Run of {doc['date']}, load average {m['loadavg']:.1f} at the end; {params}.*\n")
+        print("\n".join(globals()[suite](doc)) + "\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"))

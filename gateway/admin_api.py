@@ -1,0 +1,152 @@
+"""/v1 of the admin API: the database lifecycle, mirroring the CLI, on top of
+gateway/operations.py (`Ops` over the running gateway's catalog, storage and instances).
+OperationError kinds become HTTP statuses (invalid 400, not_found 404, conflict and busy 409,
+unavailable 503); bodies are JSON both ways. The OpenAPI document is gateway/openapi.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .op_results import OperationError
+from .operations import Ops
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("pgsni.admin")
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+_TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
+
+
+def _error(e: OperationError) -> web.Response:
+    return web.json_response(e.to_dict(), status=e.status)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "").lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise OperationError("invalid", f"query parameter {name}={raw!r} is not true or false")
+
+
+async def _body(request: web.Request, fields: dict[str, bool]) -> dict[str, Any]:
+    """The JSON object in the body; `fields` maps each allowed field to whether it is
+    required. Every value is a string."""
+    if not request.can_read_body:
+        data: Any = {}
+    else:
+        try:
+            data = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise OperationError("invalid", "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise OperationError("invalid", "the request body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise OperationError("invalid", f"unknown field(s): {', '.join(unknown)}",
+                             hint=f"Allowed: {', '.join(fields)}.")
+    for name, required in fields.items():
+        if required and name not in data:
+            raise OperationError("invalid", f"field {name!r} is required")
+        if name in data and data[name] is not None and not isinstance(data[name], str):
+            raise OperationError("invalid", f"field {name!r} must be a string")
+    return data
+
+
+def _result(result: Any, status: int = 200) -> web.Response:
+    if isinstance(result, list):
+        return web.json_response([r.to_dict() for r in result], status=status)
+    if getattr(result, "dry_run", False):
+        status = 200  # a plan: nothing was created
+    return web.json_response(result.to_dict(), status=status)
+
+
+def add_routes(app: web.Application, gw: "Gateway") -> None:
+    ops = Ops(gw.settings, gw.catalog, gw.databases, gw.instances)
+
+    def handler(fn):
+        async def wrapped(request: web.Request) -> web.Response:
+            try:
+                return await fn(request)
+            except OperationError as e:
+                return _error(e)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("admin request %s %s failed", request.method, request.path)
+                return _error(OperationError("failed", "internal error in the gateway",
+                                             hint="The gateway log has the details."))
+        return wrapped
+
+    async def create(request: web.Request) -> web.Response:
+        body = await _body(request, {"id": True, "password": False, "source": False,
+                                     "sha256": False, "owner": False})
+        result = await ops.create(body["id"], password=body.get("password"), source=body.get("source"),
+                                  sha256=body.get("sha256"), owner=body.get("owner"),
+                                  dry_run=_flag(request, "dry_run"))
+        return _result(result, 201)
+
+    async def listing(request: web.Request) -> web.Response:
+        return _result(await ops.list())
+
+    async def info(request: web.Request) -> web.Response:
+        return _result(await ops.info(request.match_info["id"]))
+
+    async def delete(request: web.Request) -> web.Response:
+        return _result(await ops.delete(request.match_info["id"], force=_flag(request, "force"),
+                                        dry_run=_flag(request, "dry_run")))
+
+    async def fork(request: web.Request) -> web.Response:
+        body = await _body(request, {"id": True, "version": False})
+        result = await ops.fork(request.match_info["id"], body["id"], body.get("version"),
+                                dry_run=_flag(request, "dry_run"))
+        return _result(result, 201)
+
+    async def snapshot(request: web.Request) -> web.Response:
+        return _result(await ops.snapshot(request.match_info["id"], force=_flag(request, "force"),
+                                          dry_run=_flag(request, "dry_run")))
+
+    async def versions(request: web.Request) -> web.Response:
+        db_id = request.match_info["id"]
+        found = await ops.versions(db_id)
+        if not found and not await ops._exists(db_id):
+            raise OperationError("not_found", f'database "{db_id}" does not exist')
+        return _result(found)
+
+    async def restore(request: web.Request) -> web.Response:
+        body = await _body(request, {"version": True})
+        return _result(await ops.restore(request.match_info["id"], body["version"],
+                                         force=_flag(request, "force"),
+                                         dry_run=_flag(request, "dry_run")))
+
+    async def verify(request: web.Request) -> web.Response:
+        return _result(await ops.verify(request.match_info["id"], dry_run=_flag(request, "dry_run")))
+
+    async def password(request: web.Request) -> web.Response:
+        body = await _body(request, {"role": False, "password": False})
+        return _result(await ops.set_password(request.match_info["id"], body.get("role") or "postgres",
+                                              body.get("password"), dry_run=_flag(request, "dry_run")))
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(json.loads(OPENAPI_PATH.read_text()))
+
+    r = app.router
+    r.add_post("/v1/databases", handler(create))
+    r.add_get("/v1/databases", handler(listing), allow_head=False)
+    r.add_get("/v1/databases/{id}", handler(info), allow_head=False)
+    r.add_delete("/v1/databases/{id}", handler(delete))
+    r.add_post("/v1/databases/{id}/fork", handler(fork))
+    r.add_post("/v1/databases/{id}/snapshot", handler(snapshot))
+    r.add_get("/v1/databases/{id}/versions", handler(versions), allow_head=False)
+    r.add_post("/v1/databases/{id}/restore", handler(restore))
+    r.add_post("/v1/databases/{id}/verify", handler(verify))
+    r.add_post("/v1/databases/{id}/password", handler(password))
+    r.add_get("/v1/openapi.json", handler(openapi), allow_head=False)

@@ -1,0 +1,157 @@
+"""/v1/databases end to end against a real gateway and real Postgres: every route, its
+success and its error codes (400, 401, 404, 409, 503), dry runs that change nothing."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from ..support.adminclient import AdminClient
+from ..support.harness import conninfo, wait_until
+from ..support.moto import free_port
+
+TOKEN = "api-test-token"
+
+
+@pytest.fixture
+def api(start_gateway):
+    def start(**kw):
+        gt = start_gateway(admin_port=free_port(), admin_token=TOKEN, **kw)
+        return gt, AdminClient(gt.settings.admin_port, TOKEN)
+    return start
+
+
+def _connect(gt, tls, db_id, password):
+    return psycopg.connect(conninfo(gt.port, tls["ca"], db_id, password=password), autocommit=True)
+
+
+@pytest.mark.slow
+def test_database_lifecycle_over_http(api, tls):
+    gt, admin = api()
+    # create: dry run changes nothing, then for real; the password comes back once
+    plan = admin.post("/v1/databases?dry_run=true", {"id": "app1"})
+    assert plan.status == 200 and plan.json()["dry_run"] is True and plan.json()["changes"]
+    assert admin.get("/v1/databases/app1").status == 404
+    created = admin.post("/v1/databases", {"id": "app1", "password": "pw-one-23"})
+    assert created.status == 201, created.body
+    body = created.json()
+    assert body["id"] == "app1" and body["user"] == "postgres" and body["password"] == "pw-one-23"
+    assert body["version"]  # the first version is stored
+    assert admin.post("/v1/databases", {"id": "app1"}).status == 409
+    generated = admin.post("/v1/databases", {"id": "app3"}).json()["password"]
+    with _connect(gt, tls, "app3", generated) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+    # list and info
+    listed = admin.get("/v1/databases")
+    assert listed.status == 200
+    assert {"app1", "app3"} <= {d["id"] for d in listed.json()}
+    info = admin.get("/v1/databases/app1").json()
+    assert info["id"] == "app1" and info["stored"] and info["version"] == body["version"]
+    assert [v["version"] for v in info["versions"]] == [body["version"]]
+
+    # write, then snapshot: refused while a client is connected, saved once it is not
+    saves = admin.metric("pgsni_snapshot_bytes_total", operation="save")
+    with _connect(gt, tls, "app1", "pw-one-23") as conn:
+        conn.execute("create table t (x int); insert into t values (1)")
+        busy = admin.post("/v1/databases/app1/snapshot")
+        assert busy.status == 409 and busy.json()["error"] == "busy"
+    wait_until(lambda: gt.gw.instances.instances["app1"].clients == 0, what="client gone")
+    snap = admin.post("/v1/databases/app1/snapshot")
+    assert snap.status == 200, snap.body
+    assert snap.json()["saved"] is True and snap.json()["stopped"] is True, snap.json()
+    assert admin.metric("pgsni_snapshot_bytes_total", operation="save") > saves
+    again = admin.post("/v1/databases/app1/snapshot").json()
+    assert again["saved"] is False and again["version"] is None
+
+    # versions, restore to the first: the table is gone; unknown version is 404
+    versions = admin.get("/v1/databases/app1/versions").json()
+    assert [v["version"] for v in versions] == [body["version"], snap.json()["version"]]
+    assert [v["current"] for v in versions] == [False, True]
+    assert admin.post("/v1/databases/app1/restore", {"version": "20000101T000000.000Z-000000"}).status == 404
+    restored = admin.post("/v1/databases/app1/restore", {"version": body["version"]})
+    assert restored.status == 200, restored.body
+    assert restored.json()["version"] == body["version"]
+    with _connect(gt, tls, "app1", "pw-one-23") as conn:
+        assert conn.execute("select to_regclass('t')").fetchone() == (None,)
+
+    # fork the newer version into app2: same data and password
+    forked = admin.post("/v1/databases/app1/fork", {"id": "app2", "version": snap.json()["version"]})
+    assert forked.status == 201, forked.body
+    assert forked.json()["source_version"] == snap.json()["version"]
+    with _connect(gt, tls, "app2", "pw-one-23") as conn:
+        assert conn.execute("select x from t").fetchone() == (1,)
+    assert admin.post("/v1/databases/app1/fork", {"id": "app2"}).status == 409
+    assert admin.post("/v1/databases/nope/fork", {"id": "app9"}).status == 404
+
+    # delete: busy with a client (unless forced), then gone
+    with _connect(gt, tls, "app2", "pw-one-23"):
+        assert admin.delete("/v1/databases/app2").status == 409
+    wait_until(lambda: gt.gw.instances.instances["app2"].clients == 0, what="client gone")
+    assert admin.delete("/v1/databases/app2?dry_run=true").json()["dry_run"] is True
+    deleted = admin.delete("/v1/databases/app2")
+    assert deleted.status == 200, deleted.body
+    assert deleted.json()["objects_removed"] > 0
+    assert admin.get("/v1/databases/app2").status == 404
+    assert admin.get("/v1/databases/app2/versions").status == 404
+    assert admin.delete("/v1/databases/app2").status == 404
+
+
+def test_request_errors_are_json_with_the_right_status(api):
+    gt, admin = api()
+    cases = [
+        (admin.post("/v1/databases", {"id": "Bad_Id"}), 400),
+        (admin.post("/v1/databases", {}), 400),
+        (admin.post("/v1/databases", {"id": "app1", "colour": "red"}), 400),
+        (admin.post("/v1/databases", {"id": 5}), 400),
+        (admin.post("/v1/databases", raw=b"{not json"), 400),
+        (admin.post("/v1/databases", ["app1"]), 400),
+        (admin.post("/v1/databases?dry_run=maybe", {"id": "app1"}), 400),
+        (admin.get("/v1/databases/nope"), 404),
+        (admin.get("/v1/databases/nope/versions"), 404),
+        (admin.get("/v1/databases/Bad_Id"), 400),
+        (admin.post("/v1/databases/nope/snapshot"), 404),
+        (admin.post("/v1/databases/nope/restore", {"version": "v"}), 404),
+        (admin.post("/v1/databases/nope/restore", {}), 400),
+        (admin.delete("/v1/databases/nope"), 404),
+        (admin.get("/v1/databases", token="wrong"), 401),
+    ]
+    for reply, status in cases:
+        assert reply.status == status, (reply.status, reply.body)
+        assert set(reply.json()) >= {"error", "message"}
+    assert admin.get("/v1/databases").json() == []  # nothing was created on the way
+
+
+def test_storage_outage_is_503(api, s3_settings, s3_proxy):
+    gt, admin = api(**s3_settings)
+    assert admin.get("/v1/databases").status == 200
+    s3_proxy.cut()
+    try:
+        reply = admin.get("/v1/databases")
+        assert reply.status == 503, reply.body
+        assert reply.json()["error"] == "unavailable"
+    finally:
+        s3_proxy.restore()
+    assert admin.get("/v1/databases").status == 200
+
+
+@pytest.mark.slow
+def test_verify_and_password(api, tls):
+    gt, admin = api()
+    assert admin.post("/v1/databases", {"id": "app1", "password": "pw-first-1"}).status == 201
+    verified = admin.post("/v1/databases/app1/verify")
+    assert verified.status == 200, verified.body
+    body = verified.json()
+    assert body["ok"] is True and body["archive_ok"] and body["query_ok"] and body["problems"] == []
+    assert admin.post("/v1/databases/nope/verify").status == 404
+    changed = admin.post("/v1/databases/app1/password", {"password": "pw-second-2"})
+    assert changed.status == 200, changed.body
+    assert changed.json() == {"id": "app1", "role": "postgres", "password": "pw-second-2"}
+    with _connect(gt, tls, "app1", "pw-second-2") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError):
+        _connect(gt, tls, "app1", "pw-first-1").close()
+    generated = admin.post("/v1/databases/app1/password").json()["password"]
+    assert len(generated) >= 16 and generated != "pw-second-2"
+    assert admin.post("/v1/databases/app1/password", {"role": "nobody"}).status == 404
+    assert admin.post("/v1/databases/app1/password", {"role": 7}).status == 400

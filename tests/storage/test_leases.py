@@ -1,0 +1,161 @@
+"""Per-database leases (storage/leases.py) on a real directory backend with a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage.errors import StorageUnavailable
+from storage.leases import LeaseHeld, Leases
+from storage.localdir import LocalDirBackend
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def backend(tmp_path) -> LocalDirBackend:
+    return LocalDirBackend(tmp_path)
+
+
+def make(backend, clock, holder: str, ttl: float = 60.0) -> Leases:
+    return Leases(backend, holder, ttl, margin=10.0, clock=clock, monotonic=clock)
+
+
+async def test_a_free_database_is_claimed_and_a_held_one_refused(backend, clock):
+    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+    await a.claim("db1")
+    assert a.held == {"db1"}
+    with pytest.raises(LeaseHeld) as e:
+        await b.claim("db1")
+    assert e.value.holder == "gw-a" and "another gateway (gw-a)" in str(e.value)
+    await b.claim("db2")  # other databases are independent
+    assert b.held == {"db2"}
+
+
+async def test_release_lets_another_gateway_claim(backend, clock):
+    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+    await a.claim("db1")
+    await a.release("db1")
+    assert a.held == set()
+    await b.claim("db1")
+    assert json.loads((await backend.get("dbs/db1/lease.json"))[0]) == {"holder": "gw-b"}
+    await a.release("db1")  # not held by a any more: must not free b's lease
+    with pytest.raises(LeaseHeld):
+        await a.claim("db1")
+
+
+async def test_a_dead_holder_is_taken_over_only_after_heartbeat_and_margin(backend, clock):
+    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+    await a.claim("db1")
+    clock.now += 60 + 5  # expired, but within the clock-skew margin
+    with pytest.raises(LeaseHeld):
+        await b.claim("db1")
+    clock.now += 10
+    await b.claim("db1")
+    assert b.held == {"db1"}
+
+
+async def test_a_live_holder_keeps_its_lease_by_renewing(backend, clock):
+    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+    await a.claim("db1")
+    expired = []
+    for _ in range(10):  # 200 s of renewals every 20 s
+        clock.now += 20
+        await a.keep_alive(lambda: expired.append(1) or _noop())
+    assert not expired
+    with pytest.raises(LeaseHeld):
+        await b.claim("db1")
+
+
+async def _noop() -> None:
+    return None
+
+
+class Flaky(LocalDirBackend):
+    down = False
+
+    async def put(self, key, data, **kw):
+        if self.down:
+            raise StorageUnavailable("bucket down (test)")
+        return await super().put(key, data, **kw)
+
+    async def get(self, key):
+        if self.down:
+            raise StorageUnavailable("bucket down (test)")
+        return await super().get(key)
+
+
+async def test_holder_fences_itself_before_others_may_take_over(tmp_path, clock):
+    backend = Flaky(tmp_path)
+    a = make(backend, clock, "gw-a")
+    await a.claim("db1")
+    backend.down = True
+    fenced = []
+
+    async def on_expired() -> None:
+        fenced.append(clock.now)
+
+    clock.now += 20
+    await a.keep_alive(on_expired)
+    assert not fenced  # one missed renewal is tolerated
+    assert await _claim_without_storage(a, "db1")  # still ours: no storage needed
+    clock.now += 30  # 50 s since the last heartbeat: past ttl - margin
+    await a.keep_alive(on_expired)
+    assert fenced, "the holder must stop its databases once its heartbeat may have expired"
+    backend.down = False
+    b = make(backend, clock, "gw-b")
+    with pytest.raises(LeaseHeld):
+        await b.claim("db1")  # a fenced itself before its heartbeat expired for others
+    clock.now += 25  # now 75 s: beyond ttl + margin
+    await b.claim("db1")
+
+
+async def _claim_without_storage(leases: Leases, db_id: str) -> bool:
+    await leases.claim(db_id)
+    return db_id in leases.held
+
+
+async def test_a_damaged_lease_or_heartbeat_holds_nothing(backend, clock):
+    await backend.put("dbs/db1/lease.json", b"not json")
+    b = make(backend, clock, "gw-b")
+    await b.claim("db1")
+    await backend.put("dbs/db2/lease.json", json.dumps({"holder": "gw-x"}).encode())
+    await backend.put("gateways/gw-x.json", b"{broken")
+    await b.claim("db2")
+    assert b.held == {"db1", "db2"}
+
+
+async def test_zero_ttl_disables_leases(backend, clock):
+    a, b = make(backend, clock, "gw-a", ttl=0), make(backend, clock, "gw-b", ttl=0)
+    await a.claim("db1")
+    await b.claim("db1")
+    assert await backend.head("dbs/db1/lease.json") is None
+
+
+async def test_a_stopped_databases_lease_lingers_then_is_released(backend, clock):
+    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+    await a.claim("db1")
+    a.release_later("db1")
+    clock.now += 20
+    await a.keep_alive(_noop)
+    assert "db1" in a.held  # lingering: a quick reconnect needs no storage
+    assert await a.claim("db1") is False
+    a.release_later("db1")
+    with pytest.raises(LeaseHeld):
+        await b.claim("db1")
+    clock.now += 61
+    await a.keep_alive(_noop)
+    assert a.held == set()
+    assert await b.claim("db1") is True
