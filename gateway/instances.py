@@ -70,17 +70,13 @@ class InstanceManager:
         self.starts = 0  # how many postmasters this manager has started (tests, metrics)
         self.wakes = TokenBucket(settings.wake_rate, settings.wake_burst)  # starts for clients
         self.metrics = Metrics()  # the gateway puts its own here (gateway/metrics.py)
-        self._leases: Leases | None = None
+        # per-database leases in storage (storage/leases.py), named after this data root (the
+        # name is read or made on first use, once the data root exists)
+        self.leases = Leases(databases.store.backend,
+                             lambda: settings.gateway_id or self.catalog.identity(),
+                             settings.lease_seconds)
         self._conflicts: set[str] = set()  # unsaved copies another gateway has taken over
         self.after_create: Callable[[], None] | None = None  # the gateway refills spare clones
-
-    @property
-    def leases(self) -> Leases:
-        """Per-database leases in storage (storage/leases.py), named after this data root."""
-        if self._leases is None:
-            holder = self.settings.gateway_id or self.catalog.identity()
-            self._leases = Leases(self.databases.store.backend, holder, self.settings.lease_seconds)
-        return self._leases
 
     def _lock(self, db_id: str) -> asyncio.Lock:
         return self._locks.setdefault(db_id, asyncio.Lock())
@@ -165,8 +161,7 @@ class InstanceManager:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in list(self.instances)))
-        if self._leases is not None:
-            await self._leases.release_idle()  # another gateway may take over at once
+        await self.leases.release_idle()  # another gateway may take over at once
 
     async def reap_idle_forever(self) -> None:
         interval = max(0.05, min(1.0, self.settings.idle_timeout / 4))

@@ -138,6 +138,9 @@ class Ops:
         check_id(db_id)
         steps.check_owner(owner)
         files = steps.parse_init_files(init_files)  # syntax errors before anything happens
+        if db_id in self.settings.remote_routes:
+            raise OperationError("conflict", f'"{db_id}" is routed to a remote server (remote_routes): '
+                                 "a local database of that name would never be reached")
         if await self._exists(db_id):
             raise OperationError("conflict", f'database "{db_id}" already exists')
         if dry_run:

@@ -159,11 +159,11 @@ async def open_session(session: "Session", db_id: str, params: dict[str, str]) -
     except relay.BackendRefused as e:
         if e.error.code.startswith("28"):  # wrong password, unknown role, no login
             gw.limits.auth_failed(session.client.peer.rpartition(":")[0], db_id)
-            session._auth_failed(auth_reason(e.error.code, e.error.message) or "other")
+            session.auth_failed(auth_reason(e.error.code, e.error.message) or "other")
         raise
     session.log.wake_ms = (time.monotonic() - started) * 1000
     session.log.auth = "ok"
-    session._meter_auth(db_id)
+    session.meter_auth(db_id)
     return backend
 
 

@@ -313,10 +313,25 @@ def run(settings: Settings) -> None:
 
     async def main() -> None:
         gw = Gateway(settings)
-        await gw.start()
         loop = asyncio.get_running_loop()
+        stop_requested = False
+
+        def on_signal() -> None:
+            nonlocal stop_requested
+            stop_requested = True
+            if starting.done():
+                asyncio.ensure_future(gw.shutdown())
+
+        # handlers before start-up (which can take seconds: initdb, orphans, recovery), so a
+        # SIGTERM then still ends in an orderly shutdown rather than the default kill
+        starting = asyncio.ensure_future(gw.start())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gw.shutdown()))
+            loop.add_signal_handler(sig, on_signal)
+        await starting
+        if stop_requested:
+            log.info("stop requested during start-up")
+            await gw.shutdown()
+            return
         started = time.monotonic()
         await gw.serve_forever()
         log.debug("served for %.0fs", time.monotonic() - started)

@@ -100,7 +100,7 @@ class Session:
             try:
                 limits.check_auth(ip, db_id)  # before SCRAM, so a blocked attempt costs nothing
             except GatewayError:
-                self._auth_failed("rate_limited")
+                self.auth_failed("rate_limited")
                 raise
             if db_id in s.remote_routes:  # an external Postgres; it checks the password itself
                 backend = await remote.open_session(self, db_id, backend_params)
@@ -114,11 +114,11 @@ class Session:
             except GatewayError as e:
                 if e.code.startswith("28"):  # wrong password, unknown role, no login
                     limits.auth_failed(ip, db_id)
-                self._auth_failed(auth_reason(e.code, e.message) or
+                self.auth_failed(auth_reason(e.code, e.message) or
                                   ("channel_binding" if "channel binding" in e.message else "other"))
                 raise
             self.log.auth = "ok"
-            self._meter_auth(db_id)
+            self.meter_auth(db_id)
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
         await self._serve(db_id, backend_params)
 
@@ -156,7 +156,7 @@ class Session:
         roles = await self.gw.instances.roles(db_id)
         if roles is None:
             if not self.gw.settings.create_on_connect:
-                self._auth_failed("unknown_database")
+                self.auth_failed("unknown_database")
                 raise errors.unknown_database(db_id)
             # create-on-connect: the new database will have role postgres with the dev password
             return self.gw.dev_role if user == "postgres" else None
@@ -193,11 +193,13 @@ class Session:
             gw.instances.release(inst)
 
     # --- metrics and the one log line per connection ---------------------------------------------
-    def _auth_failed(self, reason: str) -> None:
+    def auth_failed(self, reason: str) -> None:
+        """Record a refused login (log line and metrics); also used by remote.py."""
         self.log.auth, self.log.auth_error = "failed", reason
         self.gw.metrics.auth_failed(reason)
 
-    def _meter_auth(self, db_id: str) -> None:
+    def meter_auth(self, db_id: str) -> None:
+        """Count an authenticated connection under its database; also used by remote.py."""
         self.metered = (db_id, self.log.method)
         self.gw.metrics.connections.labels(*self.metered).inc()
         self.gw.metrics.connections_current.labels(*self.metered).inc()

@@ -46,16 +46,23 @@ def _beat_key(holder: str) -> str:
 
 
 class Leases:
-    def __init__(self, backend: Backend, holder: str, ttl: float, *, margin: float | None = None,
-                 clock: Callable[[], float] = time.time,
+    def __init__(self, backend: Backend, holder: str | Callable[[], str], ttl: float, *,
+                 margin: float | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.backend, self.holder, self.ttl = backend, holder, ttl
+        """`holder`: this gateway's name, or a function giving it on first use."""
+        self.backend, self._holder, self.ttl = backend, holder, ttl
         self.margin = margin if margin is not None else min(10.0, ttl / 6)
         self.clock, self.monotonic = clock, monotonic
         self.held: set[str] = set()
         self._unreleased: set[str] = set()  # releases that failed (storage down); retried
         self._idle: dict[str, float] = {}  # held but stopped: monotonic time, released later
         self._beat_at: float | None = None  # monotonic start of the last successful heartbeat
+
+    @property
+    def holder(self) -> str:
+        if callable(self._holder):
+            self._holder = self._holder()
+        return self._holder
 
     @property
     def enabled(self) -> bool:

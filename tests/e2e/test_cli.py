@@ -224,3 +224,11 @@ def test_serve_without_certificate_fails_fast(cli, tmp_path):
     assert time.monotonic() - started < 15
     assert "pgsni certs generate" in out.stderr
     assert "missing.pem" in out.stderr
+
+
+def test_create_refuses_an_id_that_is_a_remote_route(cli, data_root):
+    routes = '{"ext1": {"host": "127.0.0.1", "port": 5999, "sslmode": "disable"}}'
+    out = cli("db", "create", "ext1", extra_env={"PGSNI_REMOTE_ROUTES": routes})
+    assert out.returncode != 0
+    assert "routed to a remote server" in out.stderr, out.stderr
+    assert not (data_root / "ext1").exists()
