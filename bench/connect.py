@@ -5,7 +5,6 @@ verifier's iteration count) is timed separately so the figure can be read as the
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re

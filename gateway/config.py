@@ -79,6 +79,7 @@ class Settings:
     pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
     max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
     idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
+    spare_clones: int = _opt(2, "Copies of the template kept ready, so creating a database is a rename instead of a copy (0: none).")
     start_timeout: float = _opt(30.0, "Seconds an instance has to become ready.")
     stop_timeout: float = _opt(30.0, "Seconds a fast shutdown may take before the instance is killed.")
     shutdown_grace: float = _opt(10.0, "On SIGTERM/SIGINT, seconds to let clients finish before closing them.")
@@ -114,7 +115,7 @@ class Settings:
         if self.tls_reload_seconds <= 0:
             raise ConfigError("tls_reload_seconds must be positive")
         for name in ("max_client_connections", "max_connections_per_db", "max_connections_per_ip",
-                     "wake_rate", "auth_failures_per_minute", "lease_seconds"):
+                     "wake_rate", "auth_failures_per_minute", "lease_seconds", "spare_clones"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.wake_burst < 1:

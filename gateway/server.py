@@ -35,8 +35,6 @@ log = logging.getLogger("pgsni.server")
 # how long a closing TLS connection waits for the client's close_notify; an idle client
 # never reads, so without a bound the transport would linger for the loop's 30 s default
 TLS_SHUTDOWN_TIMEOUT = 2.0
-# ready copies of the template kept by a running gateway once it has created a database
-SPARE_CLONES = 2
 
 
 class Gateway:
@@ -141,14 +139,14 @@ class Gateway:
             self._refill_spares()
 
     def _refill_spares(self) -> None:
-        """Keep SPARE_CLONES copies of the template ready (in a thread, one refill at a time),
+        """Keep `spare_clones` copies of the template ready (in a thread, one refill at a time),
         so that creating a database is a rename instead of a copy of ~1000 files."""
-        if self._spare_task is None or self._spare_task.done():
+        if self.settings.spare_clones > 0 and (self._spare_task is None or self._spare_task.done()):
             self._spare_task = asyncio.ensure_future(asyncio.to_thread(self._fill_spares))
 
     def _fill_spares(self) -> None:
         try:
-            self.catalog.fill_spares(SPARE_CLONES)
+            self.catalog.fill_spares(self.settings.spare_clones)
         except Exception as e:  # a spare is an optimisation: never let it hurt a create
             log.warning("could not prepare a spare copy of the template: %s", e)
 

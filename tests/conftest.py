@@ -72,7 +72,8 @@ def make_settings(tls, data_root):
                     storage_path=str(data_root / "_storage"),
                     socket_dir=f"/tmp/pgsni-s-{data_root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
                     handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0,
-                    admin_port=0)  # tests that want the admin API pass a free port
+                    admin_port=0,  # tests that want the admin API pass a free port
+                    spare_clones=0)  # spares cost a 40 MB copy per create; tests/e2e/test_spares.py covers them
         base.update(kw)
         return Settings(**base)
     return make

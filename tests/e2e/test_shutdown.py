@@ -70,7 +70,7 @@ def serve(tls, data_root, tmp_path):
                         storage_path=str(data_root / "_storage"),
                         postgres_options=dict(PG_OPTIONS), create_on_connect=True,
                         dev_password=DEV_PASSWORD, shutdown_grace=1.0, log_level="DEBUG",
-                        admin_port=0)
+                        admin_port=0, spare_clones=0)
         settings.update(overrides)
         n = len(started)
         config = tmp_path / f"pgsni-{n}.toml"
