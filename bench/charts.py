@@ -47,10 +47,7 @@ def datapath(doc: dict, out: Path) -> list[Path]:
         _bars(axes[1][col], groups, {t: [r[f"{t}_p99_ms"] for r in mine] for t in TARGETS}, "p99 latency, ms")
         axes[1][col].set_title(f"pgbench {mode}: p99 latency")
     axes[0][0].legend()
-    fig.tight_layout()
-    paths = [out / "datapath.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [_save(fig, out / "datapath.png")]
     bulk = doc["results"].get("bulk") or []
     if bulk:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -65,10 +62,7 @@ def datapath(doc: dict, out: Path) -> list[Path]:
         a2.set_ylabel("gateway RSS, MB")
         a2.set_title("pgsni gateway RSS during COPY")
         a2.legend()
-        fig.tight_layout()
-        paths.append(out / "bulk.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "bulk.png"))
     return paths
 
 
@@ -84,11 +78,7 @@ def connect(doc: dict, out: Path) -> list[Path]:
                label=f"client PBKDF2 ({r['client_scram']['iterations']} it.)")
     a2.set_title("connect latency, one at a time")
     a2.legend()
-    fig.tight_layout()
-    path = out / "connect.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "connect.png")]
 
 
 def coldstart(doc: dict, out: Path) -> list[Path]:
@@ -103,11 +93,7 @@ def coldstart(doc: dict, out: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_title("cold start: TCP connect to first query result")
     ax.legend()
-    fig.tight_layout()
-    path = out / "coldstart.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "coldstart.png")]
 
 
 def density(doc: dict, out: Path) -> list[Path]:
@@ -128,11 +114,7 @@ def density(doc: dict, out: Path) -> list[Path]:
     a2.set_ylim(bottom=0)
     a2.legend()
     a2.set_title("gateway memory and responsiveness")
-    fig.tight_layout()
-    path = out / "density.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "density.png")]
 
 
 def render(out: Path, suites) -> list[Path]:
@@ -146,3 +128,10 @@ def render(out: Path, suites) -> list[Path]:
     for p in made:
         console.print(f"wrote {p}")
     return made
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import sys
 from pathlib import Path
 
 import click
 
-from .config import ConfigError, Settings, load, reference_markdown
-
-
-def _settings(ctx: click.Context, **overrides) -> Settings:
-    try:
-        return load(ctx.obj["config"], **overrides)
-    except ConfigError as e:
-        raise click.ClickException(f"configuration: {e}") from None
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+from .cli_common import settings_for as _settings, setup_logging as _setup_logging
+from .config import reference_markdown
 
 
 @click.group()
