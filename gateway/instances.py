@@ -152,9 +152,10 @@ class InstanceManager:
             if inst is not None:
                 await self._stop(inst, reason, discard=not save)
             # the operation changes storage or the copy: no other gateway may run it meanwhile
-            if await self.leases.claim(db_id) and save:
-                await self.databases.catch_up(db_id)
+            fresh = await self.leases.claim(db_id)
             try:
+                if fresh and save:
+                    await self.databases.catch_up(db_id)
                 yield inst is not None
             finally:
                 await self._release_if_saved(db_id)
