@@ -87,6 +87,10 @@ class InstanceManager:
         does not exist yet is created first (role postgres gets that password)."""
         async with self._lock(db_id):
             inst = self.instances.get(db_id)
+            if inst is not None and not inst.alive:
+                # its postmaster died and the watcher has not run yet: retire it here, or the
+                # start below would find this database's file lock still held by it
+                self._forget(inst)
             if inst is None or not inst.alive:
                 await self._wake_turn()
                 async with self._claimed(db_id):
@@ -417,10 +421,16 @@ class InstanceManager:
             return
         log.error("postgres for %s exited unexpectedly (code %s); it restarts on the next connection",
                   inst.db_id, code)
+        self._forget(inst)
+
+    def _forget(self, inst: Instance) -> None:
+        """Drop an instance whose postmaster exited on its own: end its orphaned backends, mark
+        the copy changed (it may hold unsaved WAL) and free the file lock. Safe to call twice,
+        and it leaves alone a newer instance of the same database."""
         inst.process.kill_group()
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
-        self.databases.mark_stopped(inst.db_id, changed=True)
+            self.databases.mark_stopped(inst.db_id, changed=True)
         inst.lock.release()
 
     async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:

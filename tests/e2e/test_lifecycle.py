@@ -75,6 +75,28 @@ def test_instance_killed_then_reconnect(gateway, tls, data_root):
     assert "database system was interrupted" in log or "not properly shut down" in log
 
 
+def test_instance_dead_before_its_watcher_ran_restarts(gateway, tls, data_root):
+    """A client can arrive after a postmaster died but before the task watching it has run
+    (CI saw this after a disk-full PANIC): the connect retires the dead instance itself
+    instead of reporting its own file lock as another process."""
+    gateway.create_db("raced")
+    dsn = conninfo(gateway.port, tls["ca"], "raced")
+    assert psql(dsn, "create table t(x int); insert into t values (3)").returncode == 0
+    inst = gateway.gw.instances.instances["raced"]
+
+    async def unwatch():
+        inst.watcher.cancel()
+    gateway.call(unwatch)  # as if the exit had not been noticed yet
+    os.kill(inst.process.pid, signal.SIGKILL)
+    wait_until(lambda: inst.process.proc.returncode is not None, what="exit seen by the loop")
+    assert gateway.running() == {"raced"}  # still listed: nothing has retired it
+    out = psql(dsn, "select x from t")
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
+    new = gateway.gw.instances.instances["raced"]
+    assert new is not inst and new.alive and inst.lock.fd is None
+    assert gateway.gw.databases.state("raced").running
+
+
 def test_cap_evicts_least_recently_used_idle(start_gateway, tls):
     gw = start_gateway(max_instances=2)
     for name in ("cap1", "cap2"):
