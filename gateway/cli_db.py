@@ -88,7 +88,7 @@ def db_list(ctx: click.Context) -> None:
         return
     out = []
     for r in rows:
-        where = "+".join(w for w in ("local", "stored") if getattr(r, w))
+        where = f"remote {r.remote}" if r.remote else "+".join(w for w in ("local", "stored") if getattr(r, w))
         flags = [f for f, on in (("running", r.running), ("unsaved changes", r.unsaved_changes)) if on]
         out.append((r.id, where + (f" ({', '.join(flags)})" if flags else "")))
     table(ctx, "databases", ("id", "where"), out)

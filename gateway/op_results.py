@@ -65,6 +65,7 @@ class Summary(_Result):
     running: bool
     version: str | None
     unsaved_changes: bool
+    remote: str | None = None  # host:port of a remote route (remote_routes); None: a database here
 
 
 @dataclass

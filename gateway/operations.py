@@ -108,6 +108,10 @@ class Ops:
     async def _require(self, db_id: str) -> None:
         check_id(db_id)
         if not await self._exists(db_id):
+            route = self.settings.remote_routes.get(db_id)
+            if route is not None:  # nothing here to show, fork, dump or delete
+                raise OperationError("not_found", f'"{db_id}" is routed to the remote server '
+                                     f'{route.address} (remote_routes); pgsni keeps no copy of it')
             raise OperationError("not_found", f'database "{db_id}" does not exist')
 
     def _clients(self, db_id: str) -> int:
@@ -186,7 +190,10 @@ class Ops:
             state = self.databases.state(db_id) if db_id in local else None
             rows.append(Summary(db_id, db_id in local, db_id in stored, self._running(db_id),
                                 state.version if state else None, bool(state and state.dirty)))
-        return rows
+        # ids routed to an external server: no copy here or in storage (create refuses them)
+        rows += [Summary(db_id, False, False, False, None, False, remote=route.address)
+                 for db_id, route in sorted(self.settings.remote_routes.items())]
+        return sorted(rows, key=lambda r: r.id)
 
     def _running(self, db_id: str) -> bool:
         inst = self.manager.instances.get(db_id)

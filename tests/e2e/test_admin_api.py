@@ -155,3 +155,16 @@ def test_verify_and_password(api, tls):
     assert len(generated) >= 16 and generated != "pw-second-2"
     assert admin.post("/v1/databases/app1/password", {"role": "nobody"}).status == 404
     assert admin.post("/v1/databases/app1/password", {"role": 7}).status == 400
+
+
+def test_remote_routes_are_listed_with_their_address(api):
+    gt, admin = api(remote_routes={"ext1": {"host": "127.0.0.1", "port": 5999, "sslmode": "disable"}})
+    assert admin.post("/v1/databases", {"id": "app1"}).status == 201
+    listed = admin.get("/v1/databases")
+    assert listed.status == 200
+    rows = {d["id"]: d for d in listed.json()}
+    assert rows["app1"]["remote"] is None and rows["app1"]["stored"]
+    assert rows["ext1"]["remote"] == "127.0.0.1:5999"
+    assert not (rows["ext1"]["local"] or rows["ext1"]["stored"] or rows["ext1"]["running"])
+    missing = admin.get("/v1/databases/ext1")
+    assert missing.status == 404 and "127.0.0.1:5999" in missing.json()["message"], missing.body

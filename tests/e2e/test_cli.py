@@ -232,3 +232,17 @@ def test_create_refuses_an_id_that_is_a_remote_route(cli, data_root):
     assert out.returncode != 0
     assert "routed to a remote server" in out.stderr, out.stderr
     assert not (data_root / "ext1").exists()
+
+
+def test_list_shows_remote_routes_and_info_says_where_they_go(cli, data_root):
+    routes = '{"ext1": {"host": "db.internal", "port": 5999, "sslmode": "disable"}}'
+    env = {"PGSNI_REMOTE_ROUTES": routes}
+    assert cli("db", "create", "app1", extra_env=env).returncode == 0
+    listed = cli("db", "list", extra_env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["app1", "local+stored", "ext1", "remote", "db.internal:5999"]
+    rows = json.loads(cli("--json", "db", "list", extra_env=env).stdout)
+    assert [(r["id"], r["remote"]) for r in rows] == [("app1", None), ("ext1", "db.internal:5999")]
+    info = cli("db", "info", "ext1", extra_env=env)
+    assert info.returncode != 0
+    assert "routed to the remote server db.internal:5999" in info.stderr, info.stderr
