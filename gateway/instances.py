@@ -276,6 +276,10 @@ class InstanceManager:
                 restored = await self.databases.ensure_local(db_id)
             except storage_errors.NotFound:
                 return None
+            except storage_errors.CorruptArchive as e:
+                # found by the extraction's checks, which the storage backend's counter never sees
+                self.metrics.storage_error(e)
+                raise
         if restored is not None:
             self.metrics.wake_phase("restore", time.monotonic() - began)
         return restored

@@ -139,7 +139,11 @@ def test_corrupted_snapshot_is_refused_and_older_version_still_works(start_gatew
         data[i] ^= 0xFF
     s3.put_object(Bucket=s3_settings["s3_bucket"], Key=key, Body=bytes(data))
     _wipe_local(gw, "rot")
+    registry = gw.gw.instances.metrics.registry
+    corrupt = {"kind": "corrupt"}
+    before = registry.get_sample_value("pgsni_storage_errors_total", corrupt) or 0
     assert connect_sqlstate(gw.port, tls["ca"], "rot") == "XX001"
+    assert registry.get_sample_value("pgsni_storage_errors_total", corrupt) == before + 1
     out = psql(dsn, "select 1")
     assert "damaged" in out.stderr and "pgsni db restore" in out.stderr
     assert not gw.gw.catalog.exists("rot")  # nothing half-restored left behind
