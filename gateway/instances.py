@@ -100,9 +100,19 @@ class InstanceManager:
                         inst = await self._create(db_id, create_password)
                     else:
                         inst = await self._start(db_id)
-            inst.clients += 1
-            inst.last_used = time.monotonic()
-            return inst
+            return self._hold(inst)
+
+    async def acquire_running(self, db_id: str) -> Instance | None:
+        """Like `acquire`, for an instance running now; None instead of starting one."""
+        async with self._lock(db_id):
+            inst = self.instances.get(db_id)
+            return self._hold(inst) if inst is not None and inst.alive else None
+
+    @staticmethod
+    def _hold(inst: Instance) -> Instance:
+        inst.clients += 1
+        inst.last_used = time.monotonic()
+        return inst
 
     async def _wake_turn(self) -> None:
         """Wait for a token to start an instance (wake_rate), at most start_timeout."""

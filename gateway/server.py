@@ -64,6 +64,8 @@ class Gateway:
             if settings.create_on_connect else None
         self.shutting_down = False
         self.sessions: set[asyncio.Task] = set()
+        self.early_logins: dict[str, int] = {}  # backend logins running ahead of auth, per db
+        self.early_logins_started = 0  # (tests)
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()

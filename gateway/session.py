@@ -107,20 +107,24 @@ class Session:
                 deadline.reschedule(None)  # the handshake is over
                 return await remote.serve(self, db_id, backend)
             role = await self._role(db_id, startup.params["user"])
+            early = self._early_login(db_id, role, backend_params)
             try:
                 await auth.authenticate(self.conn, startup.params["user"], role,
                                         channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem)
                                         if self.client.tls else None)
-            except GatewayError as e:
-                if e.code.startswith("28"):  # wrong password, unknown role, no login
-                    limits.auth_failed(ip, db_id)
-                self.auth_failed(auth_reason(e.code, e.message) or
-                                  ("channel_binding" if "channel binding" in e.message else "other"))
+            except BaseException as e:
+                if early is not None:
+                    early.drop()
+                if isinstance(e, GatewayError):
+                    if e.code.startswith("28"):  # wrong password, unknown role, no login
+                        limits.auth_failed(ip, db_id)
+                    self.auth_failed(auth_reason(e.code, e.message) or
+                                     ("channel_binding" if "channel binding" in e.message else "other"))
                 raise
             self.log.auth = "ok"
             self.meter_auth(db_id)
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
-        await self._serve(db_id, backend_params)
+        await self._serve(db_id, backend_params, early)
 
     async def _read_startup(self) -> p.StartupMessage | None:
         event = await self.conn.next_event()
@@ -162,17 +166,44 @@ class Session:
             return self.gw.dev_role if user == "postgres" else None
         return roles.get(user)
 
-    async def _serve(self, db_id: str, params: dict[str, str]) -> None:
+    def _early_login(self, db_id: str, role: Role | None,
+                     params: dict[str, str]) -> "EarlyLogin | None":
+        """Start the backend login while the client is still authenticating, so that the
+        backend's fork and start-up overlap the SCRAM round trips. Only for an instance that
+        is already running (an unauthenticated client never wakes one) and a role that can
+        log in, and at most `EARLY_LOGINS_PER_DB` held per database at once, so that clients
+        with wrong passwords cannot make Postgres fork without bound. The result is used
+        only after authentication succeeds; otherwise it is dropped."""
+        gw = self.gw
+        inst = gw.instances.instances.get(db_id)
+        if (role is None or not role.can_login or role.verifier is None or inst is None
+                or not inst.alive or gw.shutting_down
+                or gw.early_logins.get(db_id, 0) >= EARLY_LOGINS_PER_DB):
+            return None
+        return EarlyLogin(gw, db_id, params)
+
+    async def _serve(self, db_id: str, params: dict[str, str], early: "EarlyLogin | None" = None) -> None:
         gw = self.gw
         if gw.shutting_down:
+            if early is not None:
+                early.drop()
             raise errors.shutting_down()
         woke = time.monotonic()
-        create = gw.settings.dev_password if gw.settings.create_on_connect else None
-        inst = await gw.instances.acquire(db_id, create_password=create)
+        got = await early.result() if early is not None else None
+        if got is not None:
+            inst, backend = got
+            acquired = woke
+        else:  # no early login, or the instance stopped meanwhile: wake it now
+            create = gw.settings.dev_password if gw.settings.create_on_connect else None
+            inst = await gw.instances.acquire(db_id, create_password=create)
+            acquired = time.monotonic()
+            try:
+                backend = await relay.login(inst.socket_path, params, gw.settings.start_timeout)
+            except BaseException:
+                gw.instances.release(inst)
+                raise
         key = None
         try:
-            acquired = time.monotonic()
-            backend = await relay.login(inst.socket_path, params, gw.settings.start_timeout)
             done = time.monotonic()
             self.log.wake_ms = (done - woke) * 1000
             self.log.cold = inst.started_at >= woke
@@ -222,3 +253,63 @@ class Session:
             "wake_ms": round(l.wake_ms, 1) if l.wake_ms is not None else None, "cold": l.cold,
             "bytes_in": self.conn.bytes_in, "bytes_out": self.conn.bytes_out,
             "duration_s": round(time.monotonic() - self.started, 3), "outcome": l.outcome})
+
+
+# at most this many backend sessions per database may be logged in ahead of their clients'
+# authentication (made or being made, not yet used or dropped)
+EARLY_LOGINS_PER_DB = 8
+
+
+class EarlyLogin:
+    """One backend login started before its client authenticated: taken with `result()` once
+    it has, or `drop()`ped (cancelled, or its backend session closed and the instance given
+    back). Either frees its place under EARLY_LOGINS_PER_DB."""
+
+    def __init__(self, gw: "Gateway", db_id: str, params: dict[str, str]) -> None:
+        self.gw, self.db_id = gw, db_id
+        gw.early_logins[db_id] = gw.early_logins.get(db_id, 0) + 1
+        gw.early_logins_started += 1
+        self.task = asyncio.create_task(self._login(params))
+        self._held = True
+
+    async def _login(self, params: dict[str, str]):
+        """(instance, backend session) for a database running now, or None if it no longer
+        is; on any failure or cancellation the instance is given back (relay.login closes its
+        own connection)."""
+        inst = await self.gw.instances.acquire_running(self.db_id)
+        if inst is None:
+            return None
+        try:
+            return inst, await relay.login(inst.socket_path, params, self.gw.settings.start_timeout)
+        except BaseException:
+            self.gw.instances.release(inst)
+            raise
+
+    async def result(self):
+        try:
+            return await self.task
+        except asyncio.CancelledError:
+            self.drop()
+            raise
+        finally:
+            self._free()
+
+    def drop(self) -> None:
+        def cleanup(t: asyncio.Task) -> None:
+            if t.cancelled() or t.exception() is not None or t.result() is None:
+                return  # nothing was kept (and an exception is now retrieved)
+            inst, backend = t.result()
+            backend.conn.close()
+            self.gw.instances.release(inst)
+        self.task.cancel()
+        self.task.add_done_callback(cleanup)
+        self.task.add_done_callback(lambda _: self._free())
+
+    def _free(self) -> None:
+        if self._held:
+            self._held = False
+            left = self.gw.early_logins.get(self.db_id, 1) - 1
+            if left > 0:
+                self.gw.early_logins[self.db_id] = left
+            else:
+                self.gw.early_logins.pop(self.db_id, None)

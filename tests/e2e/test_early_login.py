@@ -1,0 +1,92 @@
+"""The backend login runs while the client is still authenticating (gateway/session.py,
+`_early_login`), for running instances only; whatever the client does, nothing it started is
+left behind: no backend connection, no client count, no in-flight entry."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from gateway import protocol as p
+from gateway import session
+
+from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, wait_until
+from ..support.rawclient import RawClient
+
+CLIENT_BACKENDS = "select count(*) from pg_stat_activity where backend_type = 'client backend'"
+
+
+def _left_behind_nothing(gateway, observer: psycopg.Connection, db_id: str) -> None:
+    """Only the observer's own backend and client count remain."""
+    wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 1, what="backends gone")
+    wait_until(lambda: gateway.gw.instances.instances[db_id].clients == 1, what="count back")
+    assert gateway.gw.early_logins == {}
+
+
+def test_a_warm_connect_logs_in_to_the_backend_during_scram(gateway, tls):
+    gateway.create_db("warm")
+    dsn = conninfo(gateway.port, tls["ca"], "warm")
+    with psycopg.connect(dsn) as first:  # the instance is running from here on
+        started = gateway.gw.early_logins_started
+        with psycopg.connect(dsn, application_name="second") as second:
+            assert second.execute("select current_setting('application_name')").fetchone() == ("second",)
+        assert gateway.gw.early_logins_started == started + 1
+        assert first.execute("select 1").fetchone() == (1,)
+
+
+def test_a_cold_connect_does_not_start_the_instance_before_authentication(gateway, tls):
+    gateway.create_db("cold")
+    gateway.call(lambda: gateway.gw.instances.stop("cold"))
+    started = gateway.gw.early_logins_started
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(conninfo(gateway.port, tls["ca"], "cold", password="wrong-password"))
+    assert gateway.running() == set() and gateway.gw.early_logins_started == started
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "cold")) as conn:  # wakes it
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_wrong_passwords_leave_no_backend_behind(gateway, tls):
+    gateway.create_db("guarded")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "guarded"), autocommit=True) as observer:
+        started = gateway.gw.early_logins_started
+        for _ in range(3):
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                psycopg.connect(conninfo(gateway.port, tls["ca"], "guarded", password="wrong-password"))
+        assert gateway.gw.early_logins_started == started + 3  # each one did log in early
+        _left_behind_nothing(gateway, observer, "guarded")
+
+
+def test_a_client_that_leaves_mid_scram_leaves_no_backend_behind(gateway, tls):
+    gateway.create_db("vanish")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "vanish"), autocommit=True) as observer:
+        raw = RawClient(gateway.port)
+        raw.start_tls(str(tls["ca"]), f"vanish.{DOMAIN}")
+        raw.startup({"user": "postgres", "database": "postgres"})
+        assert isinstance(raw.next_backend(), p.Authentication)  # SASL offered: early login runs
+        wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 2, what="early backend")
+        raw.close()
+        _left_behind_nothing(gateway, observer, "vanish")
+
+
+def test_early_logins_per_database_are_capped(gateway, tls, monkeypatch):
+    monkeypatch.setattr(session, "EARLY_LOGINS_PER_DB", 2)
+    gateway.create_db("capped")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "capped"), autocommit=True) as observer:
+        waiting = []
+        for _ in range(4):  # four clients stop after the server's SASL offer
+            raw = RawClient(gateway.port)
+            raw.start_tls(str(tls["ca"]), f"capped.{DOMAIN}")
+            raw.startup({"user": "postgres", "database": "postgres"})
+            assert isinstance(raw.next_backend(), p.Authentication)
+            waiting.append(raw)
+        wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 3, what="two early backends")
+        assert gateway.gw.early_logins == {"capped": 2}
+        # one of them finishes: with or without a login done ahead, it gets a working session
+        last = waiting.pop()
+        last.scram("postgres", TEST_PASSWORD, auth=p.Authentication(p.AUTH_SASL, b""))
+        while not isinstance(msg := last.next_backend(), p.ReadyForQuery):
+            assert not isinstance(msg, p.ErrorResponse), msg
+        last.close()
+        for raw in waiting:
+            raw.close()
+        _left_behind_nothing(gateway, observer, "capped")
