@@ -52,7 +52,7 @@ class Settings:
     create_on_connect: bool = _opt(False, "DEVELOPMENT ONLY: create unknown databases on first connect, with password dev_password for role postgres.")
     dev_password: str = _opt("postgres", "Password of role postgres in databases made by create_on_connect.")
     remote_routes: dict[str, RemoteRoute] = _opt({}, "Database ids served by an existing external Postgres instead of a local instance: a TOML table per id with host, port (5432), sslmode (disable, require, verify-ca, verify-full: the default), sslrootcert, server_name, auth (password: the default, or passthrough). A JSON object in the environment. See docs/remote-routes.md.", parse=parse_routes)
-    remote_connect_timeout: float = _opt(5.0, "Seconds to reach a remote route's server (TCP and TLS) before the client gets 08001.")
+    remote_connect_timeout: float = _opt(5.0, "Seconds to reach a remote route's server (TCP and TLS), and for each of its answers during login, before the client gets 08001.")
     # storage
     storage: str = _opt("local", "Where snapshots live: local (a directory), s3 (the S3 API), s3fs (a bucket mounted with s3fs-fuse), or a URL: s3://bucket/prefix, file:///path.")
     storage_path: str = _opt(".pgsni/storage", "Directory for storage=local; the mount point for storage=s3fs.")

@@ -173,9 +173,9 @@ async def login(client: PgConnection, db_id: str, route: RemoteRoute, params: di
     remote = await connect(route, timeout, db_id)
     try:
         remote.send(p.StartupMessage(3, 0, params).encode())
-        await _authenticate(client, remote, db_id, params["user"], password)
+        await _authenticate(client, remote, db_id, params["user"], password, timeout)
         client.send(p.Authentication(p.AUTH_OK).encode())
-        return await _until_ready(remote, db_id)
+        return await _until_ready(remote, db_id, timeout)
     except BaseException:
         remote.close()
         raise
@@ -192,11 +192,17 @@ async def _ask_password(client: PgConnection) -> str:
         raise p.ProtocolViolation("password is not valid UTF-8") from None
 
 
-async def _from_remote(remote: PgConnection, db_id: str) -> tuple[p.Message, p.BackendEvent]:
+async def _from_remote(remote: PgConnection, db_id: str,
+                       timeout: float) -> tuple[p.Message, p.BackendEvent]:
+    """The remote's next message during login; it gets `timeout` seconds for each (the
+    client's own turns in a passthrough exchange are not counted)."""
     try:
-        msg = await remote.next_event()
+        msg = await asyncio.wait_for(remote.next_event(), timeout)
     except ConnectionClosed:
         raise unreachable(db_id, "the remote server closed the connection during login") from None
+    except asyncio.TimeoutError:
+        raise unreachable(db_id, f"the remote server did not answer during login within {timeout:g}s "
+                                 "(remote_connect_timeout)") from None
     assert isinstance(msg, p.Message)
     event = p.decode_backend(msg)
     if isinstance(event, p.ErrorResponse) and not event.notice:
@@ -205,10 +211,10 @@ async def _from_remote(remote: PgConnection, db_id: str) -> tuple[p.Message, p.B
 
 
 async def _authenticate(client: PgConnection, remote: PgConnection, db_id: str, user: str,
-                        password: str | None) -> None:
+                        password: str | None, timeout: float) -> None:
     scram: ScramClient | None = None
     while True:
-        msg, event = await _from_remote(remote, db_id)
+        msg, event = await _from_remote(remote, db_id, timeout)
         if isinstance(event, p.NegotiateProtocolVersion):
             continue  # we asked for 3.0 without _pq_ options; nothing to adjust
         if not isinstance(event, p.Authentication):
@@ -279,11 +285,11 @@ def _password_message(text: str) -> bytes:
     return p.Message(b"p", text.encode("utf-8") + b"\0").encode()
 
 
-async def _until_ready(remote: PgConnection, db_id: str) -> relay.BackendSession:
+async def _until_ready(remote: PgConnection, db_id: str, timeout: float) -> relay.BackendSession:
     key: p.BackendKeyData | None = None
     to_client: list[bytes] = []
     while True:
-        msg, event = await _from_remote(remote, db_id)
+        msg, event = await _from_remote(remote, db_id, timeout)
         if isinstance(event, p.BackendKeyData):
             key = event
         elif isinstance(event, p.ReadyForQuery):

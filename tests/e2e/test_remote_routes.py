@@ -140,6 +140,23 @@ def test_silent_remote_times_out_with_08001(start_gateway, tls):
         assert "no answer within 1s" in out.stderr
 
 
+def test_remote_that_stalls_after_connecting_is_08001_not_a_handshake_timeout(start_gateway, tls):
+    """Connected (no TLS on this route), the startup sent, and no answer: the client hears
+    that the remote did not answer, after remote_connect_timeout, not the gateway's own
+    handshake timeout blaming the client."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        gw = start_gateway(remote_connect_timeout=1.0, handshake_timeout=20.0, remote_routes={"mute": {
+            "host": "127.0.0.1", "port": silent.getsockname()[1], "sslmode": "disable"}})
+        started = time.monotonic()
+        out = psql(conninfo(gw.port, tls["ca"], "mute", password="whatever"), "select 1")
+        assert time.monotonic() - started < 6
+        assert out.returncode != 0
+        assert 'could not connect to the server of database "mute"' in out.stderr, out.stderr
+        assert "did not answer during login within 1s" in out.stderr, out.stderr
+
+
 def test_verify_full_with_a_wrong_server_name_fails_clearly(start_gateway, remote_pg, tls):
     gw = start_gateway(remote_routes={"ext1": remote_pg.route(server_name="other.remote.test")})
     out = psql(conninfo(gw.port, tls["ca"], "ext1", password=REMOTE_PASSWORD), "select 1")
