@@ -1,4 +1,4 @@
-"""`python -m bench <datapath|connect|coldstart|density|storage|all> [--quick] [--runs N] [--out DIR]`."""
+"""`python -m bench <datapath|connect|coldstart|density|relays|storage|all> [--quick] [--runs N] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ _make("datapath", "pgbench -S / TPC-B-like at 1, 8, 32 clients and bulk COPY: pg
 _make("connect", "New TLS+SCRAM connections per second and connect latency: pgsni vs direct vs PgBouncer.")
 _make("coldstart", "TCP connect to first result: new database, stopped on local disk, only in the bucket.")
 _make("density", "10, 50, 100 databases active at once: unique memory per instance, gateway RSS, latency.")
+
+
+@main.command()
+@_options
+def relays(quick: bool, runs: int | None, out: str) -> None:
+    """One relay process vs two, the same two instances: what a multi-process mode would buy."""
+    _suite("relays", runs or (2 if quick else 3), quick, Path(out))
 
 
 @main.command("all")

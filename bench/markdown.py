@@ -78,8 +78,16 @@ def density(doc: dict) -> list[str]:
     return lines
 
 
+def relays(doc: dict) -> list[str]:
+    lines = [_row(["clients (2 × N)", "1 relay TPS", "2 relays TPS", "2 ÷ 1"]), _row(["---:"] * 4)]
+    for r in doc["results"]:
+        lines.append(_row([r["total_clients"], f"{r['one_relay_tps']:,.0f}", f"{r['two_relays_tps']:,.0f}",
+                           f"{r['two_vs_one']:.2f}×"]))
+    return lines
+
+
 def main(out: Path) -> None:
-    for suite in ("datapath", "connect", "coldstart", "density"):
+    for suite in ("datapath", "connect", "coldstart", "density", "relays"):
         doc = _load(out, suite)
         if doc is None:
             continue

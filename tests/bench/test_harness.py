@@ -56,6 +56,16 @@ def test_connect(tmp_path):
 
 
 @needs
+def test_relays(tmp_path):
+    from bench import relays
+
+    relays.run(runs=1, quick=True, out=tmp_path, seconds=1, clients=(2,))
+    (row,) = _doc(tmp_path, "relays")
+    assert row["total_clients"] == 4 and row["one_relay_tps"] > 0 and row["two_relays_tps"] > 0
+    assert row["two_vs_one"] > 0
+
+
+@needs
 def test_coldstart(tmp_path):
     from bench import coldstart
 
