@@ -274,13 +274,19 @@ class EarlyLogin:
 
     async def _login(self, params: dict[str, str]):
         """(instance, backend session) for a database running now, or None if it no longer
-        is; on any failure or cancellation the instance is given back (relay.login closes its
-        own connection)."""
+        is or could not be reached (the session then logs in the usual way, which restarts
+        an instance that died meanwhile). On any failure or cancellation the instance is
+        given back (relay.login closes its own connection); the backend's own refusal
+        (BackendRefused) is the client's answer either way, so it is passed on."""
         inst = await self.gw.instances.acquire_running(self.db_id)
         if inst is None:
             return None
         try:
             return inst, await relay.login(inst.socket_path, params, self.gw.settings.start_timeout)
+        except GatewayError as e:
+            self.gw.instances.release(inst)
+            log.debug("early login to %s failed (%s); trying again after authentication", self.db_id, e)
+            return None
         except BaseException:
             self.gw.instances.release(inst)
             raise

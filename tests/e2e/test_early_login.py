@@ -90,3 +90,30 @@ def test_early_logins_per_database_are_capped(gateway, tls, monkeypatch):
         for raw in waiting:
             raw.close()
         _left_behind_nothing(gateway, observer, "capped")
+
+
+def test_an_early_login_that_cannot_reach_the_backend_is_retried_after_authentication(
+        gateway, tls, monkeypatch):
+    """E.g. the instance died between the check and the login: the session logs in the usual
+    way after authentication (which restarts a dead instance) instead of failing."""
+    from gateway import relay
+    from gateway.errors import INTERNAL_ERROR, GatewayError
+
+    gateway.create_db("retry")
+    dsn = conninfo(gateway.port, tls["ca"], "retry")
+    real_login, calls = relay.login, []
+
+    async def first_fails(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise GatewayError(INTERNAL_ERROR, "could not reach the database server")
+        return await real_login(*args, **kwargs)
+
+    with psycopg.connect(dsn, autocommit=True) as observer:  # running from here on
+        monkeypatch.setattr(relay, "login", first_fails)
+        started = gateway.gw.early_logins_started
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert gateway.gw.early_logins_started == started + 1 and len(calls) == 2
+        monkeypatch.setattr(relay, "login", real_login)
+        _left_behind_nothing(gateway, observer, "retry")
