@@ -197,11 +197,7 @@ class Session:
             create = gw.settings.dev_password if gw.settings.create_on_connect else None
             inst = await gw.instances.acquire(db_id, create_password=create)
             acquired = time.monotonic()
-            try:
-                backend = await relay.login(inst.socket_path, params, gw.settings.start_timeout)
-            except BaseException:
-                gw.instances.release(inst)
-                raise
+            backend = await _log_in(gw, inst, params)
         key = None
         try:
             done = time.monotonic()
@@ -255,6 +251,16 @@ class Session:
             "duration_s": round(time.monotonic() - self.started, 3), "outcome": l.outcome})
 
 
+async def _log_in(gw: "Gateway", inst, params: dict[str, str]) -> relay.BackendSession:
+    """The backend login on a held instance; if it fails or is cancelled, the instance is
+    given back (relay.login closes its own connection)."""
+    try:
+        return await relay.login(inst.socket_path, params, gw.settings.start_timeout)
+    except BaseException:
+        gw.instances.release(inst)
+        raise
+
+
 # at most this many backend sessions per database may be logged in ahead of their clients'
 # authentication (made or being made, not yet used or dropped)
 EARLY_LOGINS_PER_DB = 8
@@ -275,21 +281,16 @@ class EarlyLogin:
     async def _login(self, params: dict[str, str]):
         """(instance, backend session) for a database running now, or None if it no longer
         is or could not be reached (the session then logs in the usual way, which restarts
-        an instance that died meanwhile). On any failure or cancellation the instance is
-        given back (relay.login closes its own connection); the backend's own refusal
-        (BackendRefused) is the client's answer either way, so it is passed on."""
+        an instance that died meanwhile). The backend's own refusal (BackendRefused) is the
+        client's answer either way, so it is passed on."""
         inst = await self.gw.instances.acquire_running(self.db_id)
         if inst is None:
             return None
         try:
-            return inst, await relay.login(inst.socket_path, params, self.gw.settings.start_timeout)
+            return inst, await _log_in(self.gw, inst, params)
         except GatewayError as e:
-            self.gw.instances.release(inst)
             log.debug("early login to %s failed (%s); trying again after authentication", self.db_id, e)
             return None
-        except BaseException:
-            self.gw.instances.release(inst)
-            raise
 
     async def result(self):
         try:
@@ -302,6 +303,7 @@ class EarlyLogin:
 
     def drop(self) -> None:
         def cleanup(t: asyncio.Task) -> None:
+            self._free()
             if t.cancelled() or t.exception() is not None or t.result() is None:
                 return  # nothing was kept (and an exception is now retrieved)
             inst, backend = t.result()
@@ -309,7 +311,6 @@ class EarlyLogin:
             self.gw.instances.release(inst)
         self.task.cancel()
         self.task.add_done_callback(cleanup)
-        self.task.add_done_callback(lambda _: self._free())
 
     def _free(self) -> None:
         if self._held:
