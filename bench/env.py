@@ -72,6 +72,17 @@ class Workdir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _terminate(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
+    """Send `sig` to a running child and wait up to `timeout` seconds, then kill it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 class GatewayProcess:
     """`pgsni serve` in a subprocess with a temporary TOML config."""
 
@@ -145,13 +156,7 @@ class GatewayProcess:
         return Path(self.settings["data_root"]) / db_id / "pgdata"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc, signal.SIGTERM, 90)
         self.proc = None
         if getattr(self, "log", None):
             self.log.close()
@@ -209,13 +214,7 @@ class DirectPostgres:
         return out.stdout.strip()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc, signal.SIGINT, 60)
         self.proc = None
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
@@ -274,13 +273,7 @@ ignore_startup_parameters = extra_float_digits,options
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc, signal.SIGINT, 30)
         self.proc = None
 
 
