@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import os
 import stat
 import tarfile
@@ -16,7 +15,7 @@ from typing import BinaryIO
 import zstandard
 
 from .archive_format import CHUNK as _CHUNK
-from .archive_format import FileEntry, _symlink_problem
+from .archive_format import FileEntry, HashingReader, _symlink_problem
 from .errors import CorruptArchive, StorageError, UnsafeArchive
 
 _TAR_READ = 64 << 10  # what tarfile asks of the decompressed stream at a time
@@ -192,23 +191,19 @@ class _TreeWriter:
             raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
         except OSError as e:
             raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
-        digest = hashlib.sha256()
-        size = 0
         with open(fd, "wb") as out:
             os.fchmod(fd, 0o600)
-            src = tar.extractfile(member)
+            src = HashingReader(tar.extractfile(member))
             while chunk := src.read(_CHUNK):
-                size += len(chunk)
                 self.total += len(chunk)
                 if self.total > self.max_bytes:  # never trust the header alone
                     raise UnsafeArchive(f"archive member {name!r} takes the archive over its "
                                         f"limit of {self.max_bytes} bytes")
-                digest.update(chunk)
                 try:
                     out.write(chunk)
                 except OSError as e:
                     raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
-        entry = FileEntry(size, digest.hexdigest())
+        entry = FileEntry(src.bytes, src.sha256.hexdigest())
         if want is not None and entry != want:
             raise CorruptArchive(f"archive file {rel} does not match its checksum in the manifest")
         self.files[rel] = entry
