@@ -17,7 +17,7 @@ import psycopg
 
 from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer
 
-from .env import GatewayProcess, Workdir, dsn, libpq_env
+from .env import GatewayProcess, Workdir, dsn, libpq_env, pgbench_init
 from .report import console, percentile, table, write_json
 
 IDLE = 0.5
@@ -67,8 +67,7 @@ def wait_spares(gw: GatewayProcess, count: int = 1, timeout: float = 30) -> bool
 
 
 def _fill(gw: GatewayProcess, db_id: str, scale: int) -> None:
-    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=libpq_env(gw.port, db_id),
-                   check=True, capture_output=True)
+    pgbench_init(gw.port, scale, db_id)
     subprocess.run(["psql", "-XAtqc", "CHECKPOINT"], env=libpq_env(gw.port, db_id),
                    check=True, capture_output=True)
 

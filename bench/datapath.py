@@ -139,9 +139,7 @@ def run(*, runs: int, quick: bool, out: Path, seconds: float | None = None, scal
     try:
         with Stack(work) as stack:
             console.print(f"[bold]data path[/]: pgbench -i -s {scale} on pgsni and direct")
-            for port in (stack.gateway.port, stack.direct.port):
-                subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=libpq_env(port),
-                               check=True, capture_output=True)
+            stack.init_pgbench(scale)
             results = _run_pgbench(stack, clients, seconds, runs, work.path / "pgbench-logs")
             bulk = _run_bulk(stack, bulk_mb, max(1, min(runs, 3)))
     finally:

@@ -53,6 +53,12 @@ def libpq_env(port: int, db_id: str = "bench", **extra: str) -> dict[str, str]:
     return env
 
 
+def pgbench_init(port: int, scale: int, db_id: str = "bench") -> None:
+    """`pgbench -i` at `scale` in database `postgres` of `db_id` behind `port`."""
+    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=libpq_env(port, db_id),
+                   check=True, capture_output=True)
+
+
 def dsn(port: int, db_id: str = "bench") -> str:
     return (f"host={db_id}.{DOMAIN} hostaddr=127.0.0.1 port={port} user=postgres "
             f"password={PASSWORD} dbname=postgres sslmode=require connect_timeout=60")
@@ -202,6 +208,13 @@ class DirectPostgres:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, **run_as.popen_kwargs())
         wait_port(self.port, 60, self.proc)
+        # listening is not accepting: until recovery ends, logins get "starting up"
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(self.work.bindir / "pg_isready"), "-q", "-h", str(self.sockdir),
+                              "-p", str(self.port)]).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"direct Postgres did not accept connections: see {self.log.name}")
+            time.sleep(0.05)
         subprocess.run(["psql", "-h", str(self.sockdir), "-p", str(self.port), "-U", "postgres", "-X",
                         "-q", "-c", f"ALTER ROLE postgres PASSWORD '{PASSWORD}'", "postgres"],
                        check=True, capture_output=True)
@@ -293,8 +306,8 @@ class Stack:
 
         try:
             self.gateway.start()
-            options = dict(getattr(postgres, "START_OPTIONS", {}))
-            self.direct = DirectPostgres(self.work, options).start(self.gateway.pgdata("_template"))
+            self.direct = DirectPostgres(self.work, dict(postgres.START_OPTIONS)).start(
+                self.gateway.pgdata("_template"))
             self.bouncer = PgBouncer(self.work, self.direct).start()
         except BaseException:
             self.__exit__()
@@ -305,6 +318,12 @@ class Stack:
         for part in (self.bouncer, self.direct, self.gateway):
             if part is not None:
                 part.stop()
+
+    def init_pgbench(self, scale: int) -> None:
+        """The pgbench tables on pgsni's database and on the direct server (PgBouncer's too)."""
+        assert self.direct
+        for port in (self.gateway.port, self.direct.port):
+            pgbench_init(port, scale)
 
     def ports(self) -> dict[str, int]:
         assert self.direct and self.bouncer

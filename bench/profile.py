@@ -19,7 +19,7 @@ from gateway.config import Settings
 from tests.support.harness import GatewayThread
 
 from .coldstart import first_result_ms
-from .env import DOMAIN, PASSWORD, Workdir, libpq_env
+from .env import DOMAIN, PASSWORD, Workdir, libpq_env, pgbench_init
 
 
 def _gateway(work: Workdir, **extra) -> GatewayThread:
@@ -50,8 +50,7 @@ def main(case: str, count: int, html: str | None, cpu: bool) -> None:
                 first_result_ms(gt.port, db)
                 gt.call(lambda db=db: gt.gw.instances.stop(db))
         elif case == "datapath":
-            subprocess.run(["pgbench", "-i", "-q", "-s", "1"], env=libpq_env(gt.port), check=True,
-                           capture_output=True)
+            pgbench_init(gt.port, 1)
         elif case == "connect":
             first_result_ms(gt.port, "bench")
             (work.path / "select1.sql").write_text("SELECT 1;\n")

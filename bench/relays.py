@@ -9,7 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .env import GatewayProcess, Workdir, libpq_env
+from .env import GatewayProcess, Workdir, libpq_env, pgbench_init
 from .report import console, median, ratio, table, write_json
 
 
@@ -42,8 +42,7 @@ def run(*, runs: int, quick: bool, out: Path, seconds: float | None = None, scal
         gateways.append(two)
         # b1 and b2 on the first gateway; the second gateway has its own b2
         for gw, db in ((one, "b1"), (one, "b2"), (two, "b2")):
-            subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=libpq_env(gw.port, db),
-                           check=True, capture_output=True)
+            pgbench_init(gw.port, scale, db)
         for n in clients:
             single, double = [], []
             for run_no in range(runs):

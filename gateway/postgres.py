@@ -20,6 +20,17 @@ SOCKET_NAME = ".s.PGSQL.5432"
 MAX_SOCKET_PATH = 107
 
 
+# what every instance runs with besides its paths and sockets; bench/env.py starts its direct
+# Postgres with the same, so that benchmarks compare like with like
+START_OPTIONS = {
+    "logging_collector": "off",
+    "password_encryption": "scram-sha-256",
+    # a client that vanishes mid-query closes the gateway's backend connection; without this
+    # check a long query would run on (and hold its locks) until it next writes
+    "client_connection_check_interval": "1000",
+}
+
+
 class PostgresError(Exception):
     pass
 
@@ -157,11 +168,7 @@ class PostgresProcess:
             "listen_addresses": "",
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
-            "logging_collector": "off",
-            "password_encryption": "scram-sha-256",
-            # a client that vanishes mid-query closes the gateway's backend connection; without
-            # this check a long query would run on (and hold its locks) until it next writes
-            "client_connection_check_interval": "1000",
+            **START_OPTIONS,
             # pinned: a postgresql.conf from an imported archive must not point elsewhere
             "data_directory": str(self.pgdata),
             "hba_file": str(self.pgdata / "pg_hba.conf"),
