@@ -1,4 +1,4 @@
-"""`python -m bench <datapath|connect|coldstart|density|relays|storage|all> [--quick] [--runs N] [--out DIR]`."""
+"""`python -m bench <datapath|connect|coldstart|density|relays|floor|storage|all> [--quick] [--runs N] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ _make("density", "10, 50, 100 databases active at once: unique memory per instan
 def relays(quick: bool, runs: int | None, out: str) -> None:
     """One relay process vs two, the same two instances: what a multi-process mode would buy."""
     _suite("relays", runs or (2 if quick else 3), quick, Path(out))
+
+
+@main.command()
+@_options
+def floor(quick: bool, runs: int | None, out: str) -> None:
+    """pgsni vs the least a Python TLS relay can do (one process and two) vs PgBouncer."""
+    _suite("floor", runs or (2 if quick else 3), quick, Path(out))
 
 
 @main.command("all")

@@ -86,8 +86,20 @@ def relays(doc: dict) -> list[str]:
     return lines
 
 
+def floor(doc: dict) -> list[str]:
+    head = ["clients", "pgsni TPS", "floor TPS", "floor ×2 TPS", "PgBouncer TPS", "direct TPS",
+            "pgsni ÷ floor", "pgsni ÷ PgBouncer", "floor ÷ PgBouncer", "floor ×2 ÷ PgBouncer"]
+    lines = [_row(head), _row(["---:"] * len(head))]
+    for r in doc["results"]:
+        lines.append(_row([r["clients"], *(f"{r[t + '_tps']:,.0f}" for t in ("pgsni", "floor", "floor_x2",
+                                                                             "pgbouncer", "direct")),
+                           *(f"**{r[k]:.2f}×**" for k in ("pgsni_vs_floor", "pgsni_vs_pgbouncer",
+                                                          "floor_vs_pgbouncer", "floor_x2_vs_pgbouncer"))]))
+    return lines
+
+
 def main(out: Path) -> None:
-    for suite in ("datapath", "connect", "coldstart", "density", "relays"):
+    for suite in ("datapath", "connect", "coldstart", "density", "relays", "floor"):
         doc = _load(out, suite)
         if doc is None:
             continue

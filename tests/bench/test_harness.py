@@ -66,6 +66,21 @@ def test_relays(tmp_path):
 
 
 @needs
+def test_floor(tmp_path):
+    from bench import floor
+
+    floor.run(runs=1, quick=True, out=tmp_path, seconds=1, clients=(2,))
+    (row,) = _doc(tmp_path, "floor")
+    assert row["clients"] == 2
+    for t in floor.TARGETS:
+        assert row[f"{t}_tps"] > 0
+    assert row["pgsni_vs_floor"] > 0 and row["floor_vs_pgbouncer"] > 0 and row["floor_x2_vs_pgbouncer"] > 0
+    from bench import markdown
+
+    assert "floor ÷ PgBouncer" in "\n".join(markdown.floor(json.loads((tmp_path / "floor.json").read_text())))
+
+
+@needs
 def test_coldstart(tmp_path):
     from bench import coldstart
 
