@@ -77,6 +77,8 @@ class Settings:
     # instances
     pg_bindir: str = _opt("", "Directory with postgres/initdb binaries. Empty: discover (/usr/lib/postgresql/<newest>/bin or PATH).")
     pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
+    instance_uid_base: int = _opt(0, "0: every instance runs as pg_user. Else (gateway as root) each database's Postgres runs as its own uid and gid from this number on, so tenants cannot read each other's files (SECURITY.md).")
+    instance_uid_count: int = _opt(100000, "How many uids from instance_uid_base are given to databases.")
     max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
     idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
     spare_clones: int = _opt(2, "Copies of the template kept ready, so creating a database is a rename instead of a copy (0: none).")
@@ -118,6 +120,11 @@ class Settings:
                      "wake_rate", "auth_failures_per_minute", "lease_seconds", "spare_clones"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
+        if self.instance_uid_base and not 1000 <= self.instance_uid_base < 2**31 - self.instance_uid_count:
+            raise ConfigError("instance_uid_base must be 0 (off) or a uid from 1000 on, clear of system "
+                              "users, with instance_uid_count uids above it")
+        if self.instance_uid_count < 1:
+            raise ConfigError("instance_uid_count must be at least 1")
         if self.wake_burst < 1:
             raise ConfigError("wake_burst must be at least 1")
         try:

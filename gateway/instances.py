@@ -18,6 +18,7 @@ from storage import errors as storage_errors
 from storage import roles as roles_mod
 from storage.cache import Databases
 from storage.errors import StorageError
+from storage.instance_uids import InstanceUids
 from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 
@@ -77,6 +78,14 @@ class InstanceManager:
                              settings.lease_seconds)
         self._conflicts: set[str] = set()  # unsaved copies another gateway has taken over
         self.after_create: Callable[[], None] | None = None  # the gateway refills spare clones
+        # instance_uid_base: each database's Postgres as its own OS user (storage/instance_uids.py)
+        self.uids = InstanceUids(settings.instance_uid_base, settings.instance_uid_count,
+                                 self.catalog) if settings.instance_uid_base else None
+
+    def make_socket_root(self) -> None:
+        """The directory of the instances' socket directories; with instance uids, every uid
+        must pass through it to its own."""
+        self.catalog.run_as.make_dir(self.settings.socket_path, 0o711 if self.uids else 0o700)
 
     def _lock(self, db_id: str) -> asyncio.Lock:
         return self._locks.setdefault(db_id, asyncio.Lock())
@@ -363,7 +372,9 @@ class InstanceManager:
                                   s.socket_path / db_id, self.catalog.log_file(db_id),
                                   self.catalog.run_as, s.postgres_options)
         try:
-            self.catalog.run_as.make_dir(s.socket_path)
+            self.make_socket_root()
+            if self.uids is not None:
+                process.run_as = await asyncio.to_thread(self.uids.run_as, db_id)
             await stop_orphan(process.pgdata, s.stop_timeout)
             started = time.monotonic()
             await process.start(s.start_timeout)

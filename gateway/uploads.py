@@ -198,10 +198,13 @@ class _Build:
                                                          str(pgdata)], check=True, capture_output=True)
 
     async def start(self) -> None:
-        s, catalog = self.settings, self.manager.catalog
-        catalog.run_as.make_dir(s.socket_path)
+        s, catalog, uids = self.settings, self.manager.catalog, self.manager.uids
+        self.manager.make_socket_root()
+        # the dump's SQL runs as a superuser: with instance uids, under a uid of its own too
+        run_as = catalog.run_as if uids is None else await asyncio.to_thread(
+            uids.claim, f".upload-{self.token}", self.dir, self.dir / "pgdata")
         self.process = PostgresProcess(catalog.bindir, self.dir / "pgdata", s.socket_path / f"up-{self.token}",
-                                       self.dir / "postgres.log", catalog.run_as, s.postgres_options)
+                                       self.dir / "postgres.log", run_as, s.postgres_options)
         await self.process.start(s.start_timeout)
 
     async def load(self, plan: Plan) -> None:
@@ -242,6 +245,8 @@ class _Build:
             await self.process.stop(self.settings.stop_timeout)
             shutil.rmtree(self.process.socket_dir, ignore_errors=True)
             self.process = None
+            if self.manager.uids is not None:  # renamed into place, the database keeps the uid
+                self.manager.uids.release(f".upload-{self.token}")
 
     async def discard(self) -> None:
         await self.stop()
