@@ -11,6 +11,7 @@ list, rename or unlink the gateway's files beside it (roles.json, the lock, the 
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import zlib
@@ -44,7 +45,11 @@ class InstanceUids:
             uid = os.lstat(pgdata).st_uid
             if not (self.owns(uid) and claims.setdefault(uid, key) == key):
                 uid = self._allocate(claims, key)
-                _hand_over(db_dir, pgdata, uid)
+                try:
+                    _hand_over(db_dir, pgdata, uid)
+                except BaseException:
+                    del claims[uid]
+                    raise
             return RunAs(uid, uid, f"uid {uid}")
 
     def release(self, key: str) -> None:
@@ -85,5 +90,12 @@ class InstanceUids:
 def _hand_over(db_dir: Path, pgdata: Path, uid: int) -> None:
     os.chown(db_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
     os.chmod(db_dir, 0o711)
-    RunAs(uid, uid, f"uid {uid}").chown_tree(pgdata)
+    try:
+        RunAs(uid, uid, f"uid {uid}").chown_tree(pgdata)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise OSUserError(f"uid {uid} does not exist here (a user namespace maps fewer uids); "
+                          "choose instance_uid_base and instance_uid_count inside the mapped "
+                          "range (see /proc/self/uid_map)") from None
     os.chmod(pgdata, 0o700)

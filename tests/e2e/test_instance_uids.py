@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import ConfigError, Settings
 
-from ..support.harness import conninfo
+from ..support.harness import connect_sqlstate, conninfo
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="instance uids need the gateway to run as root")
@@ -128,3 +128,31 @@ def test_an_uploaded_dump_runs_under_a_uid_of_its_own(start_gateway, tls, cli, t
         assert up.execute("select x from t").fetchone()[0] == 7
         uid = _uid_of_backend(up)
         assert uid != uid1 and BASE <= uid < BASE + 1000
+
+
+def test_a_uid_the_machine_cannot_give_is_a_clear_startup_error(start_gateway, tls, monkeypatch):
+    """In a user namespace, chown to an unmapped uid fails with EINVAL: the client gets 57P03
+    naming the setting, and the database is left as it was."""
+    import errno
+
+    from storage.osuser import RunAs
+
+    def unmapped(self, root):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    gt = start_gateway(instance_uid_base=BASE, instance_uid_count=1000)
+    gt.create_db("app1")
+    gt.call(lambda: gt.gw.instances.stop("app1"))
+    catalog = gt.gw.catalog
+    # a copy with app1's uid needs one of its own
+    subprocess.run(["cp", "-a", str(catalog.db_dir("app1")), str(catalog.db_dir("app3"))], check=True)
+    owner = catalog.pgdata("app3").stat().st_uid
+    monkeypatch.setattr(RunAs, "chown_tree", unmapped)
+    with pytest.raises(psycopg.OperationalError, match="instance_uid_base and instance_uid_count inside"):
+        _connect(gt, tls, "app3")
+    assert connect_sqlstate(gt.port, tls["ca"], "app3") == "57P03"
+    assert catalog.pgdata("app3").stat().st_uid == owner
+    monkeypatch.undo()
+    with _connect(gt, tls, "app3") as three:  # and it starts once uids can be given
+        uid3 = _uid_of_backend(three)
+        assert uid3 != owner and BASE <= uid3 < BASE + 1000
