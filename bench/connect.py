@@ -16,7 +16,7 @@ import scramp
 
 from . import procstat
 from .env import PASSWORD, Stack, Workdir, dsn, libpq_env
-from .report import console, median, percentile, ratio, table, write_json
+from .report import console, median, paired_ratio, percentile, ratio, table, write_json
 
 TARGETS = ("pgsni", "direct", "pgbouncer")
 
@@ -115,8 +115,8 @@ def run(*, runs: int, quick: bool, out, seconds: float | None = None, clients: i
             "p50_ms": round(percentile(lat[t], 0.5), 2), "p95_ms": round(percentile(lat[t], 0.95), 2),
             "p50_minus_client_scram_ms": round(percentile(lat[t], 0.5) - cost["pbkdf2_ms"], 2)}
     for other in ("direct", "pgbouncer"):
-        results[f"rate_vs_{other}"] = round(median(
-            [ratio(a["conn_per_s"], b["conn_per_s"]) for a, b in zip(rate["pgsni"], rate[other])]), 3)
+        results[f"rate_vs_{other}"] = paired_ratio([r["conn_per_s"] for r in rate["pgsni"]],
+                                                   [r["conn_per_s"] for r in rate[other]])
         results[f"p50_vs_{other}"] = ratio(results["pgsni"]["p50_ms"], results[other]["p50_ms"])
     results["pgsni_gateway_cpu_ms_per_conn"] = round(median(gw_cpu_ms), 3)
     table(f"New TLS + SCRAM connections ({clients} clients with pgbench -C; latency: one at a time, psycopg)",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import procstat
 from .env import Stack, Workdir, libpq_env
-from .report import console, median, percentile, ratio, table, write_json
+from .report import console, median, paired_ratio, percentile, table, write_json
 
 TARGETS = ("pgsni", "direct", "pgbouncer")
 MODES = {"select-only": ["-S"], "tpcb-like": ["-b", "tpcb-like"]}
@@ -69,10 +69,9 @@ def _run_pgbench(stack: Stack, clients_list, seconds, runs, logroot) -> list[dic
                     vals = [r[key] for r in samples[t] if key in r]
                     if vals:
                         row[f"{t}_{key}"] = round(median(vals), 3)
-                # each run's own ratio, then the median: the two ran seconds apart
             for other in ("direct", "pgbouncer"):
-                row[f"tps_vs_{other}"] = round(median(
-                    [ratio(a["tps"], b["tps"]) for a, b in zip(samples["pgsni"], samples[other])]), 3)
+                row[f"tps_vs_{other}"] = paired_ratio([r["tps"] for r in samples["pgsni"]],
+                                                      [r["tps"] for r in samples[other]])
             results.append(row)
     return results
 
@@ -120,7 +119,7 @@ def _run_bulk(stack: Stack, size_mb: int, runs: int) -> list[dict]:
         for t in TARGETS:
             row[f"{t}_s"] = round(median(secs[t]), 3)
             row[f"{t}_mb_s"] = round(size_mb / median(secs[t]), 1)
-        row["speed_vs_direct"] = round(median([ratio(b, a) for a, b in zip(secs["pgsni"], secs["direct"])]), 3)
+        row["speed_vs_direct"] = paired_ratio(secs["direct"], secs["pgsni"])
         row["pgsni_rss_before_mb"] = round(median([r["before"] for r in rss]), 1)
         row["pgsni_rss_peak_mb"] = round(median([r["peak"] for r in rss]), 1)
         row["pgsni_rss_growth_mb"] = round(max(r["peak"] - r["before"] for r in rss), 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .datapath import pgbench
 from .env import Stack, Workdir, _terminate, free_port
-from .report import console, median, ratio, table, write_json
+from .report import console, median, paired_ratio, table, write_json
 
 TARGETS = ("pgsni", "floor", "floor_x2", "pgbouncer", "direct")
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +65,7 @@ def run(*, runs: int, quick: bool, out: Path, seconds: float | None = None, scal
                 row: dict = {"clients": n, **{f"{t}_tps": round(median(samples[t]), 1) for t in TARGETS}}
                 for a, b in (("pgsni", "floor"), ("pgsni", "pgbouncer"), ("floor", "pgbouncer"),
                              ("floor_x2", "pgbouncer"), ("floor_x2", "floor")):
-                    # each run's own ratio, then the median: the two ran seconds apart
-                    row[f"{a}_vs_{b}"] = round(median([ratio(x, y) for x, y in zip(samples[a], samples[b])]), 3)
+                    row[f"{a}_vs_{b}"] = paired_ratio(samples[a], samples[b])
                 row["samples"] = samples
                 results.append(row)
     finally:

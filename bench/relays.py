@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from .env import GatewayProcess, Workdir, libpq_env, pgbench_init
-from .report import console, median, ratio, table, write_json
+from .report import console, median, paired_ratio, table, write_json
 
 
 def _side_by_side(targets: list[tuple[GatewayProcess, str]], clients: int, seconds: float) -> float:
@@ -51,7 +51,7 @@ def run(*, runs: int, quick: bool, out: Path, seconds: float | None = None, scal
                 double.append(_side_by_side([(one, "b1"), (two, "b2")], n, seconds))
             results.append({"clients_per_database": n, "total_clients": 2 * n,
                             "one_relay_tps": round(median(single), 1), "two_relays_tps": round(median(double), 1),
-                            "two_vs_one": round(median([ratio(b, a) for a, b in zip(single, double)]), 3),
+                            "two_vs_one": paired_ratio(double, single),
                             "samples": {"one": single, "two": double}})
     finally:
         for gw in gateways:

@@ -34,6 +34,12 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else 0.0
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of each run's own a ÷ b: the two were measured seconds apart, so their ratio
+    is steadier than a ratio of medians on a machine whose speed drifts."""
+    return round(median([ratio(x, y) for x, y in zip(a, b)]), 3)
+
+
 def machine() -> dict:
     cpu = ""
     try:
