@@ -46,11 +46,11 @@ class InstanceUids:
             if not (self.owns(uid) and claims.setdefault(uid, key) == key):
                 uid = self._allocate(claims, key)
                 try:
-                    _hand_over(db_dir, pgdata, uid)
+                    _hand_over(db_dir, pgdata, _user(uid))
                 except BaseException:
                     del claims[uid]
                     raise
-            return RunAs(uid, uid, f"uid {uid}")
+            return _user(uid)
 
     def release(self, key: str) -> None:
         """Forget `key`'s uid (an upload's build, renamed into place: the database it becomes
@@ -87,15 +87,20 @@ class InstanceUids:
                           "raise instance_uid_count")
 
 
-def _hand_over(db_dir: Path, pgdata: Path, uid: int) -> None:
+def _user(uid: int) -> RunAs:
+    """A database's OS user: its uid, and a group of the same number."""
+    return RunAs(uid, uid, f"uid {uid}")
+
+
+def _hand_over(db_dir: Path, pgdata: Path, user: RunAs) -> None:
     os.chown(db_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
     os.chmod(db_dir, 0o711)
     try:
-        RunAs(uid, uid, f"uid {uid}").chown_tree(pgdata)
+        user.chown_tree(pgdata)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        raise OSUserError(f"uid {uid} does not exist here (a user namespace maps fewer uids); "
+        raise OSUserError(f"{user.name} does not exist here (a user namespace maps fewer uids); "
                           "choose instance_uid_base and instance_uid_count inside the mapped "
                           "range (see /proc/self/uid_map)") from None
     os.chmod(pgdata, 0o700)
