@@ -118,6 +118,21 @@ class InstanceManager:
             return self._hold(inst) if inst is not None and inst.alive else None
 
     @staticmethod
+    async def exited(inst: Instance, wait: float = 5.0) -> bool:
+        """After a login found the instance's socket gone or refusing: whether its postmaster
+        has exited, waiting up to `wait` for it (one on its way out removes its socket first,
+        and the loop may not have seen the exit yet). The next `acquire` then retires it and
+        starts a new one."""
+        proc = inst.process.proc
+        if proc is None:
+            return True
+        try:
+            await asyncio.wait_for(proc.wait(), wait)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    @staticmethod
     def _hold(inst: Instance) -> Instance:
         inst.clients += 1
         inst.last_used = time.monotonic()

@@ -24,6 +24,11 @@ class BackendRefused(Exception):
         self.error = error
 
 
+class BackendUnreachable(GatewayError):
+    """The instance's socket refused the connection or was gone: its postmaster may be on its
+    way out (it removes the socket before it exits)."""
+
+
 @dataclass
 class BackendSession:
     conn: PgConnection
@@ -44,8 +49,11 @@ async def login(socket_path: Path, params: dict[str, str], timeout: float) -> Ba
     try:
         _, conn = await asyncio.wait_for(loop.create_unix_connection(
             lambda: PgConnection(p.MessageReader(startup=False)), str(socket_path)), timeout)
-    except (OSError, asyncio.TimeoutError) as e:
-        raise GatewayError(INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
+    except OSError as e:
+        raise BackendUnreachable(INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
+    except asyncio.TimeoutError as e:
+        raise GatewayError(INTERNAL_ERROR, "could not reach the database server",
+                           detail="its socket did not accept the connection in time") from e
     try:
         return await asyncio.wait_for(_login(conn, params), timeout)
     except BaseException:

@@ -194,10 +194,7 @@ class Session:
             inst, backend = got
             acquired = woke
         else:  # no early login, or the instance stopped meanwhile: wake it now
-            create = gw.settings.dev_password if gw.settings.create_on_connect else None
-            inst = await gw.instances.acquire(db_id, create_password=create)
-            acquired = time.monotonic()
-            backend = await _log_in(gw, inst, params)
+            inst, acquired, backend = await _wake_and_log_in(gw, db_id, params)
         key = None
         try:
             done = time.monotonic()
@@ -259,6 +256,25 @@ async def _log_in(gw: "Gateway", inst, params: dict[str, str]) -> relay.BackendS
     except BaseException:
         gw.instances.release(inst)
         raise
+
+
+async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
+    """(instance, when it was acquired, backend session), starting the instance if need be. An
+    instance whose postmaster turns out to be exiting (its socket already gone) is replaced by
+    a new one, once, instead of failing the client."""
+    create = gw.settings.dev_password if gw.settings.create_on_connect else None
+    retried = False
+    while True:
+        inst = await gw.instances.acquire(db_id, create_password=create)
+        acquired = time.monotonic()
+        try:
+            return inst, acquired, await _log_in(gw, inst, params)
+        except relay.BackendUnreachable as e:
+            if retried or not await gw.instances.exited(inst):
+                raise
+            retried = True
+            log.warning("postgres for %s exited as a client logged in (%s); starting it again",
+                        db_id, e.detail)
 
 
 # at most this many backend sessions per database may be logged in ahead of their clients'

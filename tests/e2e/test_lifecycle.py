@@ -3,6 +3,7 @@ after a crash, the instance cap."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -95,6 +96,30 @@ def test_instance_dead_before_its_watcher_ran_restarts(gateway, tls, data_root):
     new = gateway.gw.instances.instances["raced"]
     assert new is not inst and new.alive and inst.lock.fd is None
     assert gateway.gw.databases.state("raced").running
+
+
+def test_instance_exiting_as_a_client_logs_in_restarts(gateway, tls):
+    """The step before the one above (CI saw it after a disk-full PANIC): the postmaster has
+    exited and its socket is unusable, but the loop has not noticed the exit yet, so the
+    instance still looks alive. The login waits for the exit and starts a new postmaster
+    instead of telling the client "could not reach the database server"."""
+    gateway.create_db("exiting")
+    dsn = conninfo(gateway.port, tls["ca"], "exiting")
+    assert psql(dsn, "create table t(x int); insert into t values (4)").returncode == 0
+    inst = gateway.gw.instances.instances["exiting"]
+    child = inst.process.proc
+
+    async def notice_late():  # the exit is seen 3 s late
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child._pidfd)
+        loop.call_later(3, loop.add_reader, child._pidfd, child._on_exit)
+    gateway.call(notice_late)
+    os.kill(inst.process.pid, signal.SIGKILL)
+    assert inst.alive  # not noticed yet
+    out = psql(dsn, "select x from t")
+    assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
+    new = gateway.gw.instances.instances["exiting"]
+    assert new is not inst and new.alive and child.returncode == -signal.SIGKILL
 
 
 def test_cap_evicts_least_recently_used_idle(start_gateway, tls):
