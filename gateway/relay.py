@@ -50,7 +50,9 @@ async def login(socket_path: Path, params: dict[str, str], timeout: float) -> Ba
         _, conn = await asyncio.wait_for(loop.create_unix_connection(
             lambda: PgConnection(p.MessageReader(startup=False)), str(socket_path)), timeout)
     except OSError as e:
-        raise BackendUnreachable(INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
+        gone = isinstance(e, (FileNotFoundError, ConnectionRefusedError))
+        raise (BackendUnreachable if gone else GatewayError)(
+            INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
     except asyncio.TimeoutError as e:
         raise GatewayError(INTERNAL_ERROR, "could not reach the database server",
                            detail="its socket did not accept the connection in time") from e
