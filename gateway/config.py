@@ -82,7 +82,7 @@ class Settings:
     max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
     idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
     spare_clones: int = _opt(2, "Copies of the template kept ready, so creating a database is a rename instead of a copy (0: none).")
-    start_timeout: float = _opt(30.0, "Seconds an instance has to become ready.")
+    start_timeout: float = _opt(30.0, "Seconds an instance has to become ready; also the longest a login waits out a server that refuses logins for now (crash recovery).")
     stop_timeout: float = _opt(30.0, "Seconds a fast shutdown may take before the instance is killed.")
     shutdown_grace: float = _opt(10.0, "On SIGTERM/SIGINT, seconds to let clients finish before closing them.")
     auth_cache_seconds: float = _opt(2.0, "How long role verifiers read from a running instance are reused.")

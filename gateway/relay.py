@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol as p
-from .errors import INTERNAL_ERROR, GatewayError
+from .errors import CANNOT_CONNECT_NOW, INTERNAL_ERROR, GatewayError
 from .wire import ConnectionClosed, PgConnection, link
 
 # startup parameters that concern the gateway only, never the backend
@@ -22,6 +22,17 @@ class BackendRefused(Exception):
         super().__init__(error.message)
         self.raw = raw
         self.error = error
+
+    @property
+    def passing(self) -> bool:
+        """Whether the refusal is for now only (57P03: the server is starting up, in crash
+        recovery or shutting down), so that a later login may succeed."""
+        return self.error.code == CANNOT_CONNECT_NOW
+
+
+class BackendClosed(GatewayError):
+    """The backend closed the connection before the login finished: for one, a postmaster
+    going into crash recovery ends the logins in progress without a word."""
 
 
 class BackendUnreachable(GatewayError):
@@ -85,7 +96,7 @@ async def _login(conn: PgConnection, params: dict[str, str]) -> BackendSession:
             else:  # ParameterStatus, NoticeResponse, anything else the client should see
                 to_client.append(msg.encode())
     except ConnectionClosed:
-        raise GatewayError(INTERNAL_ERROR, "the database server closed the connection during login") from None
+        raise BackendClosed(INTERNAL_ERROR, "the database server closed the connection during login") from None
 
 
 async def pipe(client: PgConnection, backend: PgConnection) -> None:

@@ -259,22 +259,37 @@ async def _log_in(gw: "Gateway", inst, params: dict[str, str]) -> relay.BackendS
 
 
 async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
-    """(instance, when it was acquired, backend session), starting the instance if need be. An
-    instance whose postmaster turns out to be exiting (its socket already gone) is replaced by
-    a new one, once, instead of failing the client."""
+    """(instance, when it was acquired, backend session), starting the instance if need be.
+    Passing states of the instance are waited out, up to `start_timeout`, instead of failing
+    the client: a postmaster that turns out to be exiting (its socket already gone) is replaced
+    by a new one, and one that refuses logins for now (57P03: starting up, crash recovery after
+    a backend crashed, shutting down; or a login closed as crash recovery begins) is asked
+    again until it accepts, or exits and is replaced. Past the deadline the client gets the last refusal as it was."""
     create = gw.settings.dev_password if gw.settings.create_on_connect else None
-    retried = False
+    deadline = time.monotonic() + gw.settings.start_timeout
+    waited = False
     while True:
         inst = await gw.instances.acquire(db_id, create_password=create)
         acquired = time.monotonic()
         try:
             return inst, acquired, await _log_in(gw, inst, params)
         except relay.BackendUnreachable as e:
-            if retried or not await gw.instances.exited(inst):
+            if time.monotonic() >= deadline or not await gw.instances.exited(inst):
                 raise
-            retried = True
             log.warning("postgres for %s exited as a client logged in (%s); starting it again",
                         db_id, e.detail)
+        except (relay.BackendRefused, relay.BackendClosed) as e:
+            if not getattr(e, "passing", True) or time.monotonic() + LOGIN_RETRY_PAUSE >= deadline:
+                raise
+            if not waited:
+                waited = True
+                log.warning("postgres for %s refused a login for now (%s); asking again until it "
+                            "accepts (up to start_timeout)", db_id, e)
+            await asyncio.sleep(LOGIN_RETRY_PAUSE)
+
+
+# pause between logins to a postmaster that refused one for now (57P03)
+LOGIN_RETRY_PAUSE = 0.1
 
 
 # at most this many backend sessions per database may be logged in ahead of their clients'
@@ -296,14 +311,19 @@ class EarlyLogin:
 
     async def _login(self, params: dict[str, str]):
         """(instance, backend session) for a database running now, or None if it no longer
-        is or could not be reached (the session then logs in the usual way, which restarts
-        an instance that died meanwhile). The backend's own refusal (BackendRefused) is the
-        client's answer either way, so it is passed on."""
+        is, could not be reached or refused the login for now (the session then logs in the
+        usual way, which restarts an instance that died meanwhile and waits out a passing
+        refusal). Any other refusal by the backend (BackendRefused) is the client's answer
+        either way, so it is passed on."""
         inst = await self.gw.instances.acquire_running(self.db_id)
         if inst is None:
             return None
         try:
             return inst, await _log_in(self.gw, inst, params)
+        except relay.BackendRefused as e:
+            if e.passing:  # the session's own login waits it out
+                return None
+            raise
         except GatewayError as e:
             log.debug("early login to %s failed (%s); trying again after authentication", self.db_id, e)
             return None

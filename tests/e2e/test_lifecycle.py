@@ -4,6 +4,7 @@ after a crash, the instance cap."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -11,6 +12,8 @@ import time
 
 import psycopg
 import pytest
+
+from gateway import relay
 
 from ..support.harness import connect_sqlstate, conninfo, postmasters, psql, wait_until
 
@@ -120,6 +123,69 @@ def test_instance_exiting_as_a_client_logs_in_restarts(gateway, tls):
     assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
     new = gateway.gw.instances.instances["exiting"]
     assert new is not inst and new.alive and child.returncode == -signal.SIGKILL
+
+
+@contextlib.contextmanager
+def _crash_recovery_held(gw, dsn: str, db_id: str, release_after: float):
+    """Crash a backend of `db_id` and hold the postmaster's crash recovery back for
+    `release_after` seconds (recovery cannot begin until every backend has exited, and a
+    SIGSTOPped one waits). Yields once the server itself refuses logins "in recovery mode"."""
+    inst = gw.gw.instances.instances[db_id]
+    with psycopg.connect(dsn, autocommit=True) as stuck, \
+            psycopg.connect(dsn, autocommit=True) as crashing:
+        stuck_pid = stuck.execute("select pg_backend_pid()").fetchone()[0]
+        release = threading.Timer(0, lambda: None)
+        os.kill(stuck_pid, signal.SIGSTOP)
+        try:
+            os.kill(crashing.execute("select pg_backend_pid()").fetchone()[0], signal.SIGKILL)
+
+            async def probe():
+                try:
+                    (await relay.login(inst.socket_path, {"user": "postgres"}, 5)).conn.close()
+                except relay.BackendRefused as e:
+                    return e.error.code, e.error.message
+                except relay.BackendClosed:
+                    pass  # a login caught as the crash recovery began
+                return None
+            wait_until(lambda: gw.call(probe) is not None, 10, "the crash to be seen")
+            assert gw.call(probe) == ("57P03", "the database system is in recovery mode")
+            release = threading.Timer(release_after, os.kill, (stuck_pid, signal.SIGCONT))
+            release.start()
+            yield
+        finally:
+            release.cancel()
+            with contextlib.suppress(ProcessLookupError):  # it has gone once recovery began
+                os.kill(stuck_pid, signal.SIGCONT)
+
+
+def test_login_during_crash_recovery_waits_for_it(gateway, tls):
+    """A backend crash sends the postmaster into crash recovery, and while it lasts Postgres
+    refuses logins with 57P03 "in recovery mode" (CI saw this after a disk-full PANIC). The
+    gateway asks again until the server accepts, so the client only sees a slower login."""
+    gateway.create_db("recovering")
+    dsn = conninfo(gateway.port, tls["ca"], "recovering")
+    assert psql(dsn, "create table t(x int); insert into t values (5)").returncode == 0
+    inst = gateway.gw.instances.instances["recovering"]
+    with _crash_recovery_held(gateway, dsn, "recovering", release_after=2):
+        began = time.monotonic()
+        out = psql(dsn, "select x from t")
+    assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
+    assert time.monotonic() - began >= 1.5  # it did wait for the recovery
+    assert gateway.gw.instances.instances["recovering"] is inst and inst.alive  # no restart
+
+
+def test_login_during_crash_recovery_gives_up_after_start_timeout(start_gateway, tls):
+    gw = start_gateway(start_timeout=2)
+    gw.create_db("slowrec")
+    dsn = conninfo(gw.port, tls["ca"], "slowrec")
+    # (Postgres itself SIGKILLs backends that have not exited 5 s after the crash)
+    with _crash_recovery_held(gw, dsn, "slowrec", release_after=6):
+        began = time.monotonic()
+        out = psql(dsn, "select 1")
+        waited = time.monotonic() - began
+    assert out.returncode != 0 and "the database system is in recovery mode" in out.stderr, out.stderr
+    assert waited >= 1.5, waited  # it waited, then gave up before recovery ended
+    assert psql(dsn, "select 1").returncode == 0  # and once recovery is done, logins work
 
 
 def test_cap_evicts_least_recently_used_idle(start_gateway, tls):
