@@ -69,6 +69,7 @@ class InstanceManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
         self.starts = 0  # how many postmasters this manager has started (tests, metrics)
+        self.closing = False  # set by stop_all: nothing is started any more
         self.wakes = TokenBucket(settings.wake_rate, settings.wake_burst)  # starts for clients
         self.metrics = Metrics()  # the gateway puts its own here (gateway/metrics.py)
         # per-database leases in storage (storage/leases.py), named after this data root (the
@@ -101,6 +102,8 @@ class InstanceManager:
                 # start below would find this database's file lock still held by it
                 self._forget(inst)
             if inst is None or not inst.alive:
+                if self.closing:  # a client that waited through stop_all starts nothing
+                    raise errors.shutting_down()
                 await self._wake_turn()
                 async with self._claimed(db_id):
                     if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
@@ -199,6 +202,7 @@ class InstanceManager:
                 await self._release_if_saved(db_id)
 
     async def stop_all(self) -> None:
+        self.closing = True
         await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in list(self.instances)))
         await self.leases.release_idle()  # another gateway may take over at once
 

@@ -281,6 +281,8 @@ async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
         except (relay.BackendRefused, relay.BackendClosed) as e:
             if not getattr(e, "passing", True) or time.monotonic() + LOGIN_RETRY_PAUSE >= deadline:
                 raise
+            if gw.shutting_down:
+                raise errors.shutting_down() from None
             if not waited:
                 waited = True
                 log.warning("postgres for %s refused a login for now (%s); asking again until it "

@@ -188,6 +188,33 @@ def test_login_during_crash_recovery_gives_up_after_start_timeout(start_gateway,
     assert psql(dsn, "select 1").returncode == 0  # and once recovery is done, logins work
 
 
+def test_login_waiting_out_crash_recovery_ends_at_gateway_shutdown(start_gateway, tls, data_root,
+                                                                   caplog):
+    """A client waiting for crash recovery when the gateway shuts down is told so (57P01),
+    and the postmaster that was recovering is stopped, not started again."""
+    gw = start_gateway(shutdown_grace=10)
+    gw.create_db("closing")
+    dsn = conninfo(gw.port, tls["ca"], "closing")
+    starts = gw.gw.instances.starts
+    with _crash_recovery_held(gw, dsn, "closing", release_after=3):
+        waiting = {}
+
+        def client():
+            waiting["out"] = psql(dsn, "select 1")
+            waiting["told"] = time.monotonic()
+        thread = threading.Thread(target=client)
+        thread.start()
+        wait_until(lambda: "refused a login for now" in caplog.text, 10, "the client to wait")
+        began = time.monotonic()
+        gw.stop()
+        thread.join(30)
+    out = waiting["out"]
+    assert out.returncode != 0 and "the gateway is shutting down" in out.stderr, out.stderr
+    assert waiting["told"] - began < 2, waiting["told"] - began  # not held for the grace
+    assert gw.gw.instances.starts == starts and not gw.gw.instances.instances
+    assert list(postmasters(data_root / "closing" / "pgdata")) == []
+
+
 def test_cap_evicts_least_recently_used_idle(start_gateway, tls):
     gw = start_gateway(max_instances=2)
     for name in ("cap1", "cap2"):
