@@ -93,3 +93,10 @@ def test_secrets_are_required_and_documented(fly):
     # without a bucket too
     with pytest.raises(ConfigError, match="s3_bucket"):
         _settings(fly, {k: v for k, v in SECRETS.items() if k != "BUCKET_NAME"})
+
+
+def test_each_database_runs_as_its_own_uid(fly):
+    """A Fly deployment serves many tenants: their Postgres instances must not share a uid."""
+    settings = _settings(fly, SECRETS)
+    assert settings.instance_uid_base >= 65536, "above the image's own users and groups"
+    assert settings.instance_uid_base + settings.instance_uid_count < 2**31
