@@ -22,7 +22,7 @@ from .cancel import CancelTarget
 from .errors import FEATURE_NOT_SUPPORTED, PROTOCOL_VIOLATION, GatewayError
 from .metrics import auth_reason
 from .remote_routes import RemoteRoute
-from .wire import ConnectionClosed, PgConnection
+from .wire import TLS_SHUTDOWN_TIMEOUT, ConnectionClosed, PgConnection
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -34,7 +34,22 @@ UNREACHABLE = "08001"  # sqlclient_unable_to_establish_sqlconnection
 # requests that the client (passthrough) or the gateway (password) answers with one 'p' message
 _ANSWERED = (p.AUTH_CLEARTEXT, p.AUTH_MD5, p.AUTH_SASL, p.AUTH_SASL_CONTINUE)
 # relayed remote connections per gateway, closed by close_all() at the end of a shutdown grace
-_relayed: "weakref.WeakKeyDictionary[Gateway, set[PgConnection]]" = weakref.WeakKeyDictionary()
+_relayed: "weakref.WeakKeyDictionary[Gateway, set[RemoteConnection]]" = weakref.WeakKeyDictionary()
+# the whole of a ReadyForQuery but its status byte
+_READY = p.Message(b"Z", b"I").encode()[:-1]
+
+
+class RemoteConnection(PgConnection):
+    """The remote side of a session. Its stream to the client is relayed unparsed, so the
+    gateway cannot tell where one message ends in general; but when the last bytes the remote
+    sent were a whole ReadyForQuery, the client has been answered and is waiting, and a
+    message of the gateway's own can follow (`at_rest`)."""
+
+    at_rest = False
+
+    def data_received(self, data: bytes) -> None:
+        self.at_rest = data[-6:-1] == _READY and data[-1:] in b"ITE"
+        super().data_received(data)
 
 
 def unreachable(db_id: str, reason: str) -> GatewayError:
@@ -126,7 +141,7 @@ async def _tcp(loop: asyncio.AbstractEventLoop, route: RemoteRoute) -> socket.so
 async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, route: RemoteRoute,
                 timeout: float) -> PgConnection:
     ctx = route.ssl_context()
-    conn = PgConnection(p.MessageReader(startup=False))
+    conn = RemoteConnection(p.MessageReader(startup=False))
     if ctx is None:
         await loop.create_connection(lambda: conn, sock=sock)
         return conn
@@ -136,7 +151,8 @@ async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, route: Rem
         raise OSError("the remote server does not accept TLS" if answer == b"N"
                       else "the remote server did not answer the SSLRequest")
     await loop.create_connection(lambda: conn, sock=sock, ssl=ctx, server_hostname=route.tls_name,
-                                 ssl_handshake_timeout=timeout)
+                                 ssl_handshake_timeout=timeout,
+                                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
     return conn
 
 
@@ -321,10 +337,17 @@ async def serve(session: "Session", db_id: str, backend: relay.BackendSession) -
 
 def close_all(gw: "Gateway") -> int:
     """Shutdown, after the grace period: close every relayed remote connection (its client
-    is closed after its pending bytes are flushed). Returns how many there were."""
+    is closed after its pending bytes are flushed). A client waiting for its next query is
+    told why first (57P01, as Postgres tells its own clients at a fast shutdown); one in the
+    middle of a reply is only closed, since a message cannot be put inside another. Returns
+    how many there were."""
     relayed = _relayed.pop(gw, set())
     for conn in relayed:
-        conn.close()
+        if conn.at_rest and conn.peer is not None:
+            conn.peer.send(errors.shutting_down().response().encode())
+            conn.close()
+        else:  # its reply is cut anyway; a TLS close could wait on its paused reading
+            conn.abort()
     return len(relayed)
 
 

@@ -28,13 +28,9 @@ from .limits import Limits
 from .metrics import MeteredBackend, Metrics
 from .postgres import find_bindir
 from .session import ClientInfo, Session
-from .wire import PgConnection
+from .wire import TLS_SHUTDOWN_TIMEOUT, PgConnection
 
 log = logging.getLogger("pgsni.server")
-
-# how long a closing TLS connection waits for the client's close_notify; an idle client
-# never reads, so without a bound the transport would linger for the loop's 30 s default
-TLS_SHUTDOWN_TIMEOUT = 2.0
 
 
 class Gateway:

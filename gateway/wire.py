@@ -11,6 +11,12 @@ import asyncio
 from . import protocol as p
 
 
+# how long a closing TLS connection waits for the other side's close_notify; a side that
+# does not read (an idle client, a remote whose reading is paused) never sends it, and without
+# a bound the transport would linger for the loop's 30 s default
+TLS_SHUTDOWN_TIMEOUT = 2.0
+
+
 class ConnectionClosed(Exception):
     """The peer closed the connection (or it broke) before the exchange finished."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import psycopg
@@ -257,7 +258,34 @@ def test_shutdown_closes_remote_sessions_after_the_grace(remote_gw, tls):
         started = time.monotonic()
         remote_gw.stop()  # shutdown_grace=2 in the tests
         assert time.monotonic() - started < 4.5  # not grace + the 5 s wait for instances
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError) as info:
             conn.execute("select 1")
+        # it was waiting for its next query, so it is told why (57P01), as Postgres would
+        assert "the gateway is shutting down" in str(info.value), info.value
+    finally:
+        conn.close()
+
+
+def test_shutdown_in_the_middle_of_a_reply_only_closes(remote_gw, tls):
+    """A client still reading a reply when the grace ends cannot be sent a message of the
+    gateway's own (it would land inside a relayed one): it sees the connection end, not a
+    garbled stream."""
+    conn = psycopg.connect(conninfo(remote_gw.port, tls["ca"], "ext1", password=REMOTE_PASSWORD))
+    try:
+        rows = conn.cursor().stream("select repeat('x', 8000) from generate_series(1, 10000000)")
+        assert len(next(rows)[0]) == 8000  # a reply of 80 GB has begun
+        stopping = threading.Thread(target=remote_gw.stop)
+        began = time.monotonic()
+        stopping.start()
+        with pytest.raises(psycopg.OperationalError) as info:
+            for _ in rows:  # until the grace (2 s) ends
+                pass
+        cut = time.monotonic() - began
+        stopping.join(30)
+        message = str(info.value)  # the end of the connection, not a garbled message
+        assert "closed" in message or "eof" in message, message
+        for garbled in ("synchroni", "unexpected response", "do not agree", "invalid"):
+            assert garbled not in message, message
+        assert cut < 4, cut  # when the grace ends, not held for the wait for sessions (5 s)
     finally:
         conn.close()

@@ -1,8 +1,10 @@
 """Unit tests for remote routes: the SASL mechanism filtering of auth=passthrough, and the
-remote_routes setting as loaded from TOML and the environment, with its errors."""
+remote_routes setting as loaded from TOML and the environment, with its errors, and how a
+relayed remote stream tells that its client is waiting (where a shutdown may add a message)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -12,10 +14,41 @@ import trustme
 from gateway import protocol as p
 from gateway.config import ConfigError, load
 from gateway.errors import GatewayError
-from gateway.remote import sasl_mechanisms, without_channel_binding
+from gateway.remote import RemoteConnection, sasl_mechanisms, without_channel_binding
 from gateway.remote_routes import RemoteRoute, parse_routes
 
 PLUS, PLAIN = "SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"
+
+
+# --- where the relayed stream rests ------------------------------------------------------------
+
+
+def _rest_after(*chunks: bytes) -> bool:
+    async def feed():
+        conn = RemoteConnection(p.MessageReader(startup=False))
+        for chunk in chunks:
+            conn.data_received(chunk)
+        return conn.at_rest
+    return asyncio.run(feed())
+
+
+READY = {status: p.Message(b"Z", status).encode() for status in (b"I", b"T", b"E")}
+ROW = p.Message(b"D", b"\0\1\0\0\0\1x").encode()
+
+
+def test_at_rest_after_a_reply_ending_in_ready_for_query():
+    for ready in READY.values():
+        assert _rest_after(ROW + p.Message(b"C", b"SELECT 1\0").encode() + ready)
+        assert _rest_after(ROW, ready)
+    assert not _rest_after()  # nothing yet
+
+
+def test_not_at_rest_in_the_middle_of_a_reply():
+    assert not _rest_after(READY[b"I"], ROW)  # a new reply began
+    assert not _rest_after(READY[b"I"] + ROW[:3])
+    assert not _rest_after(ROW + READY[b"I"][:3], READY[b"I"][3:])  # split: not trusted
+    assert not _rest_after(p.Message(b"Z", b"X").encode())  # not a transaction status
+    assert not _rest_after(p.Message(b"Z", b"II").encode())  # length 6: not ReadyForQuery
 
 
 # --- SASL mechanism filtering ---------------------------------------------------------------
