@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from . import admin_data
 from .op_results import OperationError
 from .operations import Ops
 
@@ -37,9 +38,10 @@ def _flag(request: web.Request, name: str) -> bool:
     raise OperationError("invalid", f"query parameter {name}={raw!r} is not true or false")
 
 
-async def _body(request: web.Request, fields: dict[str, bool]) -> dict[str, Any]:
+async def _body(request: web.Request, fields: dict[str, bool],
+                objects: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
     """The JSON object in the body; `fields` maps each allowed field to whether it is
-    required. Every value is a string."""
+    required. Every value is a string, but those named in `objects` (checked by their user)."""
     if not request.can_read_body:
         data: Any = {}
     else:
@@ -56,7 +58,8 @@ async def _body(request: web.Request, fields: dict[str, bool]) -> dict[str, Any]
     for name, required in fields.items():
         if required and name not in data:
             raise OperationError("invalid", f"field {name!r} is required")
-        if name in data and data[name] is not None and not isinstance(data[name], str):
+        if name in data and data[name] is not None and not isinstance(data[name], str) \
+                and name not in objects:
             raise OperationError("invalid", f"field {name!r} must be a string")
     return data
 
@@ -135,6 +138,19 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
         return _result(await ops.set_password(request.match_info["id"], body.get("role") or "postgres",
                                               body.get("password"), dry_run=_flag(request, "dry_run")))
 
+    async def dump(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        extra = ["--no-owner"] * _flag(request, "no_owner") + \
+            ["--no-privileges"] * _flag(request, "no_privileges")
+        return await admin_data.dump(gw, ops, request, request.match_info["id"],
+                                     q.get("format", "custom"), q.get("database", "postgres"), extra)
+
+    async def migrate(request: web.Request) -> web.Response:
+        body = await _body(request, {"migrations": True, "database": False}, objects={"migrations"})
+        return web.json_response(await admin_data.migrate(
+            gw, ops, request.match_info["id"], body["migrations"], body.get("database") or "postgres",
+            dry_run=_flag(request, "dry_run")))
+
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(json.loads(OPENAPI_PATH.read_text()))
 
@@ -149,4 +165,6 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
     r.add_post("/v1/databases/{id}/restore", handler(restore))
     r.add_post("/v1/databases/{id}/verify", handler(verify))
     r.add_post("/v1/databases/{id}/password", handler(password))
+    r.add_get("/v1/databases/{id}/dump", handler(dump), allow_head=False)
+    r.add_post("/v1/databases/{id}/migrate", handler(migrate))
     r.add_get("/v1/openapi.json", handler(openapi), allow_head=False)

@@ -3,8 +3,14 @@ success and its error codes (400, 401, 404, 409, 503), dry runs that change noth
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
+from pathlib import Path
+
 import psycopg
 import pytest
+
+from gateway.postgres import find_bindir
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
@@ -168,3 +174,52 @@ def test_remote_routes_are_listed_with_their_address(api):
     assert not (rows["ext1"]["local"] or rows["ext1"]["stored"] or rows["ext1"]["running"])
     missing = admin.get("/v1/databases/ext1")
     assert missing.status == 404 and "127.0.0.1:5999" in missing.json()["message"], missing.body
+
+
+def test_migrate_and_dump(api, tls, tmp_path):
+    """POST /migrate applies pending scripts in version order (a dry run lists them, a re-run
+    applies nothing, a failing one is a 400 that names the statement and keeps the ones before);
+    GET /dump is a pg_dump that pg_restore reads and that holds the migrated table."""
+    gt, admin = api()
+    assert admin.post("/v1/databases", {"id": "app1", "password": "pw-first-1"}).status == 201
+    scripts = {"V2__fill.sql": "insert into items values (1), (2);",
+               "V1__items.sql": "create table items(id int primary key);"}
+    dry = admin.post("/v1/databases/app1/migrate?dry_run=1", {"migrations": scripts})
+    assert dry.status == 200, dry.body
+    assert dry.json()["pending"] == ["1", "2"] and dry.json()["ran"] == []
+    ran = admin.post("/v1/databases/app1/migrate", {"migrations": scripts})
+    assert ran.status == 200, ran.body
+    assert [r["script"] for r in ran.json()["ran"]] == ["V1__items.sql", "V2__fill.sql"]
+    again = admin.post("/v1/databases/app1/migrate", {"migrations": scripts}).json()
+    assert again["applied_before"] == ["1", "2"] and again["pending"] == [] and again["ran"] == []
+    failing = admin.post("/v1/databases/app1/migrate", {"migrations": scripts | {
+        "V3__more.sql": "insert into items values (3);", "V4__bad.sql": "insert into items values (1);"}})
+    assert failing.status == 400 and failing.json()["error"] == "invalid", failing.body
+    assert "V4__bad.sql:1:" in failing.json()["message"] and "duplicate key" in failing.json()["message"]
+    assert "pgsni-migrate-" not in failing.json()["message"]  # no private spool path
+    with _connect(gt, tls, "app1", "pw-first-1") as conn:
+        assert conn.execute("select array_agg(id order by id) from items").fetchone()[0] == [1, 2, 3]
+    for bad in ({"migrations": {}}, {"migrations": {"../V5__x.sql": "select 1"}},
+                {"migrations": {"V5__x.sql": 5}}, {"migrations": "V5__x.sql"}, {}):
+        reply = admin.post("/v1/databases/app1/migrate", bad)
+        assert reply.status == 400 and reply.json()["error"] == "invalid", (bad, reply.body)
+    edited = admin.post("/v1/databases/app1/migrate",
+                        {"migrations": {"V1__items.sql": "create table items(id bigint);"}})
+    assert edited.status == 400 and "V1__items.sql" in edited.json()["message"], edited.body
+    assert admin.post("/v1/databases/nope/migrate", {"migrations": scripts}).status == 404
+
+    dumped = admin.get("/v1/databases/app1/dump")
+    assert dumped.status == 200, dumped.body
+    assert dumped.headers["Content-Disposition"] == 'attachment; filename="app1.dump"'
+    assert dumped.body[:5] == b"PGDMP" and int(dumped.headers["Content-Length"]) == len(dumped.body)
+    (tmp_path / "app1.dump").write_bytes(dumped.body)
+    listing = subprocess.run([str(find_bindir() / "pg_restore"), "--list", str(tmp_path / "app1.dump")],
+                             capture_output=True, text=True)
+    assert listing.returncode == 0 and "TABLE public items" in listing.stdout, listing.stderr
+    plain = admin.get("/v1/databases/app1/dump?format=plain&no_owner=1")
+    assert plain.status == 200 and plain.headers["Content-Type"].startswith("application/sql")
+    assert b"CREATE TABLE public.items" in plain.body and b"OWNER TO" not in plain.body
+    assert admin.get("/v1/databases/app1/dump?format=zip").status == 400
+    assert admin.get("/v1/databases/app1/dump?database=nosuch").json()["error"] == "failed"
+    assert admin.get("/v1/databases/nope/dump").status == 404
+    assert not list(Path(tempfile.gettempdir()).glob("pgsni-dump-*"))  # nothing left behind

@@ -74,5 +74,10 @@ def test_real_answers_match_the_schemas(doc, start_gateway):
            "/v1/databases/{id}/versions")
     _check(doc, "/v1/databases/app1/snapshot", "post", admin.post("/v1/databases/app1/snapshot"),
            "/v1/databases/{id}/snapshot")
+    migrate = {"migrations": {"V1__t.sql": "create table t(x int);"}}
+    _check(doc, "/v1/databases/app1/migrate", "post", admin.post("/v1/databases/app1/migrate", migrate),
+           "/v1/databases/{id}/migrate")
+    _check(doc, "/v1/databases/app1/migrate", "post", admin.post("/v1/databases/app1/migrate", {}),
+           "/v1/databases/{id}/migrate")  # 400
     served = admin.get("/v1/openapi.json")
     assert served.status == 200 and served.json() == doc
