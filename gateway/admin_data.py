@@ -47,9 +47,10 @@ def _clear_errors(spool: Path):
             yield
         except SqlFileError as e:  # a syntax error, or Postgres refused a statement
             raise OperationError("invalid", text(e)) from e
+        except migrations.MigrationBusy as e:
+            raise OperationError("busy", text(e)) from e
         except migrations.MigrationError as e:
-            kind = "busy" if "another migration" in str(e) else "invalid"
-            raise OperationError(kind, text(e)) from e
+            raise OperationError("invalid", text(e)) from e
         except ToolError as e:
             raise OperationError("failed", text(e)) from e
 
@@ -105,7 +106,4 @@ async def migrate(gw: "Gateway", ops: Ops, db_id: str, scripts: Any, dbname: str
         with _clear_errors(Path(tmp)):
             report = await migrations.migrate(gw.instances, db_id, Path(tmp), dbname=dbname,
                                               dry_run=dry_run)
-    return {"id": db_id, "dry_run": dry_run,
-            "applied_before": [a.version for a in report.applied],
-            "pending": [m.version for m in report.pending],
-            "ran": [vars(a) for a in report.ran], "warnings": report.warnings}
+    return report.summary(db_id, dry_run) | {"warnings": report.warnings}

@@ -179,9 +179,7 @@ def migrate(ctx: click.Context, db_id: str, directory: Path, dbname: str, local_
     for w in report.warnings:
         note(ctx, f"warning: {w}")
     if as_json(ctx):
-        emit_json({"id": db_id, "dry_run": dry, "applied_before": [a.version for a in report.applied],
-                   "pending": [m.version for m in report.pending],
-                   "ran": [asdict(a) for a in report.ran]})
+        emit_json(report.summary(db_id, dry))
         return
     if not report.pending:
         say(ctx, f"{db_id} is up to date ({len(report.applied)} migrations applied)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 
 class MigrationError(Exception):
     pass
+
+
+class MigrationBusy(MigrationError):
+    """Another migration of the same database holds its advisory lock."""
 
 
 @dataclass
@@ -71,6 +75,14 @@ class Report:
     ran: list[Applied] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history_exists: bool = False
+
+    def summary(self, db_id: str, dry_run: bool) -> dict:
+        """The run as JSON (`db migrate --json`, the admin API): versions applied before it,
+        those pending, and what ran."""
+        return {"id": db_id, "dry_run": dry_run,
+                "applied_before": [a.version for a in self.applied],
+                "pending": [m.version for m in self.pending],
+                "ran": [asdict(a) for a in self.ran]}
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -161,7 +173,7 @@ async def migrate(manager: InstanceManager, db_id: str, directory: Path, *, dbna
         async with conn:
             got = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,))).fetchone()
             if not got[0]:
-                raise MigrationError(f'another migration of "{db_id}" is running')
+                raise MigrationBusy(f'another migration of "{db_id}" is running')
             exists, applied = await _history(conn)
             pending, more = plan(migrations, applied)
             report = Report(applied, pending, warnings=warnings + more, history_exists=exists)

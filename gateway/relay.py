@@ -32,7 +32,10 @@ class BackendRefused(Exception):
 
 class BackendClosed(GatewayError):
     """The backend closed the connection before the login finished: for one, a postmaster
-    going into crash recovery ends the logins in progress without a word."""
+    going into crash recovery ends the logins in progress without a word. A later login may
+    succeed."""
+
+    passing = True
 
 
 class BackendUnreachable(GatewayError):

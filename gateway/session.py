@@ -264,7 +264,8 @@ async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
     the client: a postmaster that turns out to be exiting (its socket already gone) is replaced
     by a new one, and one that refuses logins for now (57P03: starting up, crash recovery after
     a backend crashed, shutting down; or a login closed as crash recovery begins) is asked
-    again until it accepts, or exits and is replaced. Past the deadline the client gets the last refusal as it was."""
+    again until it accepts, or exits and is replaced. Past the deadline the client gets the
+    last refusal as it was."""
     create = gw.settings.dev_password if gw.settings.create_on_connect else None
     deadline = time.monotonic() + gw.settings.start_timeout
     waited = False
@@ -279,7 +280,7 @@ async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
             log.warning("postgres for %s exited as a client logged in (%s); starting it again",
                         db_id, e.detail)
         except (relay.BackendRefused, relay.BackendClosed) as e:
-            if not getattr(e, "passing", True) or time.monotonic() + LOGIN_RETRY_PAUSE >= deadline:
+            if not e.passing or time.monotonic() + LOGIN_RETRY_PAUSE >= deadline:
                 raise
             if gw.shutting_down:
                 raise errors.shutting_down() from None
