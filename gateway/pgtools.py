@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from storage.atomic import temp_name
+from storage.osuser import clean_env
 
 from .instances import InstanceManager
 
@@ -21,12 +22,10 @@ class ToolError(Exception):
 
 
 def tool_env() -> dict[str, str]:
-    """The environment for client programs: no PG* variable of the caller (PGHOST, PGSERVICE,
-    PGOPTIONS, ...) may redirect them away from the instance's socket."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGCONNECT_TIMEOUT"] = "20"
-    env["PGAPPNAME"] = "pgsni"
-    return env
+    """The environment for client programs: built from nothing (storage/osuser.clean_env), so
+    neither the gateway's secrets nor a PG* variable of the caller (PGHOST, PGSERVICE,
+    PGOPTIONS, ...) reach them."""
+    return clean_env(PGCONNECT_TIMEOUT="20", PGAPPNAME="pgsni")
 
 
 def conn_args(socket_dir: Path, dbname: str) -> list[str]:

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from storage.osuser import RunAs
+from storage.osuser import RunAs, clean_env
 
 log = logging.getLogger("pgsni.postgres")
 
@@ -189,7 +189,7 @@ class PostgresProcess:
         with open(fd, "ab") as logf:
             self.proc = ChildProcess(subprocess.Popen(
                 self._argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                **self.run_as.popen_kwargs()))
+                env=clean_env(), **self.run_as.popen_kwargs()))
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
         except asyncio.TimeoutError:

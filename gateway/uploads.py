@@ -28,6 +28,7 @@ import zstandard
 from storage import roles as roles_mod
 from storage.cache import Databases, LocalState
 from storage.local import LocalCatalog
+from storage.osuser import clean_env
 
 from . import pgtools, sqlfiles
 from .instances import InstanceManager
@@ -195,7 +196,8 @@ class _Build:
             template = await asyncio.to_thread(self.manager.catalog.template)
             with self.side.staging("new") as pgdata:
                 await asyncio.to_thread(subprocess.run, ["cp", "-a", "--reflink=auto", str(template),
-                                                         str(pgdata)], check=True, capture_output=True)
+                                                         str(pgdata)], check=True, capture_output=True,
+                                        env=clean_env())
 
     async def start(self) -> None:
         s, catalog, uids = self.settings, self.manager.catalog, self.manager.uids

@@ -18,6 +18,7 @@ from typing import Callable
 from . import archive
 from .errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
 from .local import HBA, LocalCatalog
+from .osuser import clean_env
 from .sources import Source
 from .streams import feed_thread
 
@@ -82,7 +83,8 @@ def check_major(pgdata: Path, bindir: Path) -> None:
 
 def installed_major(bindir: Path) -> str:
     """The major version of `<bindir>/postgres` ("15"), from `postgres --version`."""
-    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True)
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True,
+                         env=clean_env())
     match = re.search(r"\(PostgreSQL\) (\d+)(\.\d+)?", out.stdout)
     if out.returncode != 0 or not match:
         raise StorageError(f"cannot tell the version of {bindir / 'postgres'}: "

@@ -18,7 +18,7 @@ from . import roles as roles_mod
 from .atomic import write_temp
 from .errors import DiskFull, StorageError, disk_full_as
 from .ids import valid_id
-from .osuser import RunAs
+from .osuser import RunAs, clean_env
 
 TEMPLATE = "_template"
 SPARE = ".spare-"  # <root>/.spare-<token>/pgdata: a ready copy of the template
@@ -109,7 +109,7 @@ class LocalCatalog:
             data = work / "pgdata"
             cmd = [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                    "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(),
                                   **self.run_as.popen_kwargs())
             if proc.returncode != 0:
                 shutil.rmtree(work, ignore_errors=True)
@@ -128,7 +128,7 @@ class LocalCatalog:
                 return self.pgdata(db_id)
             # cp -a keeps modes and ownership and is faster than a Python tree walk
             done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template()), str(pgdata)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=clean_env())
             if done.returncode != 0:
                 reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
                 if "No space left" in done.stderr or "Disk quota" in done.stderr:
@@ -165,7 +165,7 @@ class LocalCatalog:
             self.run_as.make_dir(work)
             try:
                 done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template()),
-                                       str(work / "pgdata")], capture_output=True)
+                                       str(work / "pgdata")], capture_output=True, env=clean_env())
                 if done.returncode != 0:
                     return made
                 os.rename(work, self.root / f"{SPARE}{token}")

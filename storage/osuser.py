@@ -1,5 +1,6 @@
 """Who owns database files and runs Postgres: the gateway's own user, or an unprivileged
-OS user (default `postgres`) when the gateway runs as root. Postgres refuses to run as root."""
+OS user (default `postgres`) when the gateway runs as root. Postgres refuses to run as root.
+Also the one place that builds the environment of every process the gateway starts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ from pathlib import Path
 
 class OSUserError(Exception):
     pass
+
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The whole environment for a process the gateway starts (postgres, initdb, pg_dump,
+    psql, cp, s3fs...): built from nothing, never copied from `os.environ`, which holds the
+    storage keys and the admin token. A tenant who can run programs in its database sees
+    exactly this. `extra` adds what one tool needs (PGAPPNAME, say)."""
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+    if os.environ.get("TZ"):  # the operator's time zone is no secret; initdb records it
+        env["TZ"] = os.environ["TZ"]
+    env.update(extra)
+    return env
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import StorageError, StorageUnavailable
 from .keys import normalize_root_prefix
 from .localdir import LocalDirBackend
+from .osuser import clean_env
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -115,13 +116,14 @@ def _unmount(path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     err = ""
     while mounted(path):
-        r = subprocess.run(normal, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        r = subprocess.run(normal, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           env=clean_env())
         if r.returncode == 0 or not mounted(path):
             return
         err = r.stderr.strip()
         if time.monotonic() >= deadline:
             log.warning("unmounting %s failed (%s); detaching it lazily", path, err)
-            subprocess.run(lazy, capture_output=True, stdin=subprocess.DEVNULL)
+            subprocess.run(lazy, capture_output=True, stdin=subprocess.DEVNULL, env=clean_env())
             return
         time.sleep(0.2)
 
@@ -147,15 +149,31 @@ def _s3fs_options(settings: "Settings", passwd_file: str | None) -> list[str]:
     return ["-o", ",".join(opts)]
 
 
+def _credentials(settings: "Settings") -> tuple[str, str] | None:
+    """The key pair for s3fs's passwd file: the settings', else the standard AWS variables."""
+    if settings.s3_access_key:
+        return settings.s3_access_key, settings.s3_secret_key
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return (access, secret) if access and secret else None
+
+
+def _s3fs_env() -> dict[str, str]:
+    """s3fs's environment: clean, plus where to find ~/.aws/credentials (no keys: those go
+    in the passwd file)."""
+    extra = {k: os.environ[k] for k in ("HOME", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE")
+             if os.environ.get(k)}
+    return clean_env(**extra)
+
+
 def mount(settings: "Settings", timeout: float = MOUNT_TIMEOUT) -> Mount:
     """Mount `s3_bucket` (sub-path `s3_prefix`, as `bucket:/prefix`, so the backend on top
     uses no prefix of its own) at `storage_path` with s3fs-fuse running in the foreground
     as our child, and wait (at most `timeout`) until the mount is live.
 
-    Credentials (s3_access_key/s3_secret_key) go to a 0600 passwd file in a private 0700
-    directory that is removed as soon as s3fs has read it: never on a command line, never
-    logged. Without them s3fs finds AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or
-    ~/.aws/credentials itself. s3fs's own messages go to the `pgsni.s3fs` logger.
+    Credentials (s3_access_key/s3_secret_key, else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    from the gateway's environment) go to a 0600 passwd file in a private 0700 directory
+    that is removed as soon as s3fs has read it: never on a command line or in s3fs's
+    environment, never logged. With neither, s3fs reads ~/.aws/credentials itself. s3fs's own messages go to the `pgsni.s3fs` logger.
     Raises StorageError if s3fs is missing or the settings are unusable, and
     StorageUnavailable (with s3fs's output) if the mount does not come up."""
     exe = shutil.which("s3fs")
@@ -176,17 +194,19 @@ def mount(settings: "Settings", timeout: float = MOUNT_TIMEOUT) -> Mount:
     private = tempfile.mkdtemp(prefix="pgsni-s3fs-")  # 0700
     try:
         passwd = None
-        if settings.s3_access_key:
+        keys = _credentials(settings)
+        if keys is not None:
             passwd = os.path.join(private, "passwd")
             fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(f"{settings.s3_access_key}:{settings.s3_secret_key}\n")
+                f.write(f"{keys[0]}:{keys[1]}\n")
         source = f"{bucket}:/{prefix}" if prefix else bucket
         argv = [exe, source, str(path), "-f", *_s3fs_options(settings, passwd)]
         try:
             # own session: a Ctrl-C meant for the gateway must not take the mount away under it
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=_s3fs_env())
         except OSError as e:
             raise StorageError(f"storage=s3fs: cannot run {exe}: {e.strerror}") from None
         output: collections.deque[str] = collections.deque(maxlen=50)
