@@ -15,7 +15,7 @@ from scramp import ScramException, ScramMechanism
 from storage.roles import Role
 
 from . import protocol as p
-from .errors import INVALID_AUTHORIZATION, INVALID_PASSWORD, PROTOCOL_VIOLATION, GatewayError
+from .errors import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION, AuthFailed, GatewayError
 
 SCRAM = "SCRAM-SHA-256"
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
@@ -76,10 +76,6 @@ class Conversation:
         raise NotImplementedError
 
 
-def _password_failed(user: str) -> GatewayError:
-    return GatewayError(INVALID_PASSWORD, f'password authentication failed for user "{user}"')
-
-
 async def authenticate(conn: Conversation, user: str, role: Role | None, *,
                        channel_binding_pem: str | None) -> None:
     """Run SCRAM with the client; return when it has proven the password, raise otherwise.
@@ -111,16 +107,16 @@ async def authenticate(conn: Conversation, user: str, role: Role | None, *,
         server.set_client_final(_utf8(p.decode_sasl_response(msg)))
         final = server.get_server_final()
     except ScramException as e:
-        if role is None:
-            raise GatewayError(INVALID_AUTHORIZATION, f'role "{user}" does not exist') from None
+        if role is None:  # as Postgres: an unknown role reads exactly like a wrong password
+            raise AuthFailed(user, "unknown_role") from None
         if "channel" in str(e).lower() or "binding" in str(e).lower():
             raise GatewayError(PROTOCOL_VIOLATION, f"SCRAM channel binding check failed: {e}") from None
-        raise _password_failed(user) from None
+        raise AuthFailed(user) from None
     if role is None:
-        raise GatewayError(INVALID_AUTHORIZATION, f'role "{user}" does not exist')
+        raise AuthFailed(user, "unknown_role")
     if info is None or role.expired():
         # no usable SCRAM verifier (no password, or MD5) or an expired one: never a way in
-        raise _password_failed(user)
+        raise AuthFailed(user)
     if not role.can_login:
         raise GatewayError(INVALID_AUTHORIZATION, f'role "{user}" is not permitted to log in')
     conn.send(p.Authentication(p.AUTH_SASL_FINAL, final.encode()).encode())

@@ -39,6 +39,16 @@ class GatewayError(Exception):
         return f"{self.code}: {self.message}"
 
 
+class AuthFailed(GatewayError):
+    """A refused login whose text is Postgres' own and tells the client nothing more (28P01
+    `password authentication failed for user "x"`, whatever the cause); `reason` is for the
+    gateway's metrics and log only (password, unknown_role)."""
+
+    def __init__(self, user: str, reason: str = "password") -> None:
+        super().__init__(INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+        self.reason = reason
+
+
 def unknown_database(db_id: str) -> GatewayError:
     return GatewayError(UNKNOWN_DATABASE, f'database "{db_id}" does not exist',
                         hint="Check the host name; create it with `pgsni db create ID`.")

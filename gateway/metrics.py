@@ -20,8 +20,7 @@ WAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 SNAPSHOT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 # SQLSTATEs and message fragments of gateway refusals -> auth failure reasons
-_AUTH_REASONS = (("28P01", "", "password"), ("28000", "does not exist", "unknown_role"),
-                 ("28000", "not permitted", "no_login"), ("28000", "", "other"),
+_AUTH_REASONS = (("28P01", "", "password"), ("28000", "not permitted", "no_login"), ("28000", "", "other"),
                  ("3D000", "", "unknown_database"))
 
 

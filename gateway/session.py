@@ -118,7 +118,8 @@ class Session:
                 if isinstance(e, GatewayError):
                     if e.code.startswith("28"):  # wrong password, unknown role, no login
                         limits.auth_failed(ip, db_id)
-                    self.auth_failed(auth_reason(e.code, e.message) or
+                    self.auth_failed(e.reason if isinstance(e, errors.AuthFailed) else
+                                     auth_reason(e.code, e.message) or
                                      ("channel_binding" if "channel binding" in e.message else "other"))
                 raise
             self.log.auth = "ok"

@@ -275,9 +275,13 @@ async def test_wrong_password_sends_no_sasl_final():
     assert not outcome.server_final_ok
 
 
-async def test_unknown_role_refused_28000():
-    err = await run_auth_failing(None, PASSWORD, INVALID_AUTHORIZATION, user="ghost")
-    assert "ghost" in err.message
+async def test_unknown_role_reads_like_a_wrong_password():
+    # as Postgres: no role-probing oracle; the gateway's metrics still know why
+    unknown = await run_auth_failing(None, PASSWORD, INVALID_PASSWORD, user="ghost")
+    wrong = await run_auth_failing(role(), "wrong", INVALID_PASSWORD, user="ghost")
+    assert unknown.message == wrong.message == 'password authentication failed for user "ghost"'
+    assert (unknown.response().encode() == wrong.response().encode())
+    assert (unknown.reason, wrong.reason) == ("unknown_role", "password")
 
 
 async def test_unknown_role_still_runs_the_exchange():

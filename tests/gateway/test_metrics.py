@@ -31,7 +31,6 @@ def test_each_gateway_has_its_own_registry():
 
 def test_auth_reasons():
     assert auth_reason("28P01", 'password authentication failed for user "x"') == "password"
-    assert auth_reason("28000", 'role "x" does not exist') == "unknown_role"
     assert auth_reason("28000", 'role "x" is not permitted to log in') == "no_login"
     assert auth_reason("3D000", 'database "x" does not exist') == "unknown_database"
     assert auth_reason("53300", "too many connections") is None

@@ -81,13 +81,13 @@ def test_every_route_offers_only_scram_and_ok_only_after_proof(gateway, tls, rou
     rc.close()
     assert p.AUTH_OK not in _auth_codes(events)
     assert isinstance(events[-1], p.ErrorResponse) and events[-1].code == "28P01", events
-    # an unknown role is offered SCRAM too (a mock exchange), and refused
+    # an unknown role is offered SCRAM too (a mock exchange), and refused as a wrong password
     rc = _open(gateway.port, tls["ca"], r, user="nobody")
     rc.scram(auth=_first_auth(rc), user="nobody", password=TEST_PASSWORD)
     events = _rest(rc)
     rc.close()
     assert p.AUTH_OK not in _auth_codes(events)
-    assert isinstance(events[-1], p.ErrorResponse) and events[-1].code == "28000", events
+    assert isinstance(events[-1], p.ErrorResponse) and events[-1].code == "28P01", events
 
 
 def test_a_cleartext_password_message_is_refused(gateway, tls):
