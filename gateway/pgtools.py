@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
 from storage.atomic import temp_name
 from storage.osuser import clean_env
 
@@ -29,8 +31,11 @@ def tool_env() -> dict[str, str]:
 
 
 def conn_args(socket_dir: Path, dbname: str) -> list[str]:
-    # the instance trusts its socket (only this process can reach it): no password involved
-    return ["-h", str(socket_dir), "-U", "postgres", "-d", dbname, "--no-password"]
+    # the instance trusts its socket (only this process can reach it): no password involved.
+    # -d is expanded as a connection string when it holds "=" or a URI, and its host= would
+    # win over -h (pg_dump passes dbname last): so it goes as a quoted dbname= and nothing else
+    return ["-h", str(socket_dir), "-U", "postgres", "-d", make_conninfo(dbname=dbname),
+            "--no-password"]
 
 
 async def run_tool(bindir: Path, program: str, args: list[str], *, what: str,

@@ -223,3 +223,21 @@ def test_migrate_and_dump(api, tls, tmp_path):
     assert admin.get("/v1/databases/app1/dump?database=nosuch").json()["error"] == "failed"
     assert admin.get("/v1/databases/nope/dump").status == 404
     assert not list(Path(tempfile.gettempdir()).glob("pgsni-dump-*"))  # nothing left behind
+
+
+def test_dump_database_parameter_is_a_name_not_a_connection_string(api, tls):
+    """`?database=` names a database of this id: a connection string there (host=, a URI)
+    must not point pg_dump at another tenant's socket."""
+    gt, admin = api()
+    for db_id in ("app1", "victim"):
+        assert admin.post("/v1/databases", {"id": db_id, "password": "pw-12345678"}).status == 201
+    with _connect(gt, tls, "victim", "pw-12345678") as conn:
+        conn.execute("create table only_in_victim (secret text)")
+    with _connect(gt, tls, "app1", "pw-12345678"):
+        pass  # both running: the victim's socket is live
+    victim_socket = gt.gw.instances.instances["victim"].socket_dir
+    for database in (f"host={victim_socket} dbname=postgres", f"postgresql:///postgres?host={victim_socket}"):
+        dumped = admin.get("/v1/databases/app1/dump?format=plain&database=" +
+                           __import__("urllib.parse").parse.quote(database))
+        assert b"only_in_victim" not in dumped.body
+        assert dumped.status != 200 and "does not exist" in dumped.json()["message"], dumped.body
