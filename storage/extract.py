@@ -16,7 +16,7 @@ import zstandard
 
 from .archive_format import CHUNK as _CHUNK
 from .archive_format import FileEntry, HashingReader, _symlink_problem
-from .errors import CorruptArchive, StorageError, UnsafeArchive
+from .errors import CorruptArchive, DiskFull, StorageError, UnsafeArchive
 
 _TAR_READ = 64 << 10  # what tarfile asks of the decompressed stream at a time
 # How far tarfile may read past the end of the previous member's data: enough for any sane
@@ -36,6 +36,14 @@ _DECODE_ERRORS = (tarfile.TarError, zstandard.ZstdError, gzip.BadGzipFile, zlib.
 
 
 # --- extracting -----------------------------------------------------------------------------------
+
+def _failure(what: str, e: OSError) -> StorageError:
+    """A file-system error while extracting: no space (ENOSPC, EDQUOT, whether creating a file
+    or writing it) is DiskFull, anything else a StorageError naming what failed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{what}: {e.strerror}")
+    return StorageError(f"{what}: {e.strerror}")
+
 def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_bytes: int = 64 << 30,
             expected: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
     """Extract the archive read from `stream` (read(n) only: never seeks) into `target`, which
@@ -101,7 +109,7 @@ def _make_target(target: Path) -> int:
             if next(it, None) is not None:
                 raise StorageError(f"cannot extract into {target}: it is not empty") from None
     except OSError as e:
-        raise StorageError(f"cannot create {target}: {e.strerror}") from None
+        raise _failure(f"cannot create {target}", e) from None
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     os.fchmod(fd, 0o700)
     return fd
@@ -163,7 +171,7 @@ class _TreeWriter:
             except FileExistsError:
                 raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
             except OSError as e:
-                raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
+                raise _failure(f"cannot extract {name!r}", e) from None
             self.symlinks.add(rel)
         else:
             self._file(tar, member, rel, parent, leaf)
@@ -190,19 +198,19 @@ class _TreeWriter:
         except FileExistsError:
             raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
         except OSError as e:
-            raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
-        with open(fd, "wb") as out:
-            os.fchmod(fd, 0o600)
-            src = HashingReader(tar.extractfile(member))
-            while chunk := src.read(_CHUNK):
-                self.total += len(chunk)
-                if self.total > self.max_bytes:  # never trust the header alone
-                    raise UnsafeArchive(f"archive member {name!r} takes the archive over its "
-                                        f"limit of {self.max_bytes} bytes")
-                try:
+            raise _failure(f"cannot extract {name!r}", e) from None
+        try:  # a full disk may show when writing or only when the buffer is flushed at close
+            with open(fd, "wb") as out:
+                os.fchmod(fd, 0o600)
+                src = HashingReader(tar.extractfile(member))
+                while chunk := src.read(_CHUNK):
+                    self.total += len(chunk)
+                    if self.total > self.max_bytes:  # never trust the header alone
+                        raise UnsafeArchive(f"archive member {name!r} takes the archive over its "
+                                            f"limit of {self.max_bytes} bytes")
                     out.write(chunk)
-                except OSError as e:
-                    raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
+        except OSError as e:
+            raise _failure(f"cannot extract {name!r}", e) from None
         entry = FileEntry(src.bytes, src.sha256.hexdigest())
         if want is not None and entry != want:
             raise CorruptArchive(f"archive file {rel} does not match its checksum in the manifest")
@@ -238,7 +246,7 @@ class _TreeWriter:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeArchive(f"archive member {name!r} goes through {path!r}, which is "
                                     f"not a directory") from None
-            raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
+            raise _failure(f"cannot extract {name!r}", e) from None
         self._mkdir(parent, part, name)
         return os.open(part, flags, dir_fd=parent)
 
@@ -248,14 +256,14 @@ class _TreeWriter:
         except FileExistsError:
             pass  # a repeated directory entry, or made earlier as a parent: checked below
         except OSError as e:
-            raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
+            raise _failure(f"cannot extract {name!r}", e) from None
         try:
             fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
-            raise StorageError(f"cannot extract {name!r}: {e.strerror}") from None
+            raise _failure(f"cannot extract {name!r}", e) from None
         try:
             os.fchmod(fd, 0o700)
         finally:

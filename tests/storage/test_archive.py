@@ -644,3 +644,31 @@ def test_hashing_reader_and_writer():
     assert writer.write(memoryview(payload)[5000:]) == len(payload) - 5000
     assert bytes(sink.data) == payload
     assert writer.bytes == len(payload) and writer.sha256.hexdigest() == sha(payload)
+
+
+@pytest.mark.parametrize("when", ["creating a file", "writing it"])
+def test_no_space_while_extracting_is_disk_full_wherever_it_happens(when, tmp_path, monkeypatch):
+    """ENOSPC when a file is created used to be a plain StorageError (the client got XX000)
+    while ENOSPC when writing one was DiskFull (53100): the caller sees DiskFull either way."""
+    import errno as errno_mod
+
+    from storage import extract as extract_mod
+    from storage.errors import DiskFull
+
+    data = make_tar([reg("PG_VERSION", b"15\n"), reg("base/1/1234", b"x" * 100)])
+    real_open = os.open
+
+    def full_open(path, flags, *args, **kw):
+        if when == "creating a file" and flags & os.O_CREAT and str(path) == "1234":
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args, **kw)
+
+    class FullFile(io.FileIO):
+        def write(self, data):
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract_mod.os, "open", full_open)
+    if when == "writing it":
+        monkeypatch.setattr(extract_mod, "open", lambda fd, mode: FullFile(fd, "wb"), raising=False)
+    with pytest.raises(DiskFull, match="No space left"):
+        archive.extract(io.BytesIO(data), tmp_path / "out", compression="none")
