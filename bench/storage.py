@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -19,10 +20,8 @@ from rich.table import Table
 from gateway.config import Settings
 from gateway.instances import InstanceManager
 from gateway.server import open_databases
-from gateway.postgres import find_bindir
+from gateway.template import local_catalog
 from storage.factory import open_backend
-from storage.local import LocalCatalog
-from storage.osuser import RunAs
 from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer
 
 console = Console(stderr=True)
@@ -53,7 +52,7 @@ async def _bench(runs: int, scale: int, moto: MotoServer) -> list[dict]:
                         storage=f"s3://{bucket}/bench", s3_endpoint=moto.endpoint_url,
                         s3_region="us-east-1", s3_access_key=ACCESS_KEY, s3_secret_key=SECRET_KEY,
                         retention_keep=100, tls_cert="-", tls_key="-")
-    catalog = LocalCatalog(settings.data_path, RunAs.resolve(settings.pg_user), find_bindir())
+    catalog = local_catalog(settings)
     catalog.prepare()
     backend = open_backend(settings)
     databases = open_databases(settings, catalog, backend)
@@ -66,7 +65,8 @@ async def _bench(runs: int, scale: int, moto: MotoServer) -> list[dict]:
             inst = await manager.create(db_id, "bench-password")
             if size_scale:
                 subprocess.run(["pgbench", "-i", "-q", "-s", str(size_scale), "-h", str(inst.socket_dir),
-                                "-U", "postgres", "postgres"], check=True, capture_output=True)
+                                "-U", "postgres", "postgres"], check=True, capture_output=True,
+                               env={**os.environ, "PGPASSWORD": "bench-password"})
             await manager.stop(db_id)  # saves the first version
             pgdata = catalog.pgdata(db_id)
             data_mb = sum(p.stat().st_size for p in pgdata.rglob("*") if p.is_file()) / 1e6

@@ -133,6 +133,14 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
     async def verify(request: web.Request) -> web.Response:
         return _result(await ops.verify(request.match_info["id"], dry_run=_flag(request, "dry_run")))
 
+    async def secure(request: web.Request) -> web.Response:
+        body = await _body(request, {"drop_untrusted": False}, objects={"drop_untrusted"})
+        drop = body.get("drop_untrusted", False)
+        if not isinstance(drop, bool):
+            raise OperationError("invalid", "field 'drop_untrusted' must be true or false")
+        return _result(await ops.secure(request.match_info["id"], drop_untrusted=drop,
+                                        dry_run=_flag(request, "dry_run")))
+
     async def password(request: web.Request) -> web.Response:
         body = await _body(request, {"role": False, "password": False})
         return _result(await ops.set_password(request.match_info["id"], body.get("role") or "postgres",
@@ -165,6 +173,7 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
     r.add_post("/v1/databases/{id}/restore", handler(restore))
     r.add_post("/v1/databases/{id}/verify", handler(verify))
     r.add_post("/v1/databases/{id}/password", handler(password))
+    r.add_post("/v1/databases/{id}/secure", handler(secure))
     r.add_get("/v1/databases/{id}/dump", handler(dump), allow_head=False)
     r.add_post("/v1/databases/{id}/migrate", handler(migrate))
     r.add_get("/v1/openapi.json", handler(openapi), allow_head=False)

@@ -16,6 +16,7 @@ from storage.roles import Role
 
 from . import protocol as p
 from .errors import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION, AuthFailed, GatewayError
+from .scram import ScramKeys, recover_keys
 
 SCRAM = "SCRAM-SHA-256"
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
@@ -77,8 +78,10 @@ class Conversation:
 
 
 async def authenticate(conn: Conversation, user: str, role: Role | None, *,
-                       channel_binding_pem: str | None) -> None:
-    """Run SCRAM with the client; return when it has proven the password, raise otherwise.
+                       channel_binding_pem: str | None) -> ScramKeys:
+    """Run SCRAM with the client; return once it has proven the password, raise otherwise.
+    The result is the role's keys as the proof reveals them (gateway/scram.py): the gateway
+    logs in to the instance with them, so Postgres checks the password too.
 
     `channel_binding_pem` is the server certificate when the connection is TLS, which enables
     SCRAM-SHA-256-PLUS and lets scramp refuse a downgrade."""
@@ -104,7 +107,8 @@ async def authenticate(conn: Conversation, user: str, role: Role | None, *,
         msg = await conn.next_event()
         if not isinstance(msg, p.Message):
             raise p.ProtocolViolation("expected a SASLResponse")
-        server.set_client_final(_utf8(p.decode_sasl_response(msg)))
+        client_final = _utf8(p.decode_sasl_response(msg))
+        server.set_client_final(client_final)
         final = server.get_server_final()
     except ScramException as e:
         if role is None:  # as Postgres: an unknown role reads exactly like a wrong password
@@ -119,7 +123,10 @@ async def authenticate(conn: Conversation, user: str, role: Role | None, *,
         raise AuthFailed(user)
     if not role.can_login:
         raise GatewayError(INVALID_AUTHORIZATION, f'role "{user}" is not permitted to log in')
+    keys = recover_keys(info.stored_key, info.server_key, server.client_first_bare,
+                        server.server_first, client_final)
     conn.send(p.Authentication(p.AUTH_SASL_FINAL, final.encode()).encode())
+    return keys
 
 
 def _set_client_first(server, client_first: str) -> None:

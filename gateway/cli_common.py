@@ -41,12 +41,9 @@ def opt(ctx: click.Context, name: str) -> Any:
 
 
 def catalog_for(settings: Settings):
-    from storage.local import LocalCatalog
-    from storage.osuser import RunAs
+    from .template import local_catalog
 
-    from .postgres import find_bindir
-
-    return LocalCatalog(settings.data_path, RunAs.resolve(settings.pg_user), find_bindir(settings.pg_bindir))
+    return local_catalog(settings)
 
 
 class Offline:

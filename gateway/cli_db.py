@@ -248,6 +248,51 @@ def db_password(ctx: click.Context, db_id: str, role: str, password: str | None)
              "(shown once; store it now)")
 
 
+@db.command("secure")
+@click.argument("db_ids", metavar="ID...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every database that needs it.")
+@click.option("--drop-untrusted", is_flag=True,
+              help="Drop routines in untrusted languages and file_fdw tables instead of refusing "
+                   "(nothing that depends on them is dropped: that fails).")
+@click.pass_context
+def db_secure(ctx: click.Context, db_ids: tuple[str, ...], every: bool, drop_untrusted: bool) -> None:
+    """Bring databases made by an older pgsni, whose clients logged in as the superuser
+    `postgres`, to today's roles: `postgres` keeps its password and what it owned but loses
+    SUPERUSER, and the gateway keeps the superuser to itself. The gateway refuses such a
+    database until this has run. Unsaved changes are saved first and the version before
+    stays in storage (`db restore` brings it back)."""
+    if every == bool(db_ids):
+        raise click.UsageError("give database ids or --all")
+
+    async def secure(off):
+        ids = list(db_ids) or [s.id for s in await off.ops.list() if s.remote is None]
+        results = []
+        for db_id in ids:
+            with working(ctx, f"securing {db_id}"):
+                results.append(await off.ops.secure(db_id, drop_untrusted=drop_untrusted,
+                                                    dry_run=_dry(ctx)))
+        return results
+
+    results = run_offline(ctx, secure)
+    if as_json(ctx):
+        emit_json([r.to_dict() for r in results])
+        return
+    for r in results:
+        if _done(ctx, r):
+            continue
+        if not r.changed:
+            click.echo(f"{r.id}: already secured")
+            continue
+        click.echo(f"{r.id}: secured, stored as version {r.version}" +
+                   (f"; {r.renamed!r} is now the gateway's pgsni_admin" if r.renamed else ""))
+        for label, items in (("no longer superuser", r.demoted), ("revoked", r.revoked),
+                             ("dropped", r.dropped), ("disabled", r.disabled),
+                             ("settings reset", r.settings_reset),
+                             ("left as it was", r.left)):
+            for item in items:
+                click.echo(f"  {label}: {item}")
+
+
 from .cli_data import dump, migrate, upload  # noqa: E402  (db upload / dump / migrate)
 
 for _cmd in (upload, dump, migrate):

@@ -79,6 +79,11 @@ class Settings:
     pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
     instance_uid_base: int = _opt(0, "0: every instance runs as pg_user. Else (gateway as root) each database's Postgres runs as its own uid and gid from this number on, so tenants cannot read each other's files (SECURITY.md).")
     instance_uid_count: int = _opt(100000, "How many uids from instance_uid_base are given to databases.")
+    instance_memory_mb: int = _opt(0, "Memory limit of each database's Postgres (all its processes and the shared memory they touch), in MB, with cgroups: a tenant over it loses its own backend. 0: no limit. Leave room for shared_buffers (128 MB by default).")
+    instance_cpu_weight: int = _opt(0, "CPU weight of each database's Postgres against the others (1-10000; 100 is the default share), with cgroups. 0: not set.")
+    instance_max_pids: int = _opt(0, "Most processes of each database's Postgres (postmaster, backends, workers), with cgroups. 0: no limit.")
+    allow_superuser_login: bool = _opt(False, "Let clients log in as roles with SUPERUSER (a superuser can run programs as the instance's OS user). Outside development mode this needs instance_uid_base, and admin_token or admin_port=0 (SECURITY.md).")
+    superuser_login_databases: list[str] = _opt([], "Database ids whose clients may log in as superusers, when allow_superuser_login is off for the rest. Comma-separated in the environment; the same conditions apply.")
     max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
     idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
     spare_clones: int = _opt(2, "Copies of the template kept ready, so creating a database is a rename instead of a copy (0: none).")
@@ -117,12 +122,19 @@ class Settings:
         if self.tls_reload_seconds <= 0:
             raise ConfigError("tls_reload_seconds must be positive")
         for name in ("max_client_connections", "max_connections_per_db", "max_connections_per_ip",
-                     "wake_rate", "auth_failures_per_minute", "lease_seconds", "spare_clones"):
+                     "wake_rate", "auth_failures_per_minute", "lease_seconds", "spare_clones",
+                     "instance_memory_mb", "instance_cpu_weight", "instance_max_pids"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or positive")
         if self.instance_uid_base and not 1000 <= self.instance_uid_base < 2**31 - self.instance_uid_count:
             raise ConfigError("instance_uid_base must be 0 (off) or a uid from 1000 on, clear of system "
                               "users, with instance_uid_count uids above it")
+        if self.instance_cpu_weight > 10000:
+            raise ConfigError("instance_cpu_weight must be 0 (not set) or 1-10000")
+        if 0 < self.instance_memory_mb < 64:
+            raise ConfigError("instance_memory_mb must be 0 (no limit) or at least 64: Postgres needs that to start")
+        if 0 < self.instance_max_pids < 8:
+            raise ConfigError("instance_max_pids must be 0 (no limit) or at least 8: Postgres' own processes need that")
         if self.instance_uid_count < 1:
             raise ConfigError("instance_uid_count must be at least 1")
         if self.wake_burst < 1:
@@ -136,6 +148,23 @@ class Settings:
         if self.gateway_id and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.gateway_id):
             raise ConfigError("gateway_id: use 1-63 lowercase letters, digits, '.', '_' or '-'")
         self._validate_admin()
+        self._validate_superusers()
+
+    def superuser_login_allowed(self, db_id: str) -> bool:
+        return self.allow_superuser_login or db_id in self.superuser_login_databases
+
+    def _validate_superusers(self) -> None:
+        if not (self.allow_superuser_login or self.superuser_login_databases) or self.create_on_connect:
+            return
+        what = "allow_superuser_login" if self.allow_superuser_login else "superuser_login_databases"
+        if not self.instance_uid_base:
+            raise ConfigError(f"{what}: a superuser can run programs as the Postgres OS user, which "
+                              "all databases share unless instance_uid_base gives each its own: "
+                              "set instance_uid_base (the gateway must run as root)")
+        if self.admin_port and not self.admin_token:
+            raise ConfigError(f"{what}: a superuser's programs could call the admin API on "
+                              f"{self.admin_host}:{self.admin_port}, which has no token: set "
+                              "admin_token, or admin_port=0")
 
     def _validate_admin(self) -> None:
         if self.log_format not in ("auto", "json", "text"):

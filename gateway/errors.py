@@ -54,6 +54,22 @@ def unknown_database(db_id: str) -> GatewayError:
                         hint="Check the host name; create it with `pgsni db create ID`.")
 
 
+def not_secured(db_id: str) -> GatewayError:
+    return GatewayError(
+        INVALID_AUTHORIZATION,
+        f'database "{db_id}" was saved by an older pgsni whose clients logged in as a superuser; '
+        "it is not served until its roles are secured",
+        hint=f"The operator runs `pgsni db secure {db_id}` (docs/cli.md); no data is lost.")
+
+
+def superuser_refused(user: str) -> GatewayError:
+    return GatewayError(
+        INVALID_AUTHORIZATION, f'role "{user}" is a superuser; this gateway does not let clients '
+        "log in as superusers",
+        hint="Log in as a role without SUPERUSER; the operator can allow superusers with the "
+             "setting allow_superuser_login (SECURITY.md).")
+
+
 def tls_required() -> GatewayError:
     return GatewayError(
         INVALID_AUTHORIZATION, "this gateway requires TLS; the connection was not encrypted",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from storage.instance_uids import InstanceUids
 from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 
-from . import errors
+from . import dbroles, errors, securing
+from .cgroups import Cgroups, Limits
 from .config import Settings
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -82,6 +84,10 @@ class InstanceManager:
         # instance_uid_base: each database's Postgres as its own OS user (storage/instance_uids.py)
         self.uids = InstanceUids(settings.instance_uid_base, settings.instance_uid_count,
                                  self.catalog) if settings.instance_uid_base else None
+        # instance_memory_mb & co. (gateway/cgroups.py): the groups are set up at the first start
+        self.limits = Limits(settings.instance_memory_mb, settings.instance_cpu_weight,
+                             settings.instance_max_pids)
+        self._cgroups: Cgroups | None | bool = False  # False: not set up yet
 
     def make_socket_root(self) -> None:
         """The directory of the instances' socket directories; with instance uids, every uid
@@ -92,9 +98,10 @@ class InstanceManager:
         return self._locks.setdefault(db_id, asyncio.Lock())
 
     # --- the public surface ------------------------------------------------------------------
-    async def acquire(self, db_id: str, *, create_password: str | None = None) -> Instance:
-        """A running instance with one more client. With `create_password`, a database that
-        does not exist yet is created first (role postgres gets that password)."""
+    async def acquire(self, db_id: str, *, create_verifier: str | None = None) -> Instance:
+        """A running instance with one more client. With `create_verifier`, a database that
+        does not exist yet is created first (role postgres gets that SCRAM verifier: the very
+        one the client was authenticated against, so that its keys open the instance too)."""
         async with self._lock(db_id):
             inst = self.instances.get(db_id)
             if inst is not None and not inst.alive:
@@ -107,10 +114,11 @@ class InstanceManager:
                 await self._wake_turn()
                 async with self._claimed(db_id):
                     if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
-                        if create_password is None:
+                        if create_verifier is None:
                             raise errors.unknown_database(db_id)
-                        inst = await self._create(db_id, create_password)
+                        inst = await self._create(db_id, create_verifier)
                     else:
+                        self._require_secured(db_id)
                         inst = await self._start(db_id)
             return self._hold(inst)
 
@@ -169,10 +177,58 @@ class InstanceManager:
             return await self.databases.roles(db_id)
 
     async def create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
+        from .auth import scram_verifier
+
         """Create a database and leave it running (idle); for the CLI and the admin surface.
         `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
         async with self._lock(db_id), self._claimed(db_id):
-            return await self._create(db_id, password, place)
+            return await self._create(db_id, scram_verifier(password), place)
+
+    async def secure(self, db_id: str, *, drop_untrusted: bool = False) -> securing.Report | None:
+        """Bring a database saved by an older pgsni to the roles layout (gateway/securing.py)
+        and store the result as a new version; None if it already was. Whatever the local
+        copy held is saved first, and on failure the stored version is put back: nothing is
+        lost either way, and the version before stays in storage."""
+        async with self._lock(db_id), self._claimed(db_id):
+            inst = self.instances.get(db_id)
+            if inst is not None and inst.alive:
+                return None  # only a secured database is started
+            if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
+                raise errors.unknown_database(db_id)
+            if dbroles.secured(self.catalog.roles(db_id)):
+                return None
+            with storage_failures(db_id):
+                await self.databases.save(db_id, note="saved before db secure")
+            report = await self._secure_copy(db_id, drop_untrusted)
+            self.databases.mark_stopped(db_id, changed=True)
+            await self._stop(await self._start(db_id), "secured")  # reads its roles, saves it
+            if self.databases.state(db_id).dirty:
+                raise errors.storage_unavailable(db_id)  # kept locally; saved when storage is back
+            return report
+
+    async def _secure_copy(self, db_id: str, drop_untrusted: bool = False) -> securing.Report:
+        """Secure the local copy of a stopped database; on failure, a copy that came from
+        storage is replaced by the stored version again."""
+        lock = self.catalog.lock(db_id).acquire()
+        try:
+            self.make_socket_root()
+            return await securing.secure(
+                self.catalog.bindir, self.catalog.pgdata(db_id), self.catalog.run_as,
+                self.settings.socket_path / f"sec-{secrets.token_hex(4)}", self.catalog.log_file(db_id),
+                options=self.settings.postgres_options, timeout=self.settings.start_timeout,
+                drop_untrusted=drop_untrusted)
+        except BaseException:
+            cur = await self.databases.current(db_id, fresh=True)
+            if cur is not None:
+                with contextlib.suppress(StorageError):
+                    await self.databases.install(db_id, cur.manifest)
+            raise
+        finally:
+            lock.release()
+
+    def _require_secured(self, db_id: str) -> None:
+        if not dbroles.secured(self.catalog.roles(db_id)):
+            raise errors.not_secured(db_id)
 
     async def stop(self, db_id: str, reason: str = "requested") -> bool:
         async with self._lock(db_id):
@@ -334,7 +390,7 @@ class InstanceManager:
             log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
                       db_id, e)
 
-    async def _create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
+    async def _create(self, db_id: str, verifier: str, place: Placer | None = None) -> Instance:
         with storage_failures(db_id):
             if await self.databases.current(db_id) is not None:
                 raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
@@ -348,8 +404,10 @@ class InstanceManager:
         except StorageError as e:
             raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
         try:
+            if place is not None:  # an archive from elsewhere: its roles are not ours yet
+                await self._secure_new(db_id)
             inst = await self._start(db_id)
-            await self._take_over(inst, password)
+            await self._take_over(inst, verifier)
         except BaseException:
             # a half-made database must not stay behind looking real, nor reach storage
             if db_id in self.instances:
@@ -361,20 +419,22 @@ class InstanceManager:
             self.after_create()
         return inst
 
-    async def _take_over(self, inst: Instance, password: str) -> None:
-        """Give role postgres of a new database `password`, and read its roles."""
-        from .auth import scram_verifier
+    async def _secure_new(self, db_id: str) -> None:
+        try:
+            await self._secure_copy(db_id)
+        except securing.SecureError as e:
+            raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" cannot be '
+                                      f"served safely: {e}") from None
 
+    async def _take_over(self, inst: Instance, verifier: str) -> None:
+        """Give role postgres of a new database the SCRAM `verifier`, and read its roles."""
         try:
             async with await self._connect(inst) as conn:
                 # the verifier, not the password, goes to Postgres: the plaintext never leaves here
-                await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
-                    scram_verifier(password)))
+                await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(verifier))
             await self._refresh_roles(inst)
         except psycopg.Error as e:
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            if 'role "postgres" does not exist' in reason:
-                reason = 'it has no role named "postgres" (pgsni manages databases as that role)'
             raise errors.GatewayError(errors.INTERNAL_ERROR, f'cannot set up role "postgres" in '
                                       f'database "{inst.db_id}": {reason}') from e
 
@@ -392,6 +452,7 @@ class InstanceManager:
                                   self.catalog.run_as, s.postgres_options)
         try:
             self.make_socket_root()
+            process.cgroup = self._cgroup(db_id)
             if self.uids is not None:
                 process.run_as = await asyncio.to_thread(self.uids.run_as, db_id)
             await stop_orphan(process.pgdata, s.stop_timeout)
@@ -416,6 +477,11 @@ class InstanceManager:
             log.warning("could not read roles of %s after start: %s", db_id, e)
         log.info("started %s (pid %d) in %.0f ms", db_id, process.pid, (time.monotonic() - started) * 1000)
         return inst
+
+    def _cgroup(self, db_id: str):
+        if self._cgroups is False:
+            self._cgroups = Cgroups.setup(self.limits)
+        return self._cgroups.group(db_id) if self._cgroups else None
 
     async def _make_room(self, db_id: str) -> None:
         async with self._slots:
@@ -478,9 +544,7 @@ class InstanceManager:
         inst.lock.release()
 
     async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:
-        return await psycopg.AsyncConnection.connect(
-            host=str(inst.socket_dir), user="postgres", dbname="postgres",
-            application_name="pgsni", autocommit=True, connect_timeout=10)
+        return await dbroles.connect(inst.socket_dir)
 
     async def _refresh_roles(self, inst: Instance) -> str:
         """Read roles (saving them beside the database when they changed); return the WAL

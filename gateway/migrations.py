@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from . import sqlfiles
+from . import dbroles, sqlfiles
 from .instances import InstanceManager
 from .sqlfiles import Statement
 
@@ -163,10 +163,9 @@ async def migrate(manager: InstanceManager, db_id: str, directory: Path, *, dbna
     migrations, warnings = discover(directory)  # every file parsed before anything starts
     inst = await manager.acquire(db_id)
     try:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                host=str(inst.socket_dir), user="postgres", dbname=dbname, autocommit=True,
-                application_name="pgsni migrate", connect_timeout=10)
+        try:  # as the tenant role: a migration can do what its owner can, nothing more
+            conn = await dbroles.connect(inst.socket_dir, dbname, act_as=dbroles.TENANT,
+                                         app="pgsni migrate")
         except psycopg.OperationalError as e:
             raise MigrationError(f'cannot connect to database "{dbname}" of "{db_id}": '
                                  f"{str(e).strip().splitlines()[-1]}") from None

@@ -143,3 +143,19 @@ class PasswordSet(_Result):
     id: str
     role: str
     password: str  # shown once
+
+
+@dataclass
+class Secured(_Result):
+    """`db secure`: what changed to bring the database to the roles layout (SECURITY.md)."""
+    id: str
+    changed: bool  # False: it already was in the layout
+    version: str | None = None  # the stored version with the result
+    renamed: str | None = None  # the bootstrap superuser's former name (now pgsni_admin)
+    demoted: list[str] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+    transferred: int = 0
+    dropped: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)  # event triggers
+    settings_reset: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)

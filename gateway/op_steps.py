@@ -17,6 +17,7 @@ from psycopg import sql
 from storage import errors as storage_errors
 from storage.local import DatabaseBusy, LocalCatalog
 
+from . import dbroles
 from .errors import GatewayError
 from .op_results import OperationError, Verified
 
@@ -47,8 +48,8 @@ def check_owner(owner: str | None) -> None:
     if not ROLE_NAME.fullmatch(owner) or owner.startswith("pg_"):
         raise OperationError("invalid", f"{owner!r} is not a usable role name: lowercase letters, "
                              "digits and _, not starting with a digit or pg_")
-    if owner == "postgres":
-        raise OperationError("invalid", 'the owner role must not be "postgres" (the superuser)')
+    if owner == dbroles.TENANT or owner in dbroles.RESERVED:
+        raise OperationError("invalid", f'the owner role must not be "{owner}" (pgsni makes that role itself)')
 
 
 def parse_init_files(paths: Sequence[str]) -> list["SqlFile"]:
@@ -63,36 +64,38 @@ def parse_init_files(paths: Sequence[str]) -> list["SqlFile"]:
 
 
 async def connect(socket_dir: Path) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(
-        host=str(socket_dir), user="postgres", dbname="postgres", application_name="pgsni",
-        autocommit=True, connect_timeout=10)
+    return await dbroles.connect(socket_dir)
 
 
 async def initialise(inst: "Instance", owner: str | None, owner_password: str | None,
                      files: Sequence["SqlFile"]) -> int:
     """In a new database: create the owner role (LOGIN, owner of database postgres and schema
-    public), then run the init files in order, as the owner when there is one. Returns the
-    number of statements run."""
+    public, managed by the tenant role), then run the init files in order, as the owner when
+    there is one, else as the tenant role (never as a superuser: gateway/dbroles.py). Returns
+    the number of statements run."""
     from .auth import scram_verifier
     from .sqlfiles import SqlFileError, run_files_async
 
     if owner is None and not files:
         return 0
-    async with await connect(inst.socket_dir) as conn:
-        if owner is not None:
+    if owner is not None:
+        async with await connect(inst.socket_dir) as conn:
             ident = sql.Identifier(owner)
             try:
                 await conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                     ident, scram_verifier(owner_password)))
             except psycopg.errors.DuplicateObject:
                 raise OperationError("conflict", f'role "{owner}" already exists in the new database') from None
+            await conn.execute(sql.SQL("GRANT {} TO {} WITH ADMIN OPTION").format(
+                ident, sql.Identifier(dbroles.TENANT)))
             await conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(ident))
             await conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(ident))
-            await conn.execute(sql.SQL("SET ROLE {}").format(ident))
-        try:
-            await run_files_async(conn, files)
-        except SqlFileError as e:
-            raise OperationError("invalid", f"init file failed, nothing was created: {e}") from None
+    if files:
+        async with await dbroles.connect(inst.socket_dir, act_as=owner or dbroles.TENANT) as conn:
+            try:
+                await run_files_async(conn, files)
+            except SqlFileError as e:
+                raise OperationError("invalid", f"init file failed, nothing was created: {e}") from None
     return sum(len(f.statements) for f in files)
 
 
@@ -138,9 +141,7 @@ async def count_connections(settings: "Settings", db_id: str) -> int | None:
     """Client connections of a database another process runs, from its pg_stat_activity
     over the private socket (None if it cannot be reached)."""
     try:
-        async with await psycopg.AsyncConnection.connect(
-                host=str(settings.socket_path / db_id), user="postgres", dbname="postgres",
-                application_name="pgsni-info", autocommit=True, connect_timeout=3) as conn:
+        async with await dbroles.connect(settings.socket_path / db_id, app="pgsni-info") as conn:
             cur = await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
                                      "'client backend' AND pid <> pg_backend_pid() AND "
                                      "application_name <> 'pgsni'")

@@ -17,6 +17,7 @@ method checks everything it can, changes nothing and returns a `Plan` (action, i
     restore(id, version, force=False) -> Restored
     verify(id) -> Verified
     set_password(id, role="postgres", password=None) -> PasswordSet
+    secure(id, drop_untrusted=False) -> Secured
 
 A database running in this process (the gateway's manager) is stopped through the manager
 first by delete, restore and snapshot (saving its changes, except for delete); with clients
@@ -40,7 +41,8 @@ from .config import Settings
 from .errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DATABASE, GatewayError
 from .instances import InstanceManager
 from .op_results import (Created, Deleted, Forked, Info, OperationError, PasswordSet, Plan,
-                         Restored, Snapshot, Summary, Verified, Version)
+                         Restored, Secured, Snapshot, Summary, Verified, Version)
+from . import dbroles, securing
 from . import op_steps as steps
 
 log = logging.getLogger("pgsni.operations")
@@ -352,6 +354,8 @@ class Ops:
     async def set_password(self, db_id: str, role: str = "postgres", password: str | None = None,
                            *, dry_run: bool = False) -> PasswordSet | Plan:
         await self._require(db_id)
+        if role in dbroles.RESERVED:
+            raise OperationError("invalid", f'role "{role}" is the gateway\'s own and has no password')
         with translated():
             roles = await self.manager.roles(db_id) or {}
         if role not in roles:
@@ -363,3 +367,31 @@ class Ops:
         with translated():
             await steps.set_password(self.manager, db_id, role, password)
         return PasswordSet(db_id, role, password)
+
+    # --- roles of databases saved by older versions -----------------------------------------
+    async def secure(self, db_id: str, *, drop_untrusted: bool = False,
+                     dry_run: bool = False) -> Secured | Plan:
+        """Bring a database whose clients logged in as the superuser `postgres` (made by an
+        older pgsni) to today's roles (gateway/securing.py), as a new stored version."""
+        await self._require(db_id)
+        if dry_run:
+            return Plan("secure", db_id, [
+                "save unsaved local changes as a new version first",
+                f"rename the bootstrap superuser to {dbroles.ADMIN} (no password, only the gateway "
+                "logs in as it) and make role postgres a role without SUPERUSER that keeps its "
+                "password and owns what the superuser owned",
+                "remove SUPERUSER from every other role and the server-file and program roles from everyone",
+                "refuse if it holds routines in untrusted languages or file_fdw tables"
+                + (" (dropped: --drop-untrusted)" if drop_untrusted else ""),
+                "store the result as a new version (the one before stays in storage)"])
+        with translated():
+            try:
+                report = await self.manager.secure(db_id, drop_untrusted=drop_untrusted)
+            except securing.SecureError as e:
+                raise OperationError("failed", f'database "{db_id}" was not changed: {e}') from None
+        if report is None:
+            return Secured(db_id, False, self.databases.state(db_id).version
+                           if self.catalog.exists(db_id) else None)
+        return Secured(db_id, True, self.databases.state(db_id).version, report.renamed,
+                       report.demoted, report.revoked, report.transferred, report.dropped,
+                       report.disabled, report.settings_reset, report.left)

@@ -9,11 +9,10 @@ import os
 import subprocess
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
-
 from storage.atomic import temp_name
 from storage.osuser import clean_env
 
+from . import dbroles
 from .instances import InstanceManager
 
 FORMATS = {"custom": "c", "plain": "p", "tar": "t"}
@@ -30,12 +29,6 @@ def tool_env() -> dict[str, str]:
     return clean_env(PGCONNECT_TIMEOUT="20", PGAPPNAME="pgsni")
 
 
-def conn_args(socket_dir: Path, dbname: str) -> list[str]:
-    # the instance trusts its socket (only this process can reach it): no password involved.
-    # -d is expanded as a connection string when it holds "=" or a URI, and its host= would
-    # win over -h (pg_dump passes dbname last): so it goes as a quoted dbname= and nothing else
-    return ["-h", str(socket_dir), "-U", "postgres", "-d", make_conninfo(dbname=dbname),
-            "--no-password"]
 
 
 async def run_tool(bindir: Path, program: str, args: list[str], *, what: str,
@@ -85,7 +78,7 @@ async def dump(manager: InstanceManager, db_id: str, out: Path, fmt: str = "cust
     inst = await manager.acquire(db_id)
     tmp = temp_name(out)
     try:
-        args = [*conn_args(inst.socket_dir, dbname), "-F", FORMATS[fmt], *(extra or []), "-f", str(tmp)]
+        args = [*dbroles.tool_args(inst.socket_dir, dbname), "-F", FORMATS[fmt], *(extra or []), "-f", str(tmp)]
         await run_tool(manager.catalog.bindir, "pg_dump", args, what=f"pg_dump of {db_id}")
         size = await asyncio.to_thread(_publish, tmp, out)
     finally:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from storage.osuser import RunAs, clean_env
 
+from . import dbroles
+from .cgroups import Group
+
 log = logging.getLogger("pgsni.postgres")
 
 SOCKET_NAME = ".s.PGSQL.5432"
@@ -29,6 +32,22 @@ START_OPTIONS = {
     # check a long query would run on (and hold its locks) until it next writes
     "client_connection_check_interval": "1000",
 }
+
+
+# settings that a data directory's own configuration (an imported postgresql.conf, an ALTER
+# SYSTEM from when its tenant was a superuser) must not choose: values given on the command
+# line win over both files. None of them may run a program, load a library or connect out.
+SAFE_SETTINGS = {
+    "archive_mode": "off", "archive_command": "", "archive_library": "",
+    "restore_command": "", "archive_cleanup_command": "", "recovery_end_command": "",
+    "primary_conninfo": "", "shared_preload_libraries": "", "session_preload_libraries": "",
+    "local_preload_libraries": "", "dynamic_library_path": "$libdir", "jit_provider": "llvmjit",
+    "ssl": "off", "ssl_passphrase_command": "", "external_pid_file": "",
+}
+
+
+def safe_settings() -> dict[str, str]:
+    return dict(SAFE_SETTINGS)
 
 
 class PostgresError(Exception):
@@ -146,9 +165,11 @@ class PostgresProcess:
     """A postmaster listening only on `<socket_dir>/.s.PGSQL.5432` (no TCP)."""
 
     def __init__(self, bindir: Path, pgdata: Path, socket_dir: Path, log_path: Path,
-                 run_as: RunAs, options: dict[str, str]) -> None:
+                 run_as: RunAs, options: dict[str, str], *, maintenance: bool = False) -> None:
         self.bindir, self.pgdata, self.socket_dir = bindir, pgdata, socket_dir
         self.log_path, self.run_as, self.options = log_path, run_as, options
+        self.maintenance = maintenance  # gateway/securing.py: only the gateway's roles log in
+        self.cgroup: Group | None = None  # resource limits (gateway/cgroups.py), if any
         self.proc: ChildProcess | None = None
         self.stopping = False
         if len(str(self.socket_path)) > MAX_SOCKET_PATH:
@@ -169,9 +190,11 @@ class PostgresProcess:
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
             **START_OPTIONS,
+            **SAFE_SETTINGS,
             # pinned: a postgresql.conf from an imported archive must not point elsewhere
             "data_directory": str(self.pgdata),
             "hba_file": str(self.pgdata / "pg_hba.conf"),
+            "ident_file": str(self.pgdata / "pg_ident.conf"),
             **self.options,
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.pgdata)]
@@ -179,19 +202,30 @@ class PostgresProcess:
             argv += ["-c", f"{name}={value}"]
         return argv
 
+    def write_auth_files(self) -> None:
+        """pg_hba.conf and pg_ident.conf are the gateway's, written at every start: whatever
+        an archive or an earlier tenant left there does not count."""
+        self.run_as.write_file(self.pgdata / "pg_hba.conf", dbroles.hba(maintenance=self.maintenance))
+        self.run_as.write_file(self.pgdata / "pg_ident.conf", dbroles.ident(
+            dbroles.gateway_os_user(), maintenance=self.maintenance))
+
     async def start(self, timeout: float) -> None:
         self.run_as.make_dir(self.socket_dir)
+        self.write_auth_files()
         if self.log_path.exists() and self.log_path.stat().st_size > 10 << 20:
             self.log_path.replace(self.log_path.with_suffix(".log.1"))
         # private: the log can hold statements, role names and errors quoting data
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
+        self._limit(Group.create)
         with open(fd, "ab") as logf:
             self.proc = ChildProcess(subprocess.Popen(
                 self._argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=clean_env(), **self.run_as.popen_kwargs()))
+        self._limit(Group.add, self.proc.pid)  # before it forks its first child, as a rule
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
+            self._limit(Group.adopt, self.proc.pid)  # and any it forked before the move
         except asyncio.TimeoutError:
             reason = _tail(self.log_path)
             await self.stop(5.0)
@@ -199,6 +233,17 @@ class PostgresProcess:
         except PostgresError:
             await self.stop(5.0)
             raise
+
+    def _limit(self, step, *args) -> None:
+        """One step of putting the instance into its cgroup; a failure costs the limits (with
+        a log line), never the start."""
+        if self.cgroup is None:
+            return
+        try:
+            step(self.cgroup, *args)
+        except OSError as e:
+            log.warning("resource limits for %s are off: %s", self.pgdata, e)
+            self.cgroup = None
 
     async def _wait_ready(self) -> None:
         assert self.proc is not None
@@ -233,10 +278,12 @@ class PostgresProcess:
 
     def kill_group(self) -> None:
         """Kill what is left of the process group: backends orphaned by a dead postmaster would
-        otherwise hold shared memory and block the next start."""
+        otherwise hold shared memory and block the next start. Then remove its cgroup."""
         if self.proc is None:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.cgroup is not None and self.proc.returncode is not None:
+            self.cgroup.remove()

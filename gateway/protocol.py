@@ -280,6 +280,11 @@ def auth_sasl(mechanisms: list[str]) -> Authentication:
     return Authentication(AUTH_SASL, b"".join(_cstr(m) for m in mechanisms) + b"\0")
 
 
+def sasl_mechanisms(event: Authentication) -> list[str]:
+    """The mechanisms an AuthenticationSASL offers."""
+    return [m.decode("utf-8", "replace") for m in event.data.split(b"\0") if m]
+
+
 @dataclass(frozen=True)
 class ParameterStatus:
     name: str

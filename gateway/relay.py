@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable
 
 from . import protocol as p
 from .errors import CANNOT_CONNECT_NOW, INTERNAL_ERROR, GatewayError
+from .scram import ScramClient, ScramError, ScramKeys
 from .wire import ConnectionClosed, PgConnection, link
+
+SCRAM = "SCRAM-SHA-256"
 
 # startup parameters that concern the gateway only, never the backend
 _GATEWAY_ONLY_PREFIX = "_pq_."
@@ -58,7 +62,11 @@ def backend_params(params: dict[str, str], options: str) -> dict[str, str]:
     return out
 
 
-async def login(socket_path: Path, params: dict[str, str], timeout: float) -> BackendSession:
+async def login(socket_path: Path, params: dict[str, str], timeout: float,
+                keys: "Awaitable[ScramKeys]") -> BackendSession:
+    """Log in as the client's role. The instance asks for SCRAM (dbroles.hba) and is answered
+    with `keys`, awaited only when it asks: an early login forks the backend while the
+    client is still proving its password."""
     loop = asyncio.get_running_loop()
     try:
         _, conn = await asyncio.wait_for(loop.create_unix_connection(
@@ -71,25 +79,28 @@ async def login(socket_path: Path, params: dict[str, str], timeout: float) -> Ba
         raise GatewayError(INTERNAL_ERROR, "could not reach the database server",
                            detail="its socket did not accept the connection in time") from e
     try:
-        return await asyncio.wait_for(_login(conn, params), timeout)
+        return await asyncio.wait_for(_login(conn, params, keys), timeout)
+    except asyncio.TimeoutError:
+        conn.close()
+        raise GatewayError(CANNOT_CONNECT_NOW, "the database server did not finish the login in time",
+                           hint="Try again; if it persists, ask the operator to check the gateway log.") from None
     except BaseException:
         conn.close()
         raise
 
 
-async def _login(conn: PgConnection, params: dict[str, str]) -> BackendSession:
+async def _login(conn: PgConnection, params: dict[str, str], keys: "Awaitable[ScramKeys]") -> BackendSession:
     conn.send(p.StartupMessage(3, 0, params).encode())
     key: p.BackendKeyData | None = None
     to_client: list[bytes] = []
+    scram: ScramClient | None = None
     try:
         while True:
             msg = await conn.next_event()
             assert isinstance(msg, p.Message)
             event = p.decode_backend(msg)
             if isinstance(event, p.Authentication):
-                if event.code != p.AUTH_OK:
-                    raise GatewayError(INTERNAL_ERROR, "the database server asked the gateway for a "
-                                       f"password (auth code {event.code}); its pg_hba.conf was changed")
+                scram = await _answer(conn, event, scram, keys)
             elif isinstance(event, p.BackendKeyData):
                 key = event
             elif isinstance(event, p.ReadyForQuery):
@@ -100,6 +111,28 @@ async def _login(conn: PgConnection, params: dict[str, str]) -> BackendSession:
                 to_client.append(msg.encode())
     except ConnectionClosed:
         raise BackendClosed(INTERNAL_ERROR, "the database server closed the connection during login") from None
+
+
+async def _answer(conn: PgConnection, event: p.Authentication, scram: ScramClient | None,
+                  keys: "Awaitable[ScramKeys]") -> ScramClient | None:
+    """One step of the instance's SCRAM exchange; the exchange so far is returned."""
+    try:
+        if event.code == p.AUTH_OK:
+            return scram
+        if event.code == p.AUTH_SASL and SCRAM in p.sasl_mechanisms(event):
+            scram = ScramClient(await keys)
+            conn.send(p.SASLInitialResponse(SCRAM, scram.first()).encode())
+            return scram
+        if event.code == p.AUTH_SASL_CONTINUE and scram is not None:
+            conn.send(p.Message(b"p", scram.final(event.data)).encode())
+            return scram
+        if event.code == p.AUTH_SASL_FINAL and scram is not None:
+            scram.verify(event.data)
+            return scram
+    except ScramError as e:
+        raise GatewayError(INTERNAL_ERROR, "the database server's SCRAM exchange failed", detail=str(e)) from None
+    raise GatewayError(INTERNAL_ERROR, "the database server asked the gateway for another kind of "
+                       f"authentication (code {event.code}); its pg_hba.conf is not the gateway's")
 
 
 async def pipe(client: PgConnection, backend: PgConnection) -> None:

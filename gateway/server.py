@@ -16,7 +16,6 @@ from certs.reload import TLSMaterial
 from storage.cache import Databases
 from storage.factory import attach_storage, open_backend, snapshot_store
 from storage.local import LocalCatalog
-from storage.osuser import RunAs
 from storage.roles import Role
 
 from . import auth, remote
@@ -26,8 +25,8 @@ from .config import Settings
 from .instances import InstanceManager
 from .limits import Limits
 from .metrics import MeteredBackend, Metrics
-from .postgres import find_bindir
 from .session import ClientInfo, Session
+from .template import local_catalog
 from .wire import TLS_SHUTDOWN_TIMEOUT, PgConnection
 
 log = logging.getLogger("pgsni.server")
@@ -42,8 +41,7 @@ class Gateway:
         if not settings.tls_from_storage:
             self.ssl_context = server_context(settings.tls_cert, settings.tls_key)
             self.cert_pem = leaf_certificate_pem(settings.tls_cert)
-        run_as = RunAs.resolve(settings.pg_user)
-        self.catalog = LocalCatalog(settings.data_path, run_as, find_bindir(settings.pg_bindir))
+        self.catalog = local_catalog(settings)
         self.metrics = Metrics()
         self.backend = MeteredBackend(open_backend(settings), self.metrics)
         self.tls = TLSMaterial.for_settings(settings, self.backend, self._use_tls) \
@@ -56,7 +54,7 @@ class Gateway:
         self.databases.store.on_transfer = self.metrics.snapshot
         self.cancels = CancelTable()
         self.limits = Limits(settings)
-        self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password)) \
+        self.dev_role = Role("postgres", auth.scram_verifier(settings.dev_password), superuser=False) \
             if settings.create_on_connect else None
         self.shutting_down = False
         self.sessions: set[asyncio.Task] = set()
@@ -133,8 +131,12 @@ class Gateway:
                  self.port, ", *.".join(s.domains), self.catalog.root, self.backend.describe())
         if s.create_on_connect:
             log.warning("DEVELOPMENT MODE: unknown databases are created on first connect with "
-                        "password %r for role postgres. Never use this in production.", s.dev_password)
+                        "password %r for role postgres (not a superuser). Never use this in "
+                        "production.", s.dev_password)
             self._refill_spares()
+        if (s.allow_superuser_login or s.superuser_login_databases) and not s.instance_uid_base:
+            log.warning("superuser logins are allowed and every database runs as one OS user: a "
+                        "superuser can read and change every other database on this machine")
 
     def _refill_spares(self) -> None:
         """Keep `spare_clones` copies of the template ready (in a thread, one refill at a time),

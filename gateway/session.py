@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from storage.roles import Role
 
-from . import auth, errors, relay, remote, routing
+from . import auth, dbroles, errors, relay, remote, routing
 from . import protocol as p
 from .cancel import CancelTarget
 from .errors import GatewayError
@@ -107,11 +107,13 @@ class Session:
                 deadline.reschedule(None)  # the handshake is over
                 return await remote.serve(self, db_id, backend)
             role = await self._role(db_id, startup.params["user"])
-            early = self._early_login(db_id, role, backend_params)
+            keys: asyncio.Future = asyncio.get_running_loop().create_future()
+            early = self._early_login(db_id, role, backend_params, keys)
             try:
-                await auth.authenticate(self.conn, startup.params["user"], role,
-                                        channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem)
-                                        if self.client.tls else None)
+                keys.set_result(await auth.authenticate(
+                    self.conn, startup.params["user"], role,
+                    channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem) if self.client.tls else None))
+                self._check_role(db_id, role)
             except BaseException as e:
                 if early is not None:
                     early.drop()
@@ -125,7 +127,7 @@ class Session:
             self.log.auth = "ok"
             self.meter_auth(db_id)
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
-        await self._serve(db_id, backend_params, early)
+        await self._serve(db_id, backend_params, keys, early)
 
     async def _read_startup(self) -> p.StartupMessage | None:
         event = await self.conn.next_event()
@@ -158,17 +160,27 @@ class Session:
         return route.db_id, relay.backend_params(params, options)
 
     async def _role(self, db_id: str, user: str) -> Role | None:
+        """The role to authenticate against; None (a mock exchange, then 28P01) for one that
+        does not exist and for the gateway's own roles, which no client may use."""
         roles = await self.gw.instances.roles(db_id)
         if roles is None:
             if not self.gw.settings.create_on_connect:
                 self.auth_failed("unknown_database")
                 raise errors.unknown_database(db_id)
             # create-on-connect: the new database will have role postgres with the dev password
-            return self.gw.dev_role if user == "postgres" else None
-        return roles.get(user)
+            return self.gw.dev_role if user == dbroles.TENANT else None
+        return None if user in dbroles.RESERVED else roles.get(user)
 
-    def _early_login(self, db_id: str, role: Role | None,
-                     params: dict[str, str]) -> "EarlyLogin | None":
+    def _check_role(self, db_id: str, role: Role) -> None:
+        """After the password: a database saved by an older pgsni (its roles not yet secured)
+        and superusers are refused, unless the operator allows superusers for this database."""
+        if role.superuser is None:
+            raise errors.not_secured(db_id)
+        if role.superuser and not self.gw.settings.superuser_login_allowed(db_id):
+            raise errors.superuser_refused(role.name)
+
+    def _early_login(self, db_id: str, role: Role | None, params: dict[str, str],
+                     keys: asyncio.Future) -> "EarlyLogin | None":
         """Start the backend login while the client is still authenticating, so that the
         backend's fork and start-up overlap the SCRAM round trips. Only for an instance that
         is already running (an unauthenticated client never wakes one) and a role that can
@@ -177,13 +189,14 @@ class Session:
         only after authentication succeeds; otherwise it is dropped."""
         gw = self.gw
         inst = gw.instances.instances.get(db_id)
-        if (role is None or not role.can_login or role.verifier is None or inst is None
-                or not inst.alive or gw.shutting_down
+        if (role is None or not role.can_login or role.verifier is None or role.superuser is not False
+                or inst is None or not inst.alive or gw.shutting_down
                 or gw.early_logins.get(db_id, 0) >= EARLY_LOGINS_PER_DB):
             return None
-        return EarlyLogin(gw, db_id, params)
+        return EarlyLogin(gw, db_id, params, keys)
 
-    async def _serve(self, db_id: str, params: dict[str, str], early: "EarlyLogin | None" = None) -> None:
+    async def _serve(self, db_id: str, params: dict[str, str], keys: asyncio.Future,
+                     early: "EarlyLogin | None" = None) -> None:
         gw = self.gw
         if gw.shutting_down:
             if early is not None:
@@ -195,7 +208,7 @@ class Session:
             inst, backend = got
             acquired = woke
         else:  # no early login, or the instance stopped meanwhile: wake it now
-            inst, acquired, backend = await _wake_and_log_in(gw, db_id, params)
+            inst, acquired, backend = await _wake_and_log_in(gw, db_id, params, keys)
         key = None
         try:
             done = time.monotonic()
@@ -249,17 +262,17 @@ class Session:
             "duration_s": round(time.monotonic() - self.started, 3), "outcome": l.outcome})
 
 
-async def _log_in(gw: "Gateway", inst, params: dict[str, str]) -> relay.BackendSession:
+async def _log_in(gw: "Gateway", inst, params: dict[str, str], keys: asyncio.Future) -> relay.BackendSession:
     """The backend login on a held instance; if it fails or is cancelled, the instance is
     given back (relay.login closes its own connection)."""
     try:
-        return await relay.login(inst.socket_path, params, gw.settings.start_timeout)
+        return await relay.login(inst.socket_path, params, gw.settings.start_timeout, keys)
     except BaseException:
         gw.instances.release(inst)
         raise
 
 
-async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
+async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str], keys: asyncio.Future):
     """(instance, when it was acquired, backend session), starting the instance if need be.
     Passing states of the instance are waited out, up to `start_timeout`, instead of failing
     the client: a postmaster that turns out to be exiting (its socket already gone) is replaced
@@ -267,14 +280,14 @@ async def _wake_and_log_in(gw: "Gateway", db_id: str, params: dict[str, str]):
     a backend crashed, shutting down; or a login closed as crash recovery begins) is asked
     again until it accepts, or exits and is replaced. Past the deadline the client gets the
     last refusal as it was."""
-    create = gw.settings.dev_password if gw.settings.create_on_connect else None
+    create = gw.dev_role.verifier if gw.dev_role is not None else None
     deadline = time.monotonic() + gw.settings.start_timeout
     waited = False
     while True:
-        inst = await gw.instances.acquire(db_id, create_password=create)
+        inst = await gw.instances.acquire(db_id, create_verifier=create)
         acquired = time.monotonic()
         try:
-            return inst, acquired, await _log_in(gw, inst, params)
+            return inst, acquired, await _log_in(gw, inst, params, keys)
         except relay.BackendUnreachable as e:
             if time.monotonic() >= deadline or not await gw.instances.exited(inst):
                 raise
@@ -306,14 +319,14 @@ class EarlyLogin:
     it has, or `drop()`ped (cancelled, or its backend session closed and the instance given
     back). Either frees its place under EARLY_LOGINS_PER_DB."""
 
-    def __init__(self, gw: "Gateway", db_id: str, params: dict[str, str]) -> None:
+    def __init__(self, gw: "Gateway", db_id: str, params: dict[str, str], keys: asyncio.Future) -> None:
         self.gw, self.db_id = gw, db_id
         gw.early_logins[db_id] = gw.early_logins.get(db_id, 0) + 1
         gw.early_logins_started += 1
-        self.task = asyncio.create_task(self._login(params))
+        self.task = asyncio.create_task(self._login(params, keys))
         self._held = True
 
-    async def _login(self, params: dict[str, str]):
+    async def _login(self, params: dict[str, str], keys: asyncio.Future):
         """(instance, backend session) for a database running now, or None if it no longer
         is, could not be reached or refused the login for now (the session then logs in the
         usual way, which restarts an instance that died meanwhile and waits out a passing
@@ -323,7 +336,7 @@ class EarlyLogin:
         if inst is None:
             return None
         try:
-            return inst, await _log_in(self.gw, inst, params)
+            return inst, await _log_in(self.gw, inst, params, keys)
         except relay.BackendRefused as e:
             if e.passing:  # the session's own login waits it out
                 return None

@@ -30,7 +30,7 @@ from storage.cache import Databases, LocalState
 from storage.local import LocalCatalog
 from storage.osuser import clean_env
 
-from . import pgtools, sqlfiles
+from . import dbroles, pgtools, securing, sqlfiles
 from .instances import InstanceManager
 from .postgres import PostgresError, PostgresProcess
 
@@ -199,10 +199,17 @@ class _Build:
                                                          str(pgdata)], check=True, capture_output=True,
                                         env=clean_env())
 
-    async def start(self) -> None:
+    async def start(self, plan: Plan) -> None:
         s, catalog, uids = self.settings, self.manager.catalog, self.manager.uids
         self.manager.make_socket_root()
-        # the dump's SQL runs as a superuser: with instance uids, under a uid of its own too
+        if plan.kind == "pgdata":  # an archive from elsewhere: its roles are not ours yet
+            try:
+                await securing.secure(catalog.bindir, self.dir / "pgdata", catalog.run_as,
+                                      s.socket_path / f"us-{self.token}", self.dir / "postgres.log",
+                                      options=s.postgres_options, timeout=s.start_timeout)
+            except securing.SecureError as e:
+                raise UploadError(f"the archive cannot be served safely: {e}") from None
+        # the dump's SQL runs as the tenant role; with instance uids, under a uid of its own too
         run_as = catalog.run_as if uids is None else await asyncio.to_thread(
             uids.claim, f".upload-{self.token}", self.dir, self.dir / "pgdata")
         self.process = PostgresProcess(catalog.bindir, self.dir / "pgdata", s.socket_path / f"up-{self.token}",
@@ -213,11 +220,11 @@ class _Build:
         assert self.process is not None
         sock, bindir = self.process.socket_dir, self.manager.catalog.bindir
         if plan.kind in ("custom", "tar-dump", "directory"):
-            await pgtools.run_tool(bindir, "pg_restore", [*pgtools.conn_args(sock, "postgres"),
+            await pgtools.run_tool(bindir, "pg_restore", [*dbroles.tool_args(sock, act_as=dbroles.TENANT),
                                    *RESTORE_FLAGS, plan.file], what=f"restoring {plan.file}")
         elif plan.kind == "plain":
             try:
-                await pgtools.run_tool(bindir, "psql", [*pgtools.conn_args(sock, "postgres"), "-X",
+                await pgtools.run_tool(bindir, "psql", [*dbroles.tool_args(sock, act_as=dbroles.TENANT), "-X",
                                        "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f",
                                        plan.file], what=f"running {plan.file}")
             except pgtools.ToolError as e:
@@ -229,16 +236,11 @@ class _Build:
         """Give role postgres `verifier` and save the roles beside the data directory."""
         assert self.process is not None
         try:
-            async with await psycopg.AsyncConnection.connect(
-                    host=str(self.process.socket_dir), user="postgres", dbname="postgres",
-                    autocommit=True, connect_timeout=10) as conn:
+            async with await dbroles.connect(self.process.socket_dir) as conn:
                 await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(verifier))
                 roles = roles_mod.from_rows(await (await conn.execute(roles_mod.ROLE_QUERY)).fetchall())
         except psycopg.Error as e:
-            reason = _first_line(e)
-            if 'role "postgres" does not exist' in reason:
-                reason = 'it has no role named "postgres" (pgsni manages databases as that role)'
-            raise UploadError(f"cannot set up role \"postgres\" in the uploaded data: {reason}") from None
+            raise UploadError(f"cannot set up role \"postgres\" in the uploaded data: {_first_line(e)}") from None
         await asyncio.to_thread(roles_mod.save, self.dir / "roles.json", roles)
         return roles
 
@@ -272,7 +274,7 @@ async def upload(manager: InstanceManager, p: Plan, password: str | None = None)
     build = _Build(manager)
     try:
         await build.make_pgdata(p)
-        await build.start()
+        await build.start(p)
         roles = await build.take_over(verifier)
         await build.load(p)
         roles = await build.take_over(verifier)  # a script may have changed roles or postgres' password

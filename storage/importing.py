@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import archive
 from .errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
-from .local import HBA, LocalCatalog
+from .local import LocalCatalog
 from .osuser import clean_env
 from .sources import Source
 from .streams import feed_thread
@@ -63,9 +63,9 @@ def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path) -> None:
     shutil.rmtree(unpacked, ignore_errors=True)  # whatever else the archive held
     for name in STALE:  # left by a server that was running when the archive was made
         (pgdata / name).unlink(missing_ok=True)
-    _write_new(pgdata / "pg_hba.conf", HBA)
+    # pg_hba.conf and pg_ident.conf are the gateway's, rewritten at every start
     if not (pgdata / "postgresql.conf").exists():  # Debian keeps it in /etc/postgresql
-        _write_new(pgdata / "postgresql.conf", "# pgsni: the archive had no postgresql.conf\n")
+        catalog.run_as.write_file(pgdata / "postgresql.conf", "# pgsni: the archive had no postgresql.conf\n")
     _protect(pgdata)
     catalog.run_as.chown_tree(pgdata)
 
@@ -91,15 +91,6 @@ def installed_major(bindir: Path) -> str:
                            f"{(out.stderr or out.stdout).strip()[:200]}")
     major = int(match.group(1))
     return str(major) if major >= 10 else f"{major}{match.group(2) or ''}"
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Replace `path` with a new 0600 file (never writing through a symlink planted there)."""
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(fd, "w") as f:
-        f.write(text)
 
 
 def _protect(pgdata: Path) -> None:

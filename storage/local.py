@@ -1,6 +1,7 @@
 """The local data root: `<root>/<id>/` per database, holding `pgdata/` (owned by the Postgres
 user, 0700), `roles.json` and `postgres.log`. New databases are cloned from a template
-PGDATA made once with initdb; creation and deletion are atomic renames."""
+PGDATA, made once by the maker the gateway hands in (gateway/template.py); creation and
+deletion are atomic renames."""
 
 from __future__ import annotations
 
@@ -12,17 +13,24 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from . import roles as roles_mod
-from .atomic import write_temp
+from .atomic import write_atomic, write_temp
 from .errors import DiskFull, StorageError, disk_full_as
 from .ids import valid_id
 from .osuser import RunAs, clean_env
 
 TEMPLATE = "_template"
+LAYOUT_FILE = "layout"  # <root>/_template/layout: which maker layout the template was made for
 SPARE = ".spare-"  # <root>/.spare-<token>/pgdata: a ready copy of the template
-HBA = "# pgsni: only the gateway reaches this server, over a unix socket in a 0700 directory\nlocal all all trust\n"
+
+
+class TemplateMaker(Protocol):
+    layout: str  # a template made for another layout is made again
+
+    def __call__(self, pgdata: Path) -> None:
+        """Make a template data directory at `pgdata` (its parent exists; it does not)."""
 
 
 class DatabaseExists(StorageError):
@@ -34,10 +42,12 @@ class DatabaseBusy(StorageError):
 
 
 class LocalCatalog:
-    def __init__(self, root: Path, run_as: RunAs, bindir: Path) -> None:
+    def __init__(self, root: Path, run_as: RunAs, bindir: Path,
+                 template_maker: TemplateMaker | None = None) -> None:
         self.root = root.absolute()
         self.run_as = run_as
         self.bindir = bindir
+        self.template_maker = template_maker
 
     # --- layout ---------------------------------------------------------------------------
     def db_dir(self, db_id: str) -> Path:
@@ -96,29 +106,38 @@ class LocalCatalog:
 
     # --- template ---------------------------------------------------------------------------
     def template(self) -> Path:
-        """PGDATA of the template, made once with initdb (about 0.6 s)."""
+        """PGDATA of the template, made once by the template maker (about a second)."""
         tpl = self.root / TEMPLATE / "pgdata"
-        if (tpl / "PG_VERSION").is_file():
+        if self._template_ready():
             return tpl
+        if self.template_maker is None:
+            raise StorageError("no template maker: this catalog cannot make new databases")
         self.prepare()
         with self._flock(self.root / ".template.lock"):
-            if (tpl / "PG_VERSION").is_file():
+            if self._template_ready():
                 return tpl
             work = self.root / f".{TEMPLATE}-{secrets.token_hex(4)}"
             self.run_as.make_dir(work)
-            data = work / "pgdata"
-            cmd = [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                   "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(),
-                                  **self.run_as.popen_kwargs())
-            if proc.returncode != 0:
+            try:
+                self.template_maker(work / "pgdata")
+                write_atomic(work / LAYOUT_FILE, self.template_maker.layout.encode())
+            except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
-                raise StorageError(f"initdb failed: {proc.stderr.strip() or proc.stdout.strip()}")
-            (data / "pg_hba.conf").write_text(HBA)
-            self.run_as.chown(data / "pg_hba.conf")
+                raise
             shutil.rmtree(self.root / TEMPLATE, ignore_errors=True)
             os.rename(work, self.root / TEMPLATE)
         return tpl
+
+    def _template_ready(self) -> bool:
+        tpl_dir = self.root / TEMPLATE
+        if not (tpl_dir / "pgdata" / "PG_VERSION").is_file():
+            return False
+        if self.template_maker is None:  # a catalog that only clones takes what is there
+            return True
+        try:
+            return (tpl_dir / LAYOUT_FILE).read_text().strip() == self.template_maker.layout
+        except OSError:
+            return False
 
     # --- lifecycle --------------------------------------------------------------------------
     def create(self, db_id: str) -> Path:

@@ -75,6 +75,16 @@ class RunAs:
         os.chmod(path, mode)
         return path
 
+    def write_file(self, path: Path, text: str, mode: int = 0o600) -> None:
+        """Replace `path` with a new file owned by this user, never writing through a symlink
+        or into a file someone planted there (the directory may be the Postgres user's)."""
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with open(fd, "w") as f:
+            f.write(text)
+        self.chown(path)
+
     def chown(self, path: Path) -> None:
         if self.switches_user:
             os.chown(path, self.uid, self.gid)

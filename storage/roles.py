@@ -17,6 +17,7 @@ class Role:
     verifier: str | None  # "SCRAM-SHA-256$..." or None (no password, or not SCRAM)
     can_login: bool = True
     valid_until: str | None = None  # ISO 8601, or None for no expiry
+    superuser: bool | None = None  # None: saved by a pgsni that did not record it
 
     def expired(self, now: dt.datetime | None = None) -> bool:
         if not self.valid_until:
@@ -28,18 +29,18 @@ class Role:
         return until <= now
 
 
-ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil FROM pg_authid "
+ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
               "ORDER BY rolname")
 
 
 def from_rows(rows) -> dict[str, Role]:
     roles = {}
-    for name, password, can_login, valid_until in rows:
+    for name, password, can_login, valid_until, superuser in rows:
         verifier = password if password and password.startswith("SCRAM-SHA-256$") else None
         until = None
         if valid_until is not None and valid_until != dt.datetime.max.replace(tzinfo=dt.timezone.utc):
             until = valid_until.isoformat() if valid_until.year < 9999 else None
-        roles[name] = Role(name, verifier, bool(can_login), until)
+        roles[name] = Role(name, verifier, bool(can_login), until, bool(superuser))
     return roles
 
 

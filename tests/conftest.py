@@ -14,6 +14,7 @@ import trustme
 
 from gateway.config import Settings
 from gateway.postgres import find_bindir
+from gateway.template import TemplateMaker
 from storage.local import TEMPLATE, LocalCatalog
 from storage.osuser import RunAs
 
@@ -46,12 +47,18 @@ def tls(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def template_catalog(root: Path) -> LocalCatalog:
+    """A catalog on `root` that makes its template as the gateway does (gateway/template.py)."""
+    run_as, bindir = RunAs.resolve("postgres"), find_bindir()
+    return LocalCatalog(root, run_as, bindir, TemplateMaker(
+        bindir, run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
+
+
 @pytest.fixture(scope="session")
 def template_pgdata() -> Path:
-    """One initdb per test session; each data root gets a copy."""
+    """One template (initdb, then the roles layout) per test session; each data root gets a copy."""
     root = reachable_tmpdir("pgsni-tpl-")
-    catalog = LocalCatalog(root, RunAs.resolve("postgres"), find_bindir())
-    tpl = catalog.template()
+    tpl = template_catalog(root).template()
     yield tpl
     shutil.rmtree(root, ignore_errors=True)
 

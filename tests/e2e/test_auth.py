@@ -62,9 +62,9 @@ def test_right_password_after_stop_uses_saved_verifiers(stopped_db, tls):
 
 def test_password_change_is_seen_by_the_gateway(gateway, tls):
     gateway.create_db("app1")
+    gateway.admin_sql("app1", "create role app login password 'first-pw'")
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:
-        conn.execute("create role app login password 'first-pw'")
-        conn.execute("alter role postgres password 'rotated-pw'")
+        conn.execute("alter role postgres password 'rotated-pw'")  # a tenant changes its own
     gateway.call(lambda: gateway.gw.instances.stop("app1"))
     # stopped: the verifiers saved at stop time are used
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1", user="app", password="first-pw")) as c:
@@ -75,8 +75,7 @@ def test_password_change_is_seen_by_the_gateway(gateway, tls):
 
 def test_role_without_login_is_refused(gateway, tls):
     gateway.create_db("app1")
-    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:
-        conn.execute("create role viewer nologin password 'viewer-pw'")
+    gateway.admin_sql("app1", "create role viewer nologin password 'viewer-pw'")
     gateway.gw.settings.auth_cache_seconds = 0
     assert connect_sqlstate(gateway.port, tls["ca"], "app1", user="viewer", password="viewer-pw") == "28000"
     assert "not permitted to log in" in _sqlstate(

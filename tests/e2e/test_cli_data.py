@@ -185,7 +185,7 @@ def _bad_inputs(tmp_path: Path, dump: Path) -> dict[str, tuple[Path, str]]:
         "gzip-sql": (write("g.sql.gz", gzip.compress(SQL_V1.encode())), "decompress it first"),
         "tar-without-pgdata": (_small_tar(tmp_path / "n.tar", {"hello.txt": b"hi"}),
                                "no PG_VERSION"),
-        "no-postgres-role": (None, 'no role named "postgres"'),
+        "untrusted-routine": (None, "routine public.evil(integer) in language internal"),
     }
 
 
@@ -198,7 +198,7 @@ def test_bad_inputs_leave_new_and_existing_databases_untouched(cli, start_gatewa
     dump = tmp_path / "app1.dump"
     assert cli("db", "dump", "app1", str(dump)).returncode == 0
     cases = _bad_inputs(tmp_path, dump)
-    cases["no-postgres-role"] = (archives["no-postgres-role.tar"], cases["no-postgres-role"][1])
+    cases["untrusted-routine"] = (archives["untrusted.tar"], cases["untrusted-routine"][1])
     before = _state(data_root)
     assert before[1]  # the state compared holds app1's stored version
     for name, (path, expect) in cases.items():

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from gateway import dbroles
 from gateway.postgres import find_bindir
 from storage.importing import installed_major
-from storage.local import HBA
 from storage.osuser import RunAs
 
 from ..conftest import reachable_tmpdir
@@ -109,8 +109,10 @@ def archives(template_pgdata):
 
 
 def _build_archives(template_pgdata: Path, work: Path) -> dict[str, Path]:
+    # a data directory as any other system makes it: bootstrap superuser "postgres", trust
     pgdata = work / "pgdata"
-    subprocess.run(["cp", "-a", str(template_pgdata), str(pgdata)], check=True)
+    _as_postgres(str(find_bindir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
+                 "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions")
     with _Server(pgdata) as server:
         server.sql("create table t(x int); insert into t select generate_series(1, 500); "
                    f"create role app login password '{APP_PW}'; grant select on t to app")
@@ -126,7 +128,21 @@ def _build_archives(template_pgdata: Path, work: Path) -> dict[str, Path]:
         _tar(pgdata, f, "w:gz", arcname="data")
     paths = {p.name: p for p in work.iterdir() if p.is_file()}
     paths["no-postgres-role.tar"] = _no_postgres_role(work)
+    paths["untrusted.tar"] = _untrusted_routine(work)
     return paths
+
+
+def _untrusted_routine(work: Path) -> Path:
+    """A data directory whose superuser left a routine in an untrusted language behind: a tenant that is
+    not a superuser must not get to call code like that."""
+    pgdata = work / "untrusted-pgdata"
+    _as_postgres(str(find_bindir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
+                 "--no-instructions", cwd="/tmp")
+    with _Server(pgdata) as server:
+        server.sql("create function evil(int) returns int language internal as 'int4abs'")
+    with open(work / "untrusted.tar", "wb") as f:
+        _tar(pgdata, f, "w")
+    return work / "untrusted.tar"
 
 
 def _no_postgres_role(work: Path) -> Path:
@@ -226,7 +242,7 @@ def test_from_local_tar_zst_of_a_running_server(cli, start_gateway, tls, data_ro
     pgdata = data_root / "imp1" / "pgdata"
     assert postmasters(pgdata) == []
     assert not (pgdata / "postmaster.pid").exists()
-    assert (pgdata / "pg_hba.conf").read_text() == HBA
+    assert (pgdata / "pg_hba.conf").read_text() == dbroles.hba()  # the gateway's, not the archive's
     postgres_uid = RunAs.resolve("postgres").uid
     for path in [pgdata, *pgdata.rglob("*")]:
         st = path.lstat()
@@ -319,9 +335,24 @@ def test_not_a_usable_pgdata(cli, data_root, tmp_path, archives, case, expect):
     _refused(cli, data_root, "bad3", "--from", str(source), expect=expect)
 
 
-def test_archive_without_role_postgres(cli, data_root, archives):
-    _refused(cli, data_root, "bad4", "--from", str(archives["no-postgres-role.tar"]),
-             expect='has no role named "postgres"')
+def test_archive_whose_superuser_is_not_postgres(cli, start_gateway, tls, data_root, archives):
+    """Its bootstrap superuser becomes the gateway's pgsni_admin and a tenant role postgres
+    (no superuser) is made for it: the archive is served, not refused."""
+    password, _ = _created(cli, "adm1", str(archives["no-postgres-role.tar"]))
+    gw = start_gateway()
+    try:
+        out = psql(conninfo(gw.port, tls["ca"], "adm1", password=password),
+                   "select rolname, rolsuper from pg_roles where oid = 10 or rolname = current_user "
+                   "order by oid")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["pgsni_admin|t", "postgres|f"]
+    finally:
+        gw.stop()
+
+
+def test_archive_with_an_untrusted_routine_is_refused(cli, data_root, archives):
+    _refused(cli, data_root, "bad6", "--from", str(archives["untrusted.tar"]),
+             expect="routine public.evil(integer) in language internal")
 
 
 def test_bad_sources(cli, data_root, tmp_path, web):

@@ -4,6 +4,8 @@ left behind: no backend connection, no client count, no in-flight entry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -13,12 +15,33 @@ from gateway import session
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, wait_until
 from ..support.rawclient import RawClient
 
-CLIENT_BACKENDS = "select count(*) from pg_stat_activity where backend_type = 'client backend'"
+def backend_titles(gateway, db_id: str) -> list[str]:
+    """Process titles of the instance's client backends ("postgres: <user> <database> [local]
+    <state>"): one still authenticating (an early login waits there for its client's proof)
+    is not in pg_stat_activity yet."""
+    postmaster = gateway.gw.instances.instances[db_id].process.pid
+    titles = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster and "[local]" in title:
+            titles.append(title.strip())
+    return titles
+
+
+def client_backends(gateway, db_id: str) -> int:
+    return len(backend_titles(gateway, db_id))
 
 
 def _left_behind_nothing(gateway, observer: psycopg.Connection, db_id: str) -> None:
     """Only the observer's own backend and client count remain."""
-    wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 1, what="backends gone")
+    try:
+        wait_until(lambda: client_backends(gateway, db_id) == 1, what="backends gone")
+    except AssertionError:
+        raise AssertionError(f"backends left: {backend_titles(gateway, db_id)}") from None
     wait_until(lambda: gateway.gw.instances.instances[db_id].clients == 1, what="count back")
     assert gateway.gw.early_logins == {}
 
@@ -63,7 +86,7 @@ def test_a_client_that_leaves_mid_scram_leaves_no_backend_behind(gateway, tls):
         raw.start_tls(str(tls["ca"]), f"vanish.{DOMAIN}")
         raw.startup({"user": "postgres", "database": "postgres"})
         assert isinstance(raw.next_backend(), p.Authentication)  # SASL offered: early login runs
-        wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 2, what="early backend")
+        wait_until(lambda: client_backends(gateway, "vanish") == 2, what="early backend")
         raw.close()
         _left_behind_nothing(gateway, observer, "vanish")
 
@@ -79,7 +102,7 @@ def test_early_logins_per_database_are_capped(gateway, tls, monkeypatch):
             raw.startup({"user": "postgres", "database": "postgres"})
             assert isinstance(raw.next_backend(), p.Authentication)
             waiting.append(raw)
-        wait_until(lambda: observer.execute(CLIENT_BACKENDS).fetchone()[0] == 3, what="two early backends")
+        wait_until(lambda: client_backends(gateway, "capped") == 3, what="two early backends")
         assert gateway.gw.early_logins == {"capped": 2}
         # one of them finishes: with or without a login done ahead, it gets a working session
         last = waiting.pop()

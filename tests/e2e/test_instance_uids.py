@@ -1,6 +1,7 @@
-"""instance_uid_base: each database's Postgres runs as its own OS uid, so one tenant's
-superuser cannot read another tenant's files; without it, every instance shares pg_user and
-can (the control case that shows the check can fail)."""
+"""instance_uid_base: each database's Postgres runs as its own OS uid, so even a superuser a
+tenant is allowed (allow_superuser_login) cannot read another tenant's files; without it,
+every instance shares pg_user and it can (the control case that shows the check can fail,
+in development mode, the only one that allows superusers without per-database uids)."""
 
 from __future__ import annotations
 
@@ -38,16 +39,22 @@ def _read_file(conn: psycopg.Connection, path: Path) -> str | None:
         return None
 
 
-def _connect(gt, tls, db_id):
-    return psycopg.connect(conninfo(gt.port, tls["ca"], db_id), autocommit=True)
+def _connect(gt, tls, db_id, **kw):
+    return psycopg.connect(conninfo(gt.port, tls["ca"], db_id, **kw), autocommit=True)
+
+
+def _as_superuser(gt, tls, db_id):
+    """A superuser of `db_id`, which the operator made and the settings let log in."""
+    gt.admin_sql(db_id, "create role boss superuser login password 'boss-pw-123'")
+    return _connect(gt, tls, db_id, user="boss", password="boss-pw-123")
 
 
 def test_each_database_runs_as_its_own_uid_and_cannot_read_the_others(start_gateway, tls):
-    gt = start_gateway(instance_uid_base=BASE, instance_uid_count=1000)
+    gt = start_gateway(instance_uid_base=BASE, instance_uid_count=1000, allow_superuser_login=True)
     for db in ("app1", "app2"):
         gt.create_db(db)
     catalog = gt.gw.catalog
-    with _connect(gt, tls, "app1") as one, _connect(gt, tls, "app2") as two:
+    with _as_superuser(gt, tls, "app1") as one, _as_superuser(gt, tls, "app2") as two:
         uid1, uid2 = _uid_of_backend(one), _uid_of_backend(two)
         assert uid1 != uid2 and BASE <= uid1 < BASE + 1000 and BASE <= uid2 < BASE + 1000
         assert catalog.pgdata("app1").stat().st_uid == uid1  # the owner is the record
@@ -85,13 +92,14 @@ def test_a_copy_of_a_database_gets_a_uid_of_its_own(start_gateway, tls):
 
 
 def test_without_instance_uids_tenants_share_one_os_user(start_gateway, tls):
-    gt = start_gateway()
+    gt = start_gateway(create_on_connect=True, allow_superuser_login=True)
     for db in ("app1", "app2"):
         gt.create_db(db)
-    with _connect(gt, tls, "app1") as one, _connect(gt, tls, "app2") as two:
+    with _as_superuser(gt, tls, "app1") as one, _connect(gt, tls, "app2") as two:
         assert _uid_of_backend(one) == _uid_of_backend(two)
-        # the gap SECURITY.md describes: one tenant's superuser reads another's files
+        # why superusers need instance_uid_base: one reads another tenant's files
         assert _read_file(one, gt.gw.catalog.pgdata("app2") / "PG_VERSION") == "15\n"
+        assert _read_file(two, gt.gw.catalog.pgdata("app1") / "PG_VERSION") is None  # a tenant: no
 
 
 @pytest.mark.parametrize("base, count", [(5, 10), (-1, 10), (2**31 - 5, 10), (300000, 0)])
@@ -103,8 +111,8 @@ def test_bad_uid_ranges_are_refused(base, count, tmp_path):
 
 
 def test_an_uploaded_dump_runs_under_a_uid_of_its_own(start_gateway, tls, cli, tmp_path):
-    """`db upload` runs the dump's SQL as a superuser: with instance uids, not as pg_user, so
-    it cannot read what pg_user still owns (the template) or another database's files."""
+    """`db upload` runs the dump's SQL as the tenant role (no superuser), and with instance
+    uids not as pg_user either: two walls between it and the template or other databases."""
     env = {"PGSNI_INSTANCE_UID_BASE": str(BASE), "PGSNI_INSTANCE_UID_COUNT": "1000"}
     gt = start_gateway(instance_uid_base=BASE, instance_uid_count=1000)
     gt.create_db("app1")

@@ -9,7 +9,7 @@ import asyncio
 import psycopg
 import pytest
 
-from gateway import sqlfiles
+from gateway import dbroles, sqlfiles
 from gateway.sqlfiles import SqlFileError, parse_files, parse_sql_file, parse_sql_text
 
 
@@ -89,7 +89,7 @@ def pg(gateway):
     """A sync psycopg connection to database app1's instance, over its unix socket."""
     gateway.create_db("app1")
     sock = gateway.gw.instances.instances["app1"].socket_dir
-    with psycopg.connect(host=str(sock), user="postgres", dbname="postgres", autocommit=True) as conn:
+    with psycopg.connect(dbroles.conninfo(sock, act_as=dbroles.TENANT), autocommit=True) as conn:
         yield conn
 
 
@@ -123,8 +123,7 @@ def test_run_files_async(gateway, tmp_path):
                          _write(tmp_path, "2.sql", "insert into c values (1/0);")])
 
     async def run():
-        async with await psycopg.AsyncConnection.connect(host=str(sock), user="postgres",
-                                                         dbname="postgres", autocommit=True) as conn:
+        async with await dbroles.connect(sock, act_as=dbroles.TENANT) as conn:
             with pytest.raises(SqlFileError) as err:
                 await sqlfiles.run_files_async(conn, files)
             rows = await (await conn.execute("select s from c")).fetchall()

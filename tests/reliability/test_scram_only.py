@@ -128,15 +128,20 @@ def test_libpq_require_auth_other_than_scram_is_never_satisfied(gateway, tls, me
 def test_instances_listen_only_on_their_private_socket(gateway, tls):
     gateway.create_db("app1")
     dsn = conninfo(gateway.port, tls["ca"], "app1")
-    hba = psql(dsn, "select distinct type from pg_hba_file_rules")
-    assert hba.returncode == 0 and hba.stdout.split() == ["local"], hba.stdout + hba.stderr
-    # a tenant superuser tries to open TCP and to widen the socket; the command line wins
+    rules = gateway.admin_sql("app1", "select type, user_name, auth_method from pg_hba_file_rules "
+                                      "order by line_number")
+    assert rules == [("local", ["pgsni_admin", "pgsni_agent"], "peer"),
+                     ("local", ["all"], "scram-sha-256")]
+    # what a superuser may have left in postgresql.auto.conf (an archive, or a tenant from when
+    # tenants were superusers): TCP, a wide socket, a program run for every WAL segment
     for sql in ("alter system set listen_addresses = '*'",
-                "alter system set unix_socket_permissions = '0777'"):
-        out = psql(dsn, sql)
-        assert out.returncode == 0, out.stderr
+                "alter system set unix_socket_permissions = '0777'",
+                "alter system set archive_mode = on",
+                "alter system set archive_command = 'touch /tmp/pgsni-archived'"):
+        gateway.admin_sql("app1", sql)
     gateway.call(lambda: gateway.gw.instances.stop("app1"))
-    shown = psql(dsn, "show listen_addresses; show unix_socket_permissions")
-    assert shown.returncode == 0 and shown.stdout.split() == ["0700"], shown.stdout
+    shown = psql(dsn, "show listen_addresses; show unix_socket_permissions; show archive_mode; "
+                      "show archive_command")
+    assert shown.returncode == 0 and shown.stdout.split() == ["0700", "off", "(disabled)"], shown.stdout
     sock = gateway.settings.socket_path / "app1" / ".s.PGSQL.5432"
     assert oct(sock.stat().st_mode & 0o777) == "0o700"

@@ -16,12 +16,19 @@ def test_save_and_load_round_trip_with_mode_0600(tmp_path):
 
 
 def test_only_scram_verifiers_are_kept():
-    rows = [("a", "SCRAM-SHA-256$4096:x$y:z", True, None), ("b", "md5abc", True, None),
-            ("c", None, False, None)]
+    rows = [("a", "SCRAM-SHA-256$4096:x$y:z", True, None, False), ("b", "md5abc", True, None, False),
+            ("c", None, False, None, True)]
     roles = from_rows(rows)
     assert roles["a"].verifier.startswith("SCRAM-SHA-256$")
     assert roles["b"].verifier is None and roles["c"].verifier is None
     assert roles["c"].can_login is False
+    assert (roles["a"].superuser, roles["c"].superuser) == (False, True)
+
+
+def test_roles_saved_by_an_older_pgsni_load_with_superuser_unknown(tmp_path):
+    path = tmp_path / "roles.json"
+    path.write_text('{"roles": [{"name": "postgres", "verifier": null, "can_login": true, "valid_until": null}]}')
+    assert load(path)["postgres"].superuser is None
 
 
 def test_expiry_with_and_without_an_offset():

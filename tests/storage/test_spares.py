@@ -4,12 +4,12 @@ without one it clones as before; spares never show as databases and are dropped 
 from __future__ import annotations
 
 from storage.local import SPARE, LocalCatalog
-from storage.osuser import RunAs
-from gateway.postgres import find_bindir
+
+from ..conftest import template_catalog
 
 
 def _catalog(root) -> LocalCatalog:
-    return LocalCatalog(root, RunAs.resolve("postgres"), find_bindir())
+    return template_catalog(root)
 
 
 def test_create_takes_a_spare_then_clones(data_root):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvloop
 
+from gateway import dbroles
 from gateway.config import Settings
 from gateway.server import Gateway
 
@@ -65,6 +66,25 @@ class GatewayThread:
         gw = self.gw
         assert gw is not None
         self.call(lambda: gw.instances.create(db_id, password))
+
+    def admin_sql(self, db_id: str, sql: str, dbname: str = "postgres"):
+        """Run `sql` as the gateway's own superuser on `db_id` (started if need be): what the
+        operator can do and a tenant cannot (on Postgres 15 a tenant cannot create roles).
+        Returns the rows, if the statement returns any."""
+        gw = self.gw
+        assert gw is not None
+
+        async def run():
+            inst = await gw.instances.acquire(db_id)
+            try:
+                async with await dbroles.connect(inst.socket_dir, dbname) as conn:
+                    cur = await conn.execute(sql)
+                    rows = await cur.fetchall() if cur.description else None
+                inst.roles_at = 0.0  # roles may have changed: read them again at the next login
+                return rows
+            finally:
+                gw.instances.release(inst)
+        return self.call(run)
 
     def running(self) -> set[str]:
         assert self.gw is not None
