@@ -103,7 +103,10 @@ class RunAs:
         if not self.switches_user:
             return
         for parent in reversed(path.absolute().parents):
-            st = parent.stat()
+            try:
+                st = parent.stat()
+            except FileNotFoundError:
+                return  # from here down the gateway creates it, 0755 or wider: reachable
             if st.st_uid == self.uid:
                 ok = st.st_mode & 0o100
             elif st.st_gid == self.gid:

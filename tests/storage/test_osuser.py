@@ -45,3 +45,15 @@ def test_unreachable_data_root_is_explained(tmp_path, run_as):
     locked.mkdir(mode=0o700)
     with pytest.raises(OSUserError, match="cannot enter"):
         run_as.check_reachable(locked / "data")
+
+
+def test_a_data_root_whose_parents_do_not_exist_yet_is_reachable(run_as):
+    """./dev serve on a fresh clone: <checkout>/.pgsni/data, with no .pgsni yet (the gateway
+    makes it)."""
+    from ..conftest import reachable_tmpdir
+
+    checkout = reachable_tmpdir("pgsni-fresh-")
+    try:
+        run_as.check_reachable(checkout / ".pgsni" / "data")
+    finally:
+        checkout.rmdir()
