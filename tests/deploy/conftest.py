@@ -152,3 +152,21 @@ def entrypoint_vars() -> set[str]:
     code = "\n".join(line.split(" # ", 1)[0] for line in text.splitlines()
                      if not line.lstrip().startswith("#"))
     return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", code))
+
+
+def wait_listening(proc, port: int, log: Path, what: str, timeout: float = 120) -> None:
+    """Wait until `proc` (a ./dev command writing to `log`) accepts connections on `port`;
+    fail with its log if it exits first."""
+    import socket
+
+    from ..support.harness import wait_until
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, timeout=timeout, what=what)

@@ -9,16 +9,15 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from ..support.harness import DOMAIN, psql, wait_until
+from ..support.harness import DOMAIN, psql
 from ..support.moto import free_port
-from .conftest import ROOT
+from .conftest import ROOT, wait_listening
 from .test_dev_serve_s3 import _dev_would_install
 
 
@@ -54,15 +53,7 @@ def test_dev_serve_on_a_fresh_clone_as_root(tmp_path):
         proc = subprocess.Popen(["./dev", "serve", "--listen", f"127.0.0.1:{port}"], cwd=clone, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout=120, what="./dev serve to listen")
+        wait_listening(proc, port, log, "./dev serve to listen", timeout=120)
         dsn = (f"host=app1.{DOMAIN} hostaddr=127.0.0.1 port={port} user=postgres password=postgres "
                f"sslmode=verify-full sslrootcert={clone / 'certs' / 'dev' / 'ca.pem'} connect_timeout=30")
         out = psql(dsn, "select current_user, current_setting('is_superuser')")

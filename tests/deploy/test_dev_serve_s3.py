@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from ..conftest import reachable_tmpdir
-from ..support.harness import DOMAIN, psql, wait_until
+from ..support.harness import DOMAIN, psql
 from ..support.moto import free_port
-from .conftest import ROOT
+from .conftest import ROOT, wait_listening
 
 
 def _dev_would_install() -> str | None:
@@ -57,15 +57,7 @@ def test_dev_serve_s3_serves_and_stops_moto_after_the_gateway(tmp_path):
         proc = subprocess.Popen([str(ROOT / "dev"), "serve-s3", "--listen", f"127.0.0.1:{port}"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout=90, what="./dev serve-s3 to listen")
+        wait_listening(proc, port, log, "./dev serve-s3 to listen", timeout=90)
         moto_port = int(re.search(r"moto S3 server on http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
         ca = ROOT / "certs" / "dev" / "ca.pem"
         dsn = (f"host=app1.{DOMAIN} hostaddr=127.0.0.1 port={port} user=postgres password=postgres "
