@@ -82,6 +82,9 @@ class SlidingWindow:
         if times is None:
             return False
         self._expire(times, self.clock())
+        if not times:  # nothing left in the window: the key takes no memory (nor sits in _prune's way)
+            del self.events[key]
+            return False
         return len(times) >= self.limit
 
     def record(self, key: Hashable) -> None:
@@ -101,7 +104,7 @@ class SlidingWindow:
         # keys are in order of their newest event: expired ones are at the front
         while self.events:
             key, times = next(iter(self.events.items()))
-            if len(self.events) > self.max_keys or times[-1] <= now - self.window:
+            if len(self.events) > self.max_keys or not times or times[-1] <= now - self.window:
                 del self.events[key]
             else:
                 break

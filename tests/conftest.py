@@ -3,6 +3,7 @@ made once per session, and a running gateway."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -104,3 +105,32 @@ def start_gateway(make_settings):
 @pytest.fixture
 def gateway(start_gateway) -> GatewayThread:
     return start_gateway()
+
+
+class _SessionCrashes(logging.Handler):
+    """Collects the gateway's 'session from ... failed' records: an exception nobody expected
+    on a client's path (the client got XX000 "internal error in the gateway")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.getMessage().startswith("session from"):
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_session_errors():
+    """Every test fails if an in-process gateway met an unexpected exception in a session."""
+    handler = _SessionCrashes()
+    logger = logging.getLogger("pgsni.session")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.records:
+        exc = handler.records[0].exc_info[1]
+        pytest.fail(f"a gateway session failed unexpectedly ({len(handler.records)} time(s)): "
+                    f"{type(exc).__name__}: {exc}", pytrace=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.config import Settings
 from gateway.limits import ConnectionCounter, Limits, SlidingWindow, TokenBucket
@@ -171,3 +173,57 @@ def test_settings_reject_negative_limits():
         Settings(wake_rate=-1)
     with pytest.raises(ConfigError, match="wake_burst"):
         Settings(wake_burst=0)
+
+
+def test_a_key_emptied_by_blocked_does_not_break_the_next_record():
+    """The reported sequence: a failure for a, 61 s later a good login to a (blocked() expires
+    a's only event), then a failure for b. It raised IndexError: the client got XX000."""
+    clock = FakeClock()
+    w = SlidingWindow(30, clock=clock)
+    w.record("a")
+    clock.now += 61
+    assert not w.blocked("a")
+    w.record("b")
+    assert len(w) == 1 and not w.blocked("b")
+
+
+class WindowModel(RuleBasedStateMachine):
+    """Any sequence of record / blocked / time passing: never an exception, always the answer
+    of a plain list of every event (while no key is evicted), memory within its bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.limit, self.window, self.max_keys = 3, 60.0, 4
+        self.w = SlidingWindow(self.limit, self.window, clock=self.clock, max_keys=self.max_keys)
+        self.history: dict[str, list[float]] = {}
+        self.evicted = False
+
+    keys = st.sampled_from(["a", "b", "c", "d", "e"])
+
+    @rule(key=keys)
+    def record(self, key):
+        self.w.record(key)
+        self.history.setdefault(key, []).append(self.clock.now)
+        live = {k for k, t in self.history.items() if t and t[-1] > self.clock.now - self.window}
+        self.evicted |= len(live) > self.max_keys
+
+    @rule(key=keys)
+    def blocked(self, key):
+        got = self.w.blocked(key)
+        if not self.evicted:
+            recent = [t for t in self.history.get(key, []) if t > self.clock.now - self.window]
+            assert got == (len(recent) >= self.limit)
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 30.0, 59.9, 60.0, 61.0, 300.0]))
+    def wait(self, seconds):
+        self.clock.now += seconds
+
+    @invariant()
+    def bounded(self):
+        assert len(self.w) <= self.max_keys
+        assert all(len(t) <= self.limit for t in self.w.events.values())
+
+
+TestWindowModel = WindowModel.TestCase
+TestWindowModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
