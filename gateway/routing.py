@@ -38,13 +38,14 @@ def id_from_sni(server_name: str, domains: list[str]) -> str:
 
 
 def _sni_label(server_name: str, domains: list[str]) -> str | None:
-    """The id in `<id>.<domain>`; None when the name is under none of the domains."""
+    """The id in `<id>.<domain>`; None when the name is under none of the domains. DNS names
+    are case-insensitive: ABC.DB.EXAMPLE.COM is database abc."""
     name = server_name.lower()
     # longest first: with nested domains (example.com and db.example.com) the most specific wins
     for domain in sorted(domains, key=len, reverse=True):
         suffix = "." + domain.lower()
         if name.endswith(suffix):
-            label = server_name[: -len(suffix)]
+            label = name[: -len(suffix)]
             if "." in label:
                 raise GatewayError(
                     UNKNOWN_DATABASE, f"server name {server_name[:120]!r} has more than one label "

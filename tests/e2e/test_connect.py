@@ -111,3 +111,16 @@ def test_plain_connection_is_refused_when_tls_is_required(gateway, tls):
                f"options=endpoint=app1 password={TEST_PASSWORD}", "select 1")
     assert out.returncode != 0 and "requires TLS" in out.stderr and "sslmode=require" in out.stderr
     assert gateway.gw.instances.starts == starts and gateway.running() == set()
+
+
+def test_an_uppercase_host_name_reaches_the_same_database(gateway, tls):
+    """DNS names are case-insensitive: libpq sends the SNI as written, the certificate still
+    matches, and ABC.DB.EXAMPLE.COM is database abc."""
+    gateway.create_db("abc")
+    dsn = conninfo(gateway.port, tls["ca"], "abc").replace(f"host=abc.{DOMAIN}", f"host=ABC.{DOMAIN.upper()}")
+    assert f"host=ABC.{DOMAIN.upper()}" in dsn
+    out = psql(dsn, "select current_database(), current_setting('cluster_name', true) is not null")
+    assert out.returncode == 0, out.stderr
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "abc"), autocommit=True) as conn:
+        conn.execute("create table marker as select 1 as x")
+    assert psql(dsn, "select x from marker").stdout.strip() == "1"

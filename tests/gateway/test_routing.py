@@ -67,9 +67,14 @@ def test_sni_domain_is_case_insensitive(name):
     assert id_from_sni(name, DOMAINS) == "abc"
 
 
-@pytest.mark.parametrize("name", ["ABC.db.example.com", "aBc.DB.EXAMPLE.COM"])
-def test_sni_uppercase_id_label_refused(name):
-    refused(UNKNOWN_DATABASE, id_from_sni, name, DOMAINS)
+@pytest.mark.parametrize("name", ["ABC.db.example.com", "aBc.DB.EXAMPLE.COM", "ABC.DB.EXAMPLE.COM"])
+def test_sni_is_case_insensitive_as_dns_names_are(name):
+    assert id_from_sni(name, DOMAINS) == "abc"
+
+
+def test_an_uppercase_sni_agrees_with_a_lowercase_endpoint_and_endpoint_stays_exact():
+    assert route("ABC.DB.EXAMPLE.COM", "endpoint=abc", DOMAINS)[0].db_id == "abc"
+    refused(UNKNOWN_DATABASE, route, None, "endpoint=ABC", DOMAINS)  # not a DNS name
 
 
 def test_sni_multiple_domains():
