@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 PROTOCOL_3_0 = 3 << 16
+LATEST_MINOR = 2  # protocol 3.2 (Postgres 18): cancel keys up to 256 bytes
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102

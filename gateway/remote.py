@@ -321,7 +321,8 @@ async def serve(session: "Session", db_id: str, backend: relay.BackendSession) -
     """Give the client our own cancel key for the remote's, then pipe both ways."""
     gw = session.gw
     route = gw.settings.remote_routes[db_id]
-    key = gw.cancels.issue(CancelTarget(None, backend.key, remote=route)) if backend.key else None
+    key = gw.cancels.issue(CancelTarget(None, backend.key, remote=route),
+                           long=session.protocol_minor >= 2) if backend.key else None
     relayed = _relayed.setdefault(gw, set())
     relayed.add(backend.conn)
     try:

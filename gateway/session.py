@@ -54,6 +54,7 @@ class Session:
         self.metered: tuple[str, str] | None = None  # (db, method) counted as authenticated
         self.log = SessionLog()
         self.started = time.monotonic()
+        self.protocol_minor = 0  # 3.x the client speaks (3.2: long cancel keys)
 
     async def run(self) -> None:
         try:
@@ -140,10 +141,13 @@ class Session:
         if event.major != 3:
             raise GatewayError(errors.FEATURE_NOT_SUPPORTED,
                                f"unsupported frontend protocol {event.major}.{event.minor}: "
-                               "server supports 3.0 to 3.0")
+                               f"server supports 3.0 to 3.{p.LATEST_MINOR}")
+        # as Postgres 18: up to 3.2 is spoken as asked (its only difference, longer cancel
+        # keys, is the gateway's own); anything newer is negotiated down
+        self.protocol_minor = min(event.minor, p.LATEST_MINOR)
         unsupported = tuple(k for k in event.params if k.startswith("_pq_."))
-        if event.minor > 0 or unsupported:
-            self.conn.send(p.NegotiateProtocolVersion(0, unsupported).encode())
+        if event.minor > p.LATEST_MINOR or unsupported:
+            self.conn.send(p.NegotiateProtocolVersion(self.protocol_minor, unsupported).encode())
         if not event.params.get("user"):
             raise GatewayError(errors.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
         if not self.client.tls and self.gw.settings.require_tls:
@@ -218,7 +222,8 @@ class Session:
                 gw.metrics.wake_phase("login", done - acquired)
                 gw.metrics.wake_phase("total", done - woke)
             if backend.key is not None:
-                key = gw.cancels.issue(CancelTarget(inst.socket_path, backend.key))
+                key = gw.cancels.issue(CancelTarget(inst.socket_path, backend.key),
+                                       long=self.protocol_minor >= 2)
             out = b"".join(backend.to_client)
             if key is not None:
                 out += key.encode()

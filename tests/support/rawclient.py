@@ -83,6 +83,30 @@ class RawClient:
     def query(self, sql: str) -> bytes:
         return p.Message(b"Q", sql.encode() + b"\0").encode()
 
+    def send_query(self, sql: str) -> None:
+        self.send(self.query(sql))
+
+    def rows(self, sql: str) -> list[list[str | None]]:
+        """Run `sql` (simple query): its rows as text, or AssertionError with the server's error."""
+        self.send_query(sql)
+        rows, error = [], None
+        while True:
+            msg = self.next_message()
+            if msg.type == b"D":
+                rows.append(_data_row(msg.body))
+            elif msg.type == b"E":
+                error = p.decode_error(msg).message
+            elif msg.type == b"Z":
+                assert error is None, error
+                return rows
+
+    def error_text(self) -> str:
+        """The message of the next ErrorResponse (messages before it are skipped)."""
+        while True:
+            msg = self.next_message()
+            if msg.type == b"E":
+                return p.decode_error(msg).message
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -92,3 +116,13 @@ class RawClient:
 
 def pack_untyped(code: int, body: bytes = b"") -> bytes:
     return struct.pack("!ii", len(body) + 8, code) + body
+
+
+def _data_row(body: bytes) -> list[str | None]:
+    (count,), offset, values = struct.unpack_from("!h", body), 2, []
+    for _ in range(count):
+        (size,) = struct.unpack_from("!i", body, offset)
+        offset += 4
+        values.append(None if size < 0 else body[offset:offset + size].decode())
+        offset += max(size, 0)
+    return values

@@ -1,0 +1,34 @@
+"""gateway/cancel.py: keys carry the backend's real pid and a secret of the gateway's; two
+backends with one pid (a local one and a remote route's) stay apart by their secrets."""
+
+from __future__ import annotations
+
+from gateway import protocol as p
+from gateway.cancel import LONG_KEY_VERSION, CancelTable, CancelTarget
+
+
+def target(pid: int, remote=None) -> CancelTarget:
+    return CancelTarget(None, p.BackendKeyData(pid, b"back"), remote=remote)
+
+
+def test_keys_are_the_real_pid_with_a_secret_of_ours():
+    table = CancelTable()
+    short, long = table.issue(target(4242)), table.issue(target(4243), long=True)
+    assert (short.pid, len(short.secret)) == (4242, 4) and short.secret != b"back"
+    assert (long.pid, len(long.secret)) == (4243, 32)
+    assert long.secret[0] == LONG_KEY_VERSION and long.secret[1:3] == b"\0\0"  # gateway number 0
+
+
+def test_one_pid_two_backends_are_told_apart_by_the_secret():
+    table = CancelTable()
+    local, remote = target(100), target(100, remote="billing")
+    k1, k2 = table.issue(local), table.issue(remote)
+    assert table.lookup(p.CancelRequest(100, k1.secret)) is local
+    assert table.lookup(p.CancelRequest(100, k2.secret)) is remote
+    assert table.lookup(p.CancelRequest(100, bytes(4))) is None
+    assert table.lookup(p.CancelRequest(101, k1.secret)) is None
+    table.forget(k1)
+    assert table.lookup(p.CancelRequest(100, k1.secret)) is None
+    assert table.lookup(p.CancelRequest(100, k2.secret)) is remote and len(table) == 1
+    table.forget(k2)
+    assert len(table) == 0
