@@ -90,7 +90,7 @@ class Settings:
     start_timeout: float = _opt(30.0, "Seconds an instance has to become ready; also the longest a login waits out a server that refuses logins for now (crash recovery).")
     stop_timeout: float = _opt(30.0, "Seconds a fast shutdown may take before the instance is killed.")
     shutdown_grace: float = _opt(10.0, "On SIGTERM/SIGINT, seconds to let clients finish before closing them.")
-    auth_cache_seconds: float = _opt(2.0, "How long role verifiers read from a running instance are reused.")
+    auth_cache_seconds: float = _opt(2.0, "How long a database's stored version (and the roles in its manifest, for a database not on local disk) is reused between logins. Roles of a running database are read fresh for every login.")
     postgres_options: dict[str, str] = _opt({}, "Extra Postgres settings (-c name=value) for every instance.")
     log_level: str = _opt("INFO", "Gateway log level.")
     log_format: str = _opt("auto", "Log format: json (one object per line), text, or auto (JSON when stderr is not a terminal).")

@@ -29,6 +29,7 @@ from .config import Settings
 from .limits import TokenBucket
 from .metrics import Metrics
 from .postgres import PostgresError, PostgresProcess, stop_orphan
+from .role_reader import RoleReader
 
 log = logging.getLogger("pgsni.instances")
 
@@ -42,8 +43,8 @@ class Instance:
     lock: object
     clients: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    roles: dict[str, roles_mod.Role] | None = None
-    roles_at: float = 0.0
+    roles: dict[str, roles_mod.Role] | None = None  # as last read
+    reader: RoleReader | None = None  # fresh roles for every login (gateway/role_reader.py)
     start_lsn: str | None = None  # WAL insert position when it started: unchanged = nothing to save
     watcher: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)  # when it became ready
@@ -162,16 +163,15 @@ class InstanceManager:
         inst.last_used = time.monotonic()
 
     async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
-        """Roles and verifiers: fresh from the running instance (cached briefly), else the
-        metadata saved beside the database. None if the database does not exist."""
+        """Roles and verifiers: read fresh from the running instance (as Postgres would check
+        them), else the metadata saved beside the database (it cannot change while stopped).
+        None if the database does not exist."""
         inst = self.instances.get(db_id)
         if inst is not None and inst.alive:
-            if inst.roles is not None and time.monotonic() - inst.roles_at < self.settings.auth_cache_seconds:
-                return inst.roles
             try:
                 await self._refresh_roles(inst)
                 return inst.roles
-            except (psycopg.Error, OSError) as e:
+            except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
                 log.warning("reading roles from running %s failed (%s); using saved metadata", db_id, e)
         with storage_failures(db_id):
             return await self.databases.roles(db_id)
@@ -468,6 +468,8 @@ class InstanceManager:
         self.metrics.wake(ok=True)
         self.metrics.wake_phase("start", time.monotonic() - started)
         inst = Instance(db_id, process, lock)
+        inst.reader = RoleReader(lambda: dbroles.connect(process.socket_dir), _read_roles,
+                                 timeout=min(10.0, s.handshake_timeout / 2))
         self.instances[db_id] = inst
         inst.watcher = asyncio.create_task(self._watch(inst))
         self.databases.mark_running(db_id)
@@ -506,8 +508,10 @@ class InstanceManager:
         if inst.alive and not discard:
             try:
                 end_lsn = await self._refresh_roles(inst)
-            except (psycopg.Error, OSError) as e:
+            except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
                 log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
+        if inst.reader is not None:
+            await inst.reader.close()
         await inst.process.stop(self.settings.stop_timeout)
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
@@ -538,6 +542,8 @@ class InstanceManager:
         the copy changed (it may hold unsaved WAL) and free the file lock. Safe to call twice,
         and it leaves alone a newer instance of the same database."""
         inst.process.kill_group()
+        if inst.reader is not None:  # its connection died with the postmaster
+            asyncio.ensure_future(inst.reader.close())
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
             self.databases.mark_stopped(inst.db_id, changed=True)
@@ -547,16 +553,21 @@ class InstanceManager:
         return await dbroles.connect(inst.socket_dir)
 
     async def _refresh_roles(self, inst: Instance) -> str:
-        """Read roles (saving them beside the database when they changed); return the WAL
+        """Read roles now (saving them beside the database when they changed); return the WAL
         insert position, which tells whether anything was written."""
-        async with await self._connect(inst) as conn:
-            cur = await conn.execute(roles_mod.ROLE_QUERY)
-            roles = roles_mod.from_rows(await cur.fetchall())
-            lsn = (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
+        assert inst.reader is not None
+        roles, lsn = await inst.reader.read()
         if roles != inst.roles:
             await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
-        inst.roles, inst.roles_at = roles, time.monotonic()
+            inst.roles = roles
         return lsn
+
+
+async def _read_roles(conn: psycopg.AsyncConnection) -> tuple[dict[str, roles_mod.Role], str]:
+    cur = await conn.execute(roles_mod.ROLE_QUERY)
+    roles = roles_mod.from_rows(await cur.fetchall())
+    lsn = (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
+    return roles, lsn
 
 
 class storage_failures:

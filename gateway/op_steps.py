@@ -100,10 +100,7 @@ async def initialise(inst: "Instance", owner: str | None, owner_password: str | 
 
 
 async def refresh_roles(manager: "InstanceManager", db_id: str) -> None:
-    """Re-read the roles of a running database now (saving roles.json), not after the cache."""
-    inst = manager.instances.get(db_id)
-    if inst is not None:
-        inst.roles_at = 0.0
+    """Re-read the roles of a running database now (saving roles.json)."""
     await manager.roles(db_id)
 
 

@@ -89,3 +89,64 @@ def test_create_on_connect_uses_the_dev_password(start_gateway, tls):
     with psycopg.connect(conninfo(gw.port, tls["ca"], "fresh", password="devpw")) as conn:
         assert conn.execute("select current_user").fetchone() == ("postgres",)
     assert gw.gw.catalog.list() == ["fresh"]
+
+
+def test_a_new_role_logs_in_at_once(gateway, tls):
+    """As with Postgres: no cache between CREATE ROLE and the first login (it took up to
+    auth_cache_seconds, 28000 meanwhile)."""
+    gateway.create_db("app1")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1")):
+        pass  # running, roles read
+    gateway.admin_sql("app1", "create role fresh login password 'fresh-pw-1234'")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1", user="fresh", password="fresh-pw-1234")) as c:
+        assert c.execute("select current_user").fetchone() == ("fresh",)
+
+
+def test_a_password_change_counts_from_the_next_login(gateway, tls):
+    gateway.create_db("app1")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:
+        conn.execute("alter role postgres password 'new-pw-5678'")
+        assert connect_sqlstate(gateway.port, tls["ca"], "app1") == "28P01"  # the old one: no
+        with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1", password="new-pw-5678")) as new:
+            assert new.execute("select 1").fetchone() == (1,)
+
+
+def test_a_burst_of_startups_does_not_fork_a_backend_each_to_read_roles(gateway, tls):
+    """Fresh roles per login come over one connection per instance: fifty clients with wrong
+    passwords at once leave the instance's backends bounded (its reader, at most eight
+    early logins, the observer) and all get Postgres' answer, none 53300."""
+    import asyncio
+    import ssl
+
+    import asyncpg
+
+    gateway.create_db("app1")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as observer:
+        peak = 0
+
+        async def attempt() -> str:
+            ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+            ctx.check_hostname = False
+            try:
+                await asyncpg.connect(host="127.0.0.1", port=gateway.port, user="postgres", password="wrong",
+                                      database="postgres", ssl=ctx, timeout=30,
+                                      server_settings={"options": "endpoint=app1"})
+            except asyncpg.PostgresError as e:
+                return e.sqlstate
+            return "connected"
+
+        async def burst() -> list[str]:
+            nonlocal peak
+            tasks = [asyncio.ensure_future(attempt()) for _ in range(50)]
+            while not all(t.done() for t in tasks):
+                rows = await asyncio.to_thread(lambda: observer.execute(
+                    "select count(*) from pg_stat_activity where backend_type = 'client backend'").fetchone()[0])
+                peak = max(peak, rows)
+                await asyncio.sleep(0.01)
+            return [t.result() for t in tasks]
+
+        gateway.gw.settings.auth_failures_per_minute = 0  # this is about connections, not guessing
+        gateway.gw.limits.failed_ip.limit = gateway.gw.limits.failed_db.limit = 0
+        results = asyncio.run(burst())
+    assert set(results) == {"28P01"}, results
+    assert peak <= 1 + 1 + 8, peak  # observer, reader, early logins (not in pg_stat_activity yet)

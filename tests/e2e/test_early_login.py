@@ -27,7 +27,8 @@ def backend_titles(gateway, db_id: str) -> list[str]:
             title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster and "[local]" in title:
+        if (int(stat.rsplit(")", 1)[1].split()[1]) == postmaster and "[local]" in title
+                and "pgsni_admin" not in title):  # the gateway's own connection reading roles
             titles.append(title.strip())
     return titles
 

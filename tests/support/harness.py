@@ -80,7 +80,6 @@ class GatewayThread:
                 async with await dbroles.connect(inst.socket_dir, dbname) as conn:
                     cur = await conn.execute(sql)
                     rows = await cur.fetchall() if cur.description else None
-                inst.roles_at = 0.0  # roles may have changed: read them again at the next login
                 return rows
             finally:
                 gw.instances.release(inst)
