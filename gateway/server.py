@@ -266,7 +266,9 @@ class Gateway:
         sslobj = transport.get_extra_info("ssl_object")
         alpn = sslobj.selected_alpn_protocol() if sslobj else None
         log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
-        return conn, ClientInfo(peer, True, server_name(sslobj), cert_pem)
+        cipher = sslobj.cipher() if sslobj else None
+        return conn, ClientInfo(peer, True, server_name(sslobj), cert_pem,
+                                sslobj.version() if sslobj else None, cipher[0] if cipher else None)
 
 
 def open_databases(settings: Settings, catalog: LocalCatalog, backend) -> Databases:

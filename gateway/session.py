@@ -30,6 +30,19 @@ class ClientInfo:
     tls: bool
     server_name: str | None = None
     cert_pem: str | None = None  # the certificate presented in this TLS handshake
+    tls_version: str | None = None
+    cipher: str | None = None
+
+    def settings(self) -> dict[str, str]:
+        """What the backend cannot know (it sees a unix socket), as custom settings a session
+        reads with current_setting('pgsni.client_addr') and the like."""
+        host, _, port = self.peer.rpartition(":")
+        out = {"pgsni.client_addr": host.strip("[]"), "pgsni.client_port": port,
+               "pgsni.tls": "on" if self.tls else "off"}
+        if self.tls:
+            out |= {"pgsni.tls_version": self.tls_version or "", "pgsni.tls_cipher": self.cipher or "",
+                    "pgsni.server_name": self.server_name or ""}
+        return out
 
 
 @dataclass
@@ -43,6 +56,7 @@ class SessionLog:
     cold: bool = False  # this connection waited for its instance to start
     outcome: str = "closed"
     route: str = "local"  # local (an instance here) or remote (remote_routes)
+    backend_pid: int | None = None  # joins this line to pg_stat_activity.pid
 
 
 class Session:
@@ -161,7 +175,11 @@ class Session:
         self.log.db_id, self.log.method, self.log.user = route.db_id, route.method, params["user"]
         params = dict(params)
         params.setdefault("database", params["user"])
-        return route.db_id, relay.backend_params(params, options)
+        if route.db_id in self.gw.settings.remote_routes:
+            return route.db_id, relay.backend_params(params, options)
+        # last: startup parameters win over the client's options and its own pgsni.* ones
+        clean = {k: v for k, v in params.items() if not k.startswith("pgsni.")}
+        return route.db_id, relay.backend_params(clean, options) | self.client.settings()
 
     async def _role(self, db_id: str, user: str) -> Role | None:
         """The role to authenticate against; None (a mock exchange, then 28P01) for one that
@@ -222,6 +240,7 @@ class Session:
                 gw.metrics.wake_phase("login", done - acquired)
                 gw.metrics.wake_phase("total", done - woke)
             if backend.key is not None:
+                self.log.backend_pid = backend.key.pid
                 key = gw.cancels.issue(CancelTarget(inst.socket_path, backend.key),
                                        long=self.protocol_minor >= 2)
             out = b"".join(backend.to_client)
@@ -261,6 +280,7 @@ class Session:
         log.info("connection closed", extra={
             "event": "connection", "client": self.client.peer, "tls": self.client.tls,
             "db": l.db_id, "route": l.route, "sni_method": l.method, "user": l.user, "auth": l.auth,
+            "backend_pid": l.backend_pid,
             "auth_error": l.auth_error,
             "wake_ms": round(l.wake_ms, 1) if l.wake_ms is not None else None, "cold": l.cold,
             "bytes_in": self.conn.bytes_in, "bytes_out": self.conn.bytes_out,

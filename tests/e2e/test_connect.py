@@ -124,3 +124,34 @@ def test_an_uppercase_host_name_reaches_the_same_database(gateway, tls):
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "abc"), autocommit=True) as conn:
         conn.execute("create table marker as select 1 as x")
     assert psql(dsn, "select x from marker").stdout.strip() == "1"
+
+
+def test_the_session_can_read_its_clients_address_and_tls(gateway, tls, caplog):
+    """The backend sees a unix socket (inet_client_addr() is NULL, pg_stat_ssl says no TLS);
+    what it cannot know comes as settings the client cannot forge, and the gateway's log line
+    names the backend pid for pg_stat_activity."""
+    import logging
+
+    from gateway import protocol as p
+
+    from ..support.rawclient import RawClient
+
+    gateway.create_db("app1")
+    raw = RawClient(gateway.port)
+    raw.start_tls(str(tls["ca"]), f"app1.{DOMAIN}")
+    local_port = raw.sock.getsockname()[1]
+    raw.startup({"user": "postgres", "database": "postgres", "pgsni.client_addr": "6.6.6.6",
+                 "options": "-c pgsni.tls=forged"})
+    raw.scram("postgres", TEST_PASSWORD)
+    while not isinstance(raw.next_backend(), p.ReadyForQuery):
+        pass
+    with caplog.at_level(logging.INFO, logger="pgsni.session"):
+        rows = raw.rows("select current_setting('pgsni.client_addr'), current_setting('pgsni.client_port'), "
+                        "current_setting('pgsni.tls'), current_setting('pgsni.tls_version'), "
+                        "current_setting('pgsni.server_name'), length(current_setting('pgsni.tls_cipher')) > 0, "
+                        "pg_backend_pid()")
+        raw.close()
+        gateway.call(lambda: __import__("asyncio").sleep(0.5))
+    assert rows[0][:6] == ["127.0.0.1", str(local_port), "on", "TLSv1.3", f"app1.{DOMAIN}", "t"]
+    lines = [r for r in caplog.records if r.getMessage() == "connection closed"]
+    assert lines and lines[-1].backend_pid == int(rows[0][6]) and lines[-1].client.endswith(f":{local_port}")
