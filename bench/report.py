@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .env import bench_install
+
 console = Console(stderr=True)
 
 
@@ -61,7 +63,8 @@ def machine() -> dict:
             return ""
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 1048576, 1),
             "kernel": platform.release(), "python": platform.python_version(),
-            "postgres": version(["pgbench", "--version"]),
+            "postgres": version([str(bench_install()[1] / "postgres"), "--version"]),  # servers compared
+            "pgbench": version(["pgbench", "--version"]),
             "pgbouncer": version(["/usr/sbin/pgbouncer", "--version"]),
             "loadavg": os.getloadavg()[0]}
 

@@ -91,10 +91,10 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
 
     async def create(request: web.Request) -> web.Response:
         body = await _body(request, {"id": True, "password": False, "source": False,
-                                     "sha256": False, "owner": False})
+                                     "sha256": False, "owner": False, "pg": False})
         result = await ops.create(body["id"], password=body.get("password"), source=body.get("source"),
                                   sha256=body.get("sha256"), owner=body.get("owner"),
-                                  dry_run=_flag(request, "dry_run"))
+                                  major=body.get("pg"), dry_run=_flag(request, "dry_run"))
         return _result(result, 201)
 
     async def listing(request: web.Request) -> web.Response:
@@ -132,6 +132,11 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
 
     async def verify(request: web.Request) -> web.Response:
         return _result(await ops.verify(request.match_info["id"], dry_run=_flag(request, "dry_run")))
+
+    async def upgrade(request: web.Request) -> web.Response:
+        body = await _body(request, {"to": True})
+        return _result(await ops.upgrade(request.match_info["id"], body["to"], force=_flag(request, "force"),
+                                         dry_run=_flag(request, "dry_run")))
 
     async def secure(request: web.Request) -> web.Response:
         body = await _body(request, {"drop_untrusted": False}, objects={"drop_untrusted"})
@@ -174,6 +179,7 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
     r.add_post("/v1/databases/{id}/verify", handler(verify))
     r.add_post("/v1/databases/{id}/password", handler(password))
     r.add_post("/v1/databases/{id}/secure", handler(secure))
+    r.add_post("/v1/databases/{id}/upgrade", handler(upgrade))
     r.add_get("/v1/databases/{id}/dump", handler(dump), allow_head=False)
     r.add_post("/v1/databases/{id}/migrate", handler(migrate))
     r.add_get("/v1/openapi.json", handler(openapi), allow_head=False)

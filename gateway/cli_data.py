@@ -66,7 +66,7 @@ def upload(ctx: click.Context, db_id: str, file: Path, yes: bool, password: str 
     dry = _dry(ctx, local_dry)
 
     async def body(off):
-        plan = await uploads.plan(off.databases, db_id, file)
+        plan = await uploads.plan(off.manager, db_id, file)
         if dry:
             return plan, None
         if plan.replace and not yes:

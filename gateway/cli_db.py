@@ -49,9 +49,13 @@ def _done(ctx: click.Context, result) -> bool:
               help="Also create login role ROLE with a generated password (printed once): it owns "
                    "database postgres and schema public, and the --init files run as ROLE "
                    "(SET ROLE), so the objects they create belong to it.")
+@click.option("--pg", "major", metavar="MAJOR",
+              help="Postgres major version (default: the pg_major setting, else 18 where "
+                   "installed, else the newest). Not with --from: an archive keeps its own.")
 @click.pass_context
 def db_create(ctx: click.Context, db_id: str, password: str | None, source: str | None,
-              sha256: str | None, init_files: tuple[str, ...], owner: str | None) -> None:
+              sha256: str | None, init_files: tuple[str, ...], owner: str | None,
+              major: str | None) -> None:
     """Create database ID; prints the password of role postgres once."""
     if sha256 is not None:
         from .create_from import check_sha256
@@ -62,12 +66,12 @@ def db_create(ctx: click.Context, db_id: str, password: str | None, source: str 
         # --from shows its own progress bar (rich allows one live display at a time)
         with working(ctx, f"creating {db_id}") if source is None else contextlib.nullcontext():
             return await off.ops.create(db_id, password, source, sha256, init_files, owner,
-                                        dry_run=_dry(ctx))
+                                        major=major, dry_run=_dry(ctx))
 
     r = run_offline(ctx, create)
     if _done(ctx, r):
         return
-    click.echo(f'created database "{db_id}"\nuser:     postgres\npassword: {r.password}')
+    click.echo(f'created database "{db_id}" (Postgres {r.pg_major})\nuser:     postgres\npassword: {r.password}')
     if r.owner:
         click.echo(f"owner:    {r.owner}\nowner password: {r.owner_password}")
     if r.init_files:
@@ -246,6 +250,26 @@ def db_password(ctx: click.Context, db_id: str, role: str, password: str | None)
         return
     say(ctx, f'new password for role "{r.role}" of database "{db_id}"\npassword: {r.password}\n'
              "(shown once; store it now)")
+
+
+@db.command("upgrade")
+@click.argument("db_id", metavar="ID")
+@click.option("--to", "to", required=True, metavar="MAJOR", help="The Postgres major to move to (installed here).")
+@click.option("--force", is_flag=True, help="Disconnect its clients (it is stopped for the upgrade).")
+@click.pass_context
+def db_upgrade(ctx: click.Context, db_id: str, to: str, force: bool) -> None:
+    """Move database ID to a newer Postgres major with pg_upgrade: all or nothing, and the
+    version before stays in storage (`db restore` brings it back)."""
+
+    async def upgrade(off):
+        with working(ctx, f"upgrading {db_id} to Postgres {to}"):
+            return await off.ops.upgrade(db_id, to, force=force, dry_run=_dry(ctx))
+
+    r = run_offline(ctx, upgrade)
+    if _done(ctx, r):
+        return
+    say(ctx, f"{db_id}: Postgres {r.from_major} -> {r.to_major}, stored as version {r.version}"
+             + (f" (the one before: {r.previous_version})" if r.previous_version else ""))
 
 
 @db.command("secure")

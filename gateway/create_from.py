@@ -37,6 +37,7 @@ async def create_from(manager: InstanceManager, db_id: str, password: str, spec:
         async def place(db_id: str) -> None:
             with _progress(source.size) as advance:
                 await import_archive(manager.catalog, db_id, source, sha256=sha256,
+                                     majors=manager.installs.by_major,
                                      max_bytes=manager.settings.max_restore_mb << 20,
                                      on_bytes=advance)
 

@@ -23,11 +23,12 @@ from storage.instance_uids import InstanceUids
 from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 
-from . import dbroles, errors, securing
+from . import dbroles, errors, extensions, pgbins, securing
 from .cgroups import Cgroups, Limits
 from .config import Settings
 from .limits import TokenBucket
 from .metrics import Metrics
+from .pgbins import PgNotInstalled
 from .postgres import PostgresError, PostgresProcess, stop_orphan
 from .role_reader import RoleReader
 
@@ -68,6 +69,7 @@ class InstanceManager:
         self.settings = settings
         self.databases = databases
         self.catalog = databases.catalog
+        self.installs = pgbins.for_settings(settings)  # each database runs with its own major's
         self.instances: dict[str, Instance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
@@ -176,13 +178,14 @@ class InstanceManager:
         with storage_failures(db_id):
             return await self.databases.roles(db_id)
 
-    async def create(self, db_id: str, password: str, place: Placer | None = None) -> Instance:
+    async def create(self, db_id: str, password: str, place: Placer | None = None,
+                     major: str | None = None) -> Instance:
         from .auth import scram_verifier
 
         """Create a database and leave it running (idle); for the CLI and the admin surface.
         `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
         async with self._lock(db_id), self._claimed(db_id):
-            return await self._create(db_id, scram_verifier(password), place)
+            return await self._create(db_id, scram_verifier(password), place, major)
 
     async def secure(self, db_id: str, *, drop_untrusted: bool = False) -> securing.Report | None:
         """Bring a database saved by an older pgsni to the roles layout (gateway/securing.py)
@@ -213,7 +216,8 @@ class InstanceManager:
         try:
             self.make_socket_root()
             return await securing.secure(
-                self.catalog.bindir, self.catalog.pgdata(db_id), self.catalog.run_as,
+                self.installs.for_pgdata(self.catalog.pgdata(db_id)).bindir,
+                self.catalog.pgdata(db_id), self.catalog.run_as,
                 self.settings.socket_path / f"sec-{secrets.token_hex(4)}", self.catalog.log_file(db_id),
                 options=self.settings.postgres_options, timeout=self.settings.start_timeout,
                 drop_untrusted=drop_untrusted)
@@ -390,13 +394,14 @@ class InstanceManager:
             log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
                       db_id, e)
 
-    async def _create(self, db_id: str, verifier: str, place: Placer | None = None) -> Instance:
+    async def _create(self, db_id: str, verifier: str, place: Placer | None = None,
+                      major: str | None = None) -> Instance:
         with storage_failures(db_id):
             if await self.databases.current(db_id) is not None:
                 raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
         try:
             if place is None:
-                await asyncio.to_thread(self.catalog.create, db_id)
+                await asyncio.to_thread(self.catalog.create, db_id, major)
             else:
                 await place(db_id)
         except storage_errors.DiskFull as e:
@@ -447,9 +452,15 @@ class InstanceManager:
             raise errors.GatewayError(errors.CANNOT_CONNECT_NOW, str(e),
                                       hint="Stop the other process or wait for it to finish.") from e
         s = self.settings
-        process = PostgresProcess(self.catalog.bindir, self.catalog.pgdata(db_id),
-                                  s.socket_path / db_id, self.catalog.log_file(db_id),
-                                  self.catalog.run_as, s.postgres_options)
+        try:
+            install = self.installs.for_pgdata(self.catalog.pgdata(db_id))
+        except PgNotInstalled as e:
+            lock.release()
+            raise errors.startup_failed(db_id, str(e)) from e
+        options = {**extensions.instance_options(install, self.catalog.root, s.trusted_extensions),
+                   **s.postgres_options}
+        process = PostgresProcess(install.bindir, self.catalog.pgdata(db_id), s.socket_path / db_id,
+                                  self.catalog.log_file(db_id), self.catalog.run_as, options)
         try:
             self.make_socket_root()
             process.cgroup = self._cgroup(db_id)

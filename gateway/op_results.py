@@ -55,6 +55,7 @@ class Created(_Result):
     init_files: list[str] = field(default_factory=list)
     statements: int = 0  # statements run from init files
     version: str | None = None  # the first stored version (None if storage was unavailable)
+    pg_major: str | None = None  # the Postgres major it runs
 
 
 @dataclass
@@ -159,3 +160,13 @@ class Secured(_Result):
     disabled: list[str] = field(default_factory=list)  # event triggers
     settings_reset: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UpgradedResult(_Result):
+    """`db upgrade`: the database now runs the newer major; the version before stays stored."""
+    id: str
+    from_major: str
+    to_major: str
+    version: str
+    previous_version: str | None = None

@@ -18,6 +18,7 @@ method checks everything it can, changes nothing and returns a `Plan` (action, i
     verify(id) -> Verified
     set_password(id, role="postgres", password=None) -> PasswordSet
     secure(id, drop_untrusted=False) -> Secured
+    upgrade(id, to) -> UpgradedResult
 
 A database running in this process (the gateway's manager) is stopped through the manager
 first by delete, restore and snapshot (saving its changes, except for delete); with clients
@@ -41,7 +42,8 @@ from .config import Settings
 from .errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DATABASE, GatewayError
 from .instances import InstanceManager
 from .op_results import (Created, Deleted, Forked, Info, OperationError, PasswordSet, Plan,
-                         Restored, Secured, Snapshot, Summary, Verified, Version)
+                         Restored, Secured, Snapshot, Summary, UpgradedResult, Verified, Version)
+from .pgbins import PgNotInstalled
 from . import dbroles, securing
 from . import op_steps as steps
 
@@ -140,9 +142,11 @@ class Ops:
     # --- create --------------------------------------------------------------------------------
     async def create(self, db_id: str, password: str | None = None, source: str | None = None,
                      sha256: str | None = None, init_files: Sequence[str] = (),
-                     owner: str | None = None, *, dry_run: bool = False) -> Created | Plan:
+                     owner: str | None = None, *, major: str | None = None,
+                     dry_run: bool = False) -> Created | Plan:
         check_id(db_id)
         steps.check_owner(owner)
+        major = self._check_major(major, source)
         files = steps.parse_init_files(init_files)  # syntax errors before anything happens
         if db_id in self.settings.remote_routes:
             raise OperationError("conflict", f'"{db_id}" is routed to a remote server (remote_routes): '
@@ -150,7 +154,8 @@ class Ops:
         if await self._exists(db_id):
             raise OperationError("conflict", f'database "{db_id}" already exists')
         if dry_run:
-            changes = [f"create database {db_id} " + (f"from {source}" if source else "from the template"),
+            changes = [f"create database {db_id} " + (f"from {source}" if source else
+                                                     f"from the template of Postgres {major}"),
                        "set a new password for role postgres"]
             if owner:
                 changes.append(f"create login role {owner} owning database postgres and schema public")
@@ -161,7 +166,7 @@ class Ops:
         owner_password = steps.new_password() if owner else None
         with translated():
             if source is None:
-                await self.manager.create(db_id, password)
+                await self.manager.create(db_id, password, major=major)
             else:
                 from .create_from import create_from
 
@@ -180,7 +185,21 @@ class Ops:
             await self.manager.stop(db_id, "created")
         version = self.databases.state(db_id).version
         return Created(db_id, "postgres", password, owner, owner_password, source,
-                       [f.path for f in files], count, version)
+                       [f.path for f in files], count, version,
+                       steps.local_pg_major(self.catalog, db_id))
+
+    def _check_major(self, major: str | None, source: str | None) -> str | None:
+        """The major a new database gets (None: an archive's own), refused if not installed."""
+        if source is not None:
+            if major is not None:
+                raise OperationError("invalid", "--pg does not go with --from: an archive keeps its "
+                                     "own major (pgsni db upgrade moves it to another)")
+            return None
+        installs = self.manager.installs
+        try:
+            return installs.get(major).major if major else installs.default_major
+        except PgNotInstalled as e:
+            raise OperationError("invalid", str(e)) from None
 
     # --- reading -------------------------------------------------------------------------------
     async def list(self) -> list[Summary]:
@@ -395,3 +414,27 @@ class Ops:
         return Secured(db_id, True, self.databases.state(db_id).version, report.renamed,
                        report.demoted, report.revoked, report.transferred, report.dropped,
                        report.disabled, report.settings_reset, report.left)
+
+    # --- major versions ----------------------------------------------------------------------
+    async def upgrade(self, db_id: str, to: str, *, force: bool = False,
+                      dry_run: bool = False) -> UpgradedResult | Plan:
+        """Move a database to a newer Postgres major with pg_upgrade (gateway/upgrade.py)."""
+        from .upgrade import UpgradeError, upgrade
+
+        await self._require(db_id)
+        self._check_idle(db_id, force, "upgrading stops the instance, which")
+        try:
+            self.manager.installs.get(to)
+        except PgNotInstalled as e:
+            raise OperationError("invalid", str(e)) from None
+        if dry_run:
+            return Plan("upgrade", db_id, [
+                "stop it and save unsaved changes as a new version",
+                f"pg_upgrade a copy to Postgres {to} beside the data root (the local copy is not touched)",
+                "store the upgraded copy as a new version and put it in place (the version before stays)"])
+        with translated():
+            try:
+                done = await upgrade(self.manager, db_id, to)
+            except UpgradeError as e:
+                raise OperationError("failed", f'database "{db_id}" was not changed: {e}') from None
+        return UpgradedResult(done.id, done.from_major, done.to_major, done.version, done.previous_version)

@@ -79,7 +79,8 @@ async def dump(manager: InstanceManager, db_id: str, out: Path, fmt: str = "cust
     tmp = temp_name(out)
     try:
         args = [*dbroles.tool_args(inst.socket_dir, dbname), "-F", FORMATS[fmt], *(extra or []), "-f", str(tmp)]
-        await run_tool(manager.catalog.bindir, "pg_dump", args, what=f"pg_dump of {db_id}")
+        bindir = manager.installs.for_pgdata(manager.catalog.pgdata(db_id)).bindir  # its own major's
+        await run_tool(bindir, "pg_dump", args, what=f"pg_dump of {db_id}")
         size = await asyncio.to_thread(_publish, tmp, out)
     finally:
         manager.release(inst)

@@ -4,7 +4,6 @@ stop it (fast shutdown, then immediate, then kill), and clean up after a crash."
 from __future__ import annotations
 
 import asyncio
-import glob
 import logging
 import os
 import signal
@@ -52,23 +51,6 @@ def safe_settings() -> dict[str, str]:
 
 class PostgresError(Exception):
     pass
-
-
-def find_bindir(configured: str = "") -> Path:
-    """The directory with `postgres` and `initdb`: the setting, the newest Debian-style
-    /usr/lib/postgresql/N/bin, or wherever `postgres` is on PATH."""
-    candidates = [configured] if configured else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
-                         reverse=True)
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        candidates.append(d)
-    for c in candidates:
-        if c and (Path(c) / "postgres").is_file() and (Path(c) / "initdb").is_file():
-            return Path(os.path.realpath(Path(c) / "postgres")).parent
-    raise PostgresError(
-        "Postgres server binaries not found (looked in /usr/lib/postgresql/*/bin and PATH); "
-        "install postgresql-15 (apt-get install postgresql-15) or set pg_bindir")
 
 
 def _tail(path: Path, lines: int = 5) -> str:

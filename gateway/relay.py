@@ -67,17 +67,7 @@ async def login(socket_path: Path, params: dict[str, str], timeout: float,
     """Log in as the client's role. The instance asks for SCRAM (dbroles.hba) and is answered
     with `keys`, awaited only when it asks: an early login forks the backend while the
     client is still proving its password."""
-    loop = asyncio.get_running_loop()
-    try:
-        _, conn = await asyncio.wait_for(loop.create_unix_connection(
-            lambda: PgConnection(p.MessageReader(startup=False)), str(socket_path)), timeout)
-    except OSError as e:
-        gone = isinstance(e, (FileNotFoundError, ConnectionRefusedError))
-        raise (BackendUnreachable if gone else GatewayError)(
-            INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
-    except asyncio.TimeoutError as e:
-        raise GatewayError(INTERNAL_ERROR, "could not reach the database server",
-                           detail="its socket did not accept the connection in time") from e
+    conn = await _connect(socket_path, timeout)
     try:
         return await asyncio.wait_for(_login(conn, params, keys), timeout)
     except asyncio.TimeoutError:
@@ -87,6 +77,21 @@ async def login(socket_path: Path, params: dict[str, str], timeout: float,
     except BaseException:
         conn.close()
         raise
+
+
+async def _connect(socket_path: Path, timeout: float) -> PgConnection:
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(loop.create_unix_connection(
+            lambda: PgConnection(p.MessageReader(startup=False)), str(socket_path)), timeout)
+        return conn
+    except OSError as e:
+        gone = isinstance(e, (FileNotFoundError, ConnectionRefusedError))
+        raise (BackendUnreachable if gone else GatewayError)(
+            INTERNAL_ERROR, "could not reach the database server", detail=str(e)) from e
+    except asyncio.TimeoutError as e:
+        raise GatewayError(INTERNAL_ERROR, "could not reach the database server",
+                           detail="its socket did not accept the connection in time") from e
 
 
 async def _login(conn: PgConnection, params: dict[str, str], keys: "Awaitable[ScramKeys]") -> BackendSession:

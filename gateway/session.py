@@ -130,6 +130,7 @@ class Session:
                     channel_binding_pem=(self.client.cert_pem or self.gw.cert_pem) if self.client.tls else None))
                 self._check_role(db_id, role)
             except BaseException as e:
+                keys.cancel()  # no proof is coming: a backend login waiting for one gives up
                 if early is not None:
                     early.drop()
                 if isinstance(e, GatewayError):

@@ -15,27 +15,42 @@ from storage.errors import StorageError
 from storage.local import LocalCatalog
 from storage.osuser import RunAs, clean_env
 
+from . import pgbins
 from .config import Settings
 from .dbroles import ADMIN
-from .postgres import find_bindir
+from .pgbins import PgInstalls, PgNotInstalled
 from .securing import SecureError, secure
 
 LAYOUT = "roles-1"  # changes whenever templates made before must be made again
 
 
 class TemplateMaker:
-    """`maker(pgdata)` makes a template data directory at `pgdata` (which must not exist)."""
+    """`maker(pgdata, major)` makes a template data directory of that Postgres major at
+    `pgdata` (which must not exist)."""
 
     layout = LAYOUT
 
-    def __init__(self, bindir: Path, run_as: RunAs, socket_root: Path, *,
+    def __init__(self, installs: PgInstalls, run_as: RunAs, socket_root: Path, *,
                  options: dict[str, str] | None = None, timeout: float = 30.0) -> None:
-        self.bindir, self.run_as, self.socket_root = bindir, run_as, socket_root
+        self.installs, self.run_as, self.socket_root = installs, run_as, socket_root
         self.options, self.timeout = options or {}, timeout
 
-    def __call__(self, pgdata: Path) -> None:
-        cmd = [str(self.bindir / "initdb"), "-D", str(pgdata), "-U", ADMIN, "--auth-local=peer",
+    @property
+    def default_major(self) -> str:
+        return self.installs.default_major
+
+    def __call__(self, pgdata: Path, major: str) -> None:
+        try:
+            bindir = self.installs.get(major).bindir
+        except PgNotInstalled as e:
+            raise StorageError(str(e)) from None
+        cmd = [str(bindir / "initdb"), "-D", str(pgdata), "-U", ADMIN, "--auth-local=peer",
                "--auth-host=reject", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"]
+        if int(major) >= 18:
+            # 18 turns data checksums on by default; with them the first read after a load logs
+            # its hint bits as full pages, so a read-only session would store a new version.
+            # Every stored file has its sha256 in the manifest instead.
+            cmd.append("--no-data-checksums")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(),
                               **self.run_as.popen_kwargs())
         if proc.returncode != 0:
@@ -43,7 +58,7 @@ class TemplateMaker:
         if not self.socket_root.exists():
             self.run_as.make_dir(self.socket_root)
         socket_dir = self.socket_root / f"tpl-{secrets.token_hex(4)}"
-        _run_in_own_loop(secure(self.bindir, pgdata, self.run_as, socket_dir,
+        _run_in_own_loop(secure(bindir, pgdata, self.run_as, socket_dir,
                                 pgdata.parent / "postgres.log", options=self.options,
                                 timeout=self.timeout))
 
@@ -69,8 +84,8 @@ def _run_in_own_loop(coro) -> None:
 
 
 def local_catalog(settings: Settings) -> LocalCatalog:
-    """The data root of these settings, able to make its template."""
-    run_as, bindir = RunAs.resolve(settings.pg_user), find_bindir(settings.pg_bindir)
-    return LocalCatalog(settings.data_path, run_as, bindir, TemplateMaker(
-        bindir, run_as, settings.socket_path, options=settings.postgres_options,
-        timeout=settings.start_timeout))
+    """The data root of these settings, able to make its templates."""
+    run_as = RunAs.resolve(settings.pg_user)
+    return LocalCatalog(settings.data_path, run_as, TemplateMaker(
+        pgbins.for_settings(settings), run_as, settings.socket_path,
+        options=settings.postgres_options, timeout=settings.start_timeout))

@@ -10,7 +10,6 @@ and a replaced state stays in storage as an older version (`db restore` brings i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import secrets
@@ -30,8 +29,9 @@ from storage.cache import Databases, LocalState
 from storage.local import LocalCatalog
 from storage.osuser import clean_env
 
-from . import dbroles, pgtools, securing, sqlfiles
+from . import dbroles, extensions, pgtools, securing, sqlfiles
 from .instances import InstanceManager
+from .pgbins import PgInstall, pgdata_major
 from .postgres import PostgresError, PostgresProcess
 
 HEAD = 64 << 10  # bytes read to tell the kind of a file
@@ -66,6 +66,7 @@ class Plan:
     replace: bool
     current_version: str | None  # the stored version a replace keeps as an older one
     checked: str  # what was verified before anything changes
+    major: str | None = None  # Postgres major of the result (None: a PGDATA archive's own)
 
 
 @dataclass
@@ -157,17 +158,22 @@ async def check(path: Path, found: Detected, bindir: Path) -> str:
     return "the archive is checked while it is extracted"
 
 
-async def plan(databases: Databases, db_id: str, path: Path) -> Plan:
+async def plan(manager: InstanceManager, db_id: str, path: Path) -> Plan:
+    databases, installs = manager.databases, manager.installs
     found = detect(path)
     if databases.catalog.db_dir(db_id).exists():
         databases.catalog.lock(db_id).acquire().release()  # DatabaseBusy now, not after loading
-    checked = await check(path, found, databases.catalog.bindir)
+    checked = await check(path, found, installs.default.bindir)
     cur = await databases.current(db_id, fresh=True)
     replace = databases.catalog.exists(db_id) or cur is not None
     size = path.stat().st_size if path.is_file() else sum(
         p.stat().st_size for p in path.iterdir() if p.is_file())
+    # a dump loaded over a database keeps its major (db upgrade changes it); a new one gets the default
+    major = None if found.kind == "pgdata" else (
+        pgdata_major(databases.catalog.pgdata(db_id)) if databases.catalog.exists(db_id) else
+        cur.manifest.pg_major if cur else installs.default_major)
     return Plan(db_id, str(path), found.kind, found.label, size, replace,
-                cur.manifest.version if cur else None, checked)
+                cur.manifest.version if cur else None, checked, major)
 
 
 # --- building the new data directory off to the side --------------------------------------------
@@ -179,9 +185,10 @@ class _Build:
         self.manager, self.settings = manager, manager.settings
         catalog = manager.catalog
         self.token = secrets.token_hex(4)
-        self.side = LocalCatalog(catalog.root / f".upload-{self.token}", catalog.run_as, catalog.bindir)
+        self.side = LocalCatalog(catalog.root / f".upload-{self.token}", catalog.run_as)
         self.dir = self.side.db_dir("new")
         self.process: PostgresProcess | None = None
+        self.install: PgInstall | None = None  # the binaries of the data directory being built
 
     async def make_pgdata(self, plan: Plan) -> None:
         self.side.prepare()
@@ -190,10 +197,10 @@ class _Build:
             from storage.sources import open_source
 
             async with open_source(plan.file, self.settings) as source:
-                await import_archive(self.side, "new", source,
+                await import_archive(self.side, "new", source, majors=self.manager.installs.by_major,
                                      max_bytes=self.settings.max_restore_mb << 20)
         else:
-            template = await asyncio.to_thread(self.manager.catalog.template)
+            template = await asyncio.to_thread(self.manager.catalog.template, plan.major)
             with self.side.staging("new") as pgdata:
                 await asyncio.to_thread(subprocess.run, ["cp", "-a", "--reflink=auto", str(template),
                                                          str(pgdata)], check=True, capture_output=True,
@@ -202,9 +209,10 @@ class _Build:
     async def start(self, plan: Plan) -> None:
         s, catalog, uids = self.settings, self.manager.catalog, self.manager.uids
         self.manager.make_socket_root()
+        self.install = self.manager.installs.for_pgdata(self.dir / "pgdata")
         if plan.kind == "pgdata":  # an archive from elsewhere: its roles are not ours yet
             try:
-                await securing.secure(catalog.bindir, self.dir / "pgdata", catalog.run_as,
+                await securing.secure(self.install.bindir, self.dir / "pgdata", catalog.run_as,
                                       s.socket_path / f"us-{self.token}", self.dir / "postgres.log",
                                       options=s.postgres_options, timeout=s.start_timeout)
             except securing.SecureError as e:
@@ -212,13 +220,15 @@ class _Build:
         # the dump's SQL runs as the tenant role; with instance uids, under a uid of its own too
         run_as = catalog.run_as if uids is None else await asyncio.to_thread(
             uids.claim, f".upload-{self.token}", self.dir, self.dir / "pgdata")
-        self.process = PostgresProcess(catalog.bindir, self.dir / "pgdata", s.socket_path / f"up-{self.token}",
-                                       self.dir / "postgres.log", run_as, s.postgres_options)
+        options = {**extensions.instance_options(self.install, catalog.root, s.trusted_extensions),
+                   **s.postgres_options}
+        self.process = PostgresProcess(self.install.bindir, self.dir / "pgdata", s.socket_path / f"up-{self.token}",
+                                       self.dir / "postgres.log", run_as, options)
         await self.process.start(s.start_timeout)
 
     async def load(self, plan: Plan) -> None:
         assert self.process is not None
-        sock, bindir = self.process.socket_dir, self.manager.catalog.bindir
+        sock, bindir = self.process.socket_dir, self.install.bindir
         if plan.kind in ("custom", "tar-dump", "directory"):
             await pgtools.run_tool(bindir, "pg_restore", [*dbroles.tool_args(sock, act_as=dbroles.TENANT),
                                    *RESTORE_FLAGS, plan.file], what=f"restoring {plan.file}")
@@ -296,34 +306,38 @@ def _first_line(e: Exception) -> str:
 
 async def _commit(manager: InstanceManager, p: Plan, built: Path, roles) -> str:
     """Store the built copy as the new current version of `p.id`, then put it in place locally."""
+    async with manager.stopped(p.id, "replaced by db upload"):
+        return await store_and_swap(manager, p.id, built, roles, replace=p.replace,
+                                    note=f"pgsni db upload ({p.kind})", before="saved before db upload")
+
+
+async def store_and_swap(manager: InstanceManager, db_id: str, built: Path, roles, *, replace: bool,
+                         note: str, before: str) -> str:
+    """With the database held stopped (`manager.stopped`): save what its local copy holds
+    (`before` is that version's note), store `built` (a database directory beside the data
+    root) as the new current version, and rename it into place. The version it replaces stays
+    in storage. Returns the new version."""
     databases, catalog = manager.databases, manager.catalog
-    leases = getattr(manager, "leases", None)  # held while storage changes (several gateways)
-    stopped = manager.stopped(p.id, "replaced by db upload") if hasattr(manager, "stopped") \
-        else contextlib.nullcontext()
-    async with stopped:
-        if leases is not None:
-            await leases.claim(p.id)
+    await manager.leases.claim(db_id)  # held while storage changes (several gateways)
+    try:
+        lock = catalog.lock(db_id).acquire() if catalog.db_dir(db_id).exists() else None
         try:
-            lock = catalog.lock(p.id).acquire() if catalog.db_dir(p.id).exists() else None
-            try:
-                if catalog.exists(p.id):
-                    await databases.save(p.id, note="saved before db upload")
-                cur = await databases.current(p.id, fresh=True)
-                if p.replace != (cur is not None or catalog.exists(p.id)):
-                    raise UploadError(f'database "{p.id}" was {"deleted" if p.replace else "created"} '
-                                      "meanwhile; nothing was changed")
-                manifest = await databases.store.snapshot(
-                    p.id, built / "pgdata", roles, expect=cur, note=f"pgsni db upload ({p.kind})")
-                databases.forget(p.id)
-                _swap(catalog, p.id, built)
-                databases.save_state(p.id, LocalState(version=manifest.version, dirty=False,
-                                                      last_used=time.time()))
-            finally:
-                if lock is not None:
-                    lock.release()
+            if catalog.exists(db_id):
+                await databases.save(db_id, note=before)
+            cur = await databases.current(db_id, fresh=True)
+            if replace != (cur is not None or catalog.exists(db_id)):
+                raise UploadError(f'database "{db_id}" was {"deleted" if replace else "created"} '
+                                  "meanwhile; nothing was changed")
+            manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=cur, note=note)
+            databases.forget(db_id)
+            _swap(catalog, db_id, built)
+            databases.save_state(db_id, LocalState(version=manifest.version, dirty=False,
+                                                   last_used=time.time()))
         finally:
-            if leases is not None:
-                await leases.release(p.id)
+            if lock is not None:
+                lock.release()
+    finally:
+        await manager.leases.release(db_id)
     return manifest.version
 
 

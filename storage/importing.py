@@ -11,14 +11,12 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from . import archive
 from .errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
 from .local import LocalCatalog
-from .osuser import clean_env
 from .sources import Source
 from .streams import feed_thread
 
@@ -26,16 +24,17 @@ STALE = ("postmaster.pid", "postmaster.opts")
 
 
 async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
-                         sha256: str | None = None, max_bytes: int = 64 << 30,
+                         majors: Collection[str], sha256: str | None = None, max_bytes: int = 64 << 30,
                          on_bytes: Callable[[int], None] | None = None) -> None:
     """Make `<root>/<id>/pgdata` from the archive `source` (tar, tar.gz or tar.zst, told
-    apart by content). `sha256`: the hex digest the source's bytes must have."""
+    apart by content), which must hold a data directory of one of the Postgres `majors`
+    installed here. `sha256`: the hex digest the source's bytes must have."""
     with disk_full_as(f'creating database "{db_id}"'), catalog.staging(db_id) as pgdata:
         unpacked = pgdata.with_name("archive")
         digest = await _extract(source, unpacked, max_bytes, on_bytes)
         if sha256 is not None and digest != sha256.lower():
             raise CorruptArchive(f"{source.name} has sha256 {digest}, not the expected {sha256.lower()}")
-        await asyncio.to_thread(_adopt, catalog, unpacked, pgdata)
+        await asyncio.to_thread(_adopt, catalog, unpacked, pgdata, majors)
 
 
 async def _extract(source: Source, target: Path, max_bytes: int,
@@ -55,10 +54,10 @@ async def _extract(source: Source, target: Path, max_bytes: int,
     return digest.hexdigest()
 
 
-def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path) -> None:
+def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path, majors: Collection[str]) -> None:
     """Move the data directory found in `unpacked` to `pgdata` and make it fit to run here."""
     root = archive.find_pgdata_root(unpacked)
-    check_major(root, catalog.bindir)
+    check_major(root, majors)
     os.rename(root, pgdata)
     shutil.rmtree(unpacked, ignore_errors=True)  # whatever else the archive held
     for name in STALE:  # left by a server that was running when the archive was made
@@ -70,27 +69,15 @@ def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path) -> None:
     catalog.run_as.chown_tree(pgdata)
 
 
-def check_major(pgdata: Path, bindir: Path) -> None:
-    """Refuse a data directory of another Postgres major version than the one installed."""
+def check_major(pgdata: Path, majors: Collection[str]) -> None:
+    """Refuse a data directory of a Postgres major version that is not installed here."""
     with open(pgdata / "PG_VERSION", "rb") as f:
         found = f.read(32).decode("ascii", "replace").strip()
     if not re.fullmatch(r"\d+(\.\d+)?", found):
         raise StorageError(f"archive's PG_VERSION is not a Postgres version: {found[:20]!r}")
-    running = installed_major(bindir)
-    if found != running:
-        raise StorageError(f"archive is Postgres {found}; this gateway runs {running}")
-
-
-def installed_major(bindir: Path) -> str:
-    """The major version of `<bindir>/postgres` ("15"), from `postgres --version`."""
-    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True,
-                         env=clean_env())
-    match = re.search(r"\(PostgreSQL\) (\d+)(\.\d+)?", out.stdout)
-    if out.returncode != 0 or not match:
-        raise StorageError(f"cannot tell the version of {bindir / 'postgres'}: "
-                           f"{(out.stderr or out.stdout).strip()[:200]}")
-    major = int(match.group(1))
-    return str(major) if major >= 10 else f"{major}{match.group(2) or ''}"
+    if found not in majors:
+        raise StorageError(f"archive is Postgres {found}; this gateway runs "
+                           f"{', '.join(sorted(majors, key=int))}")
 
 
 def _protect(pgdata: Path) -> None:

@@ -21,16 +21,18 @@ from .errors import DiskFull, StorageError, disk_full_as
 from .ids import valid_id
 from .osuser import RunAs, clean_env
 
-TEMPLATE = "_template"
-LAYOUT_FILE = "layout"  # <root>/_template/layout: which maker layout the template was made for
-SPARE = ".spare-"  # <root>/.spare-<token>/pgdata: a ready copy of the template
+TEMPLATE = "_template"  # <root>/_template-<major>/pgdata: one template per Postgres major
+LAYOUT_FILE = "layout"  # <root>/_template-<major>/layout: which maker layout it was made for
+SPARE = ".spare-"  # <root>/.spare-<major>-<token>/pgdata: a ready copy of a template
 
 
 class TemplateMaker(Protocol):
     layout: str  # a template made for another layout is made again
+    default_major: str  # the major of new databases unless one is asked for
 
-    def __call__(self, pgdata: Path) -> None:
-        """Make a template data directory at `pgdata` (its parent exists; it does not)."""
+    def __call__(self, pgdata: Path, major: str) -> None:
+        """Make a template data directory of Postgres `major` at `pgdata` (its parent exists;
+        it does not)."""
 
 
 class DatabaseExists(StorageError):
@@ -42,11 +44,9 @@ class DatabaseBusy(StorageError):
 
 
 class LocalCatalog:
-    def __init__(self, root: Path, run_as: RunAs, bindir: Path,
-                 template_maker: TemplateMaker | None = None) -> None:
+    def __init__(self, root: Path, run_as: RunAs, template_maker: TemplateMaker | None = None) -> None:
         self.root = root.absolute()
         self.run_as = run_as
-        self.bindir = bindir
         self.template_maker = template_maker
 
     # --- layout ---------------------------------------------------------------------------
@@ -105,31 +105,36 @@ class LocalCatalog:
         roles_mod.save(self.roles_file(db_id), roles)
 
     # --- template ---------------------------------------------------------------------------
-    def template(self) -> Path:
-        """PGDATA of the template, made once by the template maker (about a second)."""
-        tpl = self.root / TEMPLATE / "pgdata"
-        if self._template_ready():
-            return tpl
+    def _maker(self) -> TemplateMaker:
         if self.template_maker is None:
             raise StorageError("no template maker: this catalog cannot make new databases")
+        return self.template_maker
+
+    def template(self, major: str | None = None) -> Path:
+        """PGDATA of the template for Postgres `major` (default: the maker's), made once by the
+        template maker (about a second)."""
+        major = major or self._maker().default_major
+        tpl_dir = self.root / f"{TEMPLATE}-{major}"
+        if self._template_ready(tpl_dir):
+            return tpl_dir / "pgdata"
         self.prepare()
         with self._flock(self.root / ".template.lock"):
-            if self._template_ready():
-                return tpl
+            if self._template_ready(tpl_dir):
+                return tpl_dir / "pgdata"
             work = self.root / f".{TEMPLATE}-{secrets.token_hex(4)}"
             self.run_as.make_dir(work)
             try:
-                self.template_maker(work / "pgdata")
-                write_atomic(work / LAYOUT_FILE, self.template_maker.layout.encode())
+                self._maker()(work / "pgdata", major)
+                write_atomic(work / LAYOUT_FILE, self._maker().layout.encode())
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
-            shutil.rmtree(self.root / TEMPLATE, ignore_errors=True)
-            os.rename(work, self.root / TEMPLATE)
-        return tpl
+            shutil.rmtree(tpl_dir, ignore_errors=True)
+            shutil.rmtree(self.root / TEMPLATE, ignore_errors=True)  # from before one per major
+            os.rename(work, tpl_dir)
+        return tpl_dir / "pgdata"
 
-    def _template_ready(self) -> bool:
-        tpl_dir = self.root / TEMPLATE
+    def _template_ready(self, tpl_dir: Path) -> bool:
         if not (tpl_dir / "pgdata" / "PG_VERSION").is_file():
             return False
         if self.template_maker is None:  # a catalog that only clones takes what is there
@@ -140,13 +145,15 @@ class LocalCatalog:
             return False
 
     # --- lifecycle --------------------------------------------------------------------------
-    def create(self, db_id: str) -> Path:
-        """Clone the template into `<root>/<id>/pgdata`; atomic: a half-made copy never shows."""
+    def create(self, db_id: str, major: str | None = None) -> Path:
+        """Clone the template of Postgres `major` (default: the maker's) into
+        `<root>/<id>/pgdata`; atomic: a half-made copy never shows."""
+        major = major or self._maker().default_major
         with disk_full_as(f'creating database "{db_id}"'), self.staging(db_id) as pgdata:
-            if self._take_spare(pgdata):
+            if self._take_spare(pgdata, major):
                 return self.pgdata(db_id)
             # cp -a keeps modes and ownership and is faster than a Python tree walk
-            done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template()), str(pgdata)],
+            done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template(major)), str(pgdata)],
                                   capture_output=True, text=True, env=clean_env())
             if done.returncode != 0:
                 reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
@@ -157,13 +164,13 @@ class LocalCatalog:
 
     # --- spare clones: with a copy of the template waiting, creating is one rename ----------
     # (cloning ~1000 files takes 0.2-1 s on a busy disk; a running gateway refills in a thread)
-    def _spares(self) -> list[Path]:
+    def _spares(self, major: str) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob(f"{SPARE}*") if not p.name.startswith(f"{SPARE}tmp-"))
+        return sorted(self.root.glob(f"{SPARE}{major}-*"))
 
-    def _take_spare(self, pgdata: Path) -> bool:
-        for spare in self._spares():
+    def _take_spare(self, pgdata: Path, major: str) -> bool:
+        for spare in self._spares(major):
             try:
                 os.rename(spare / "pgdata", pgdata)
             except OSError:
@@ -177,17 +184,17 @@ class LocalCatalog:
     def fill_spares(self, count: int) -> int:
         """Clone the template until `count` spare copies wait ready; how many were made.
         A failed clone (disk full, say) just stops: creates then clone as usual."""
-        made = 0
-        while len(self._spares()) < count:
+        made, major = 0, self._maker().default_major  # new databases are mostly of that one
+        while len(self._spares(major)) < count:
             token = secrets.token_hex(4)
             work = self.root / f"{SPARE}tmp-{token}"
             self.run_as.make_dir(work)
             try:
-                done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template()),
+                done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template(major)),
                                        str(work / "pgdata")], capture_output=True, env=clean_env())
                 if done.returncode != 0:
                     return made
-                os.rename(work, self.root / f"{SPARE}{token}")
+                os.rename(work, self.root / f"{SPARE}{major}-{token}")
                 made += 1
             finally:
                 if work.exists():

@@ -3,6 +3,7 @@ made once per session, and a running gateway."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -14,9 +15,9 @@ import pytest
 import trustme
 
 from gateway.config import Settings
-from gateway.postgres import find_bindir
+from gateway.pgbins import PgInstalls
 from gateway.template import TemplateMaker
-from storage.local import TEMPLATE, LocalCatalog
+from storage.local import LocalCatalog
 from storage.osuser import RunAs
 
 from .support.harness import DOMAIN, GatewayThread
@@ -49,10 +50,10 @@ def tls(tmp_path_factory) -> dict[str, Path]:
 
 
 def template_catalog(root: Path) -> LocalCatalog:
-    """A catalog on `root` that makes its template as the gateway does (gateway/template.py)."""
-    run_as, bindir = RunAs.resolve("postgres"), find_bindir()
-    return LocalCatalog(root, run_as, bindir, TemplateMaker(
-        bindir, run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
+    """A catalog on `root` that makes its templates as the gateway does (gateway/template.py)."""
+    run_as = RunAs.resolve("postgres")
+    return LocalCatalog(root, run_as, TemplateMaker(
+        PgInstalls(), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +68,8 @@ def template_pgdata() -> Path:
 @pytest.fixture
 def data_root(template_pgdata) -> Path:
     root = reachable_tmpdir("pgsni-data-")
-    subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / TEMPLATE)], check=True)
+    subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / template_pgdata.parent.name)],
+                   check=True)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -120,11 +122,10 @@ class _SessionCrashes(logging.Handler):
             self.records.append(record)
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_session_errors():
-    """Every test fails if an in-process gateway met an unexpected exception in a session."""
-    handler = _SessionCrashes()
-    logger = logging.getLogger("pgsni.session")
+@contextlib.contextmanager
+def no_session_crashes(what: str = "the test"):
+    """Fail if an in-process gateway met an unexpected exception in a session meanwhile."""
+    handler, logger = _SessionCrashes(), logging.getLogger("pgsni.session")
     logger.addHandler(handler)
     try:
         yield
@@ -132,5 +133,12 @@ def no_unexpected_session_errors():
         logger.removeHandler(handler)
     if handler.records:
         exc = handler.records[0].exc_info[1]
-        pytest.fail(f"a gateway session failed unexpectedly ({len(handler.records)} time(s)): "
-                    f"{type(exc).__name__}: {exc}", pytrace=False)
+        pytest.fail(f"a gateway session failed unexpectedly during {what} ({len(handler.records)} "
+                    f"time(s)): {type(exc).__name__}: {exc}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_session_errors():
+    """Every test fails if an in-process gateway met an unexpected exception in a session."""
+    with no_session_crashes():
+        yield

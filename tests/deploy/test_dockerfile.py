@@ -65,12 +65,15 @@ def test_build_stage_installs_pgsni_from_the_pinned_constraints(build):
     assert not missing, f"the build stage does not copy {sorted(missing)} (pyproject.toml needs them)"
 
 
-def test_runtime_has_postgres_15_s3fs_and_tini_but_no_main_cluster(runtime):
+def test_runtime_has_postgres_18_with_pgvector_and_15_s3fs_and_tini_but_no_main_cluster(runtime):
     run = _run_text(runtime)
-    install = re.search(r"apt-get install[^&]*", run)
-    assert install, run
-    packages = set(install.group(0).split())
-    assert {"postgresql-15", "s3fs", "tini"} <= packages, packages
+    installs = re.findall(r"apt-get install[^&]*", run)
+    assert installs, run
+    packages = {word for install in installs for word in install.split()}
+    assert {"postgresql-18", "postgresql-18-pgvector", "postgresql-15", "s3fs", "tini"} <= packages, packages
+    # 18 comes from the PostgreSQL project's signed repository, added before it is installed
+    assert run.index("apt.postgresql.org.sh -y") < run.index("postgresql-18")
+    assert runtime.env()["PGSNI_PG_BINDIR"] == "/usr/lib/postgresql/18/bin,/usr/lib/postgresql/15/bin"
     assert "--no-install-recommends" in packages
     assert "create_main_cluster = false" in run
     assert "rm -rf /var/lib/apt/lists/*" in run

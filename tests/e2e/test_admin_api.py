@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.postgres import find_bindir
+from gateway.pgbins import default_bindir
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
@@ -213,7 +213,7 @@ def test_migrate_and_dump(api, tls, tmp_path):
     assert dumped.headers["Content-Disposition"] == 'attachment; filename="app1.dump"'
     assert dumped.body[:5] == b"PGDMP" and int(dumped.headers["Content-Length"]) == len(dumped.body)
     (tmp_path / "app1.dump").write_bytes(dumped.body)
-    listing = subprocess.run([str(find_bindir() / "pg_restore"), "--list", str(tmp_path / "app1.dump")],
+    listing = subprocess.run([str(default_bindir() / "pg_restore"), "--list", str(tmp_path / "app1.dump")],
                              capture_output=True, text=True)
     assert listing.returncode == 0 and "TABLE public items" in listing.stdout, listing.stderr
     plain = admin.get("/v1/databases/app1/dump?format=plain&no_owner=1")

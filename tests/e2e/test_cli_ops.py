@@ -12,6 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from gateway.pgbins import PgInstalls
+
 from ..support.harness import conninfo, postmasters, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY
 from .test_cli import cli  # noqa: F401  (fixture)
@@ -250,7 +252,7 @@ def test_info_reports_size_versions_and_connections(run, store, start_gateway, t
     assert info["connections"] == 0 and info["local_bytes"] > 1 << 20
     assert info["stored_bytes"] > 0 and len(info["versions"]) == 1
     assert info["version"] == info["local_version"] == info["versions"][0]["version"]
-    assert info["last_used"] and info["pg_major"] == "15"
+    assert info["last_used"] and info["pg_major"] == PgInstalls().default_major
 
     gw = start_gateway(**store.settings)
     with psycopg.connect(conninfo(gw.port, tls["ca"], "app1", password=password)):

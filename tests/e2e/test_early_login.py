@@ -4,13 +4,14 @@ left behind: no backend connection, no client count, no in-flight entry."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway import protocol as p
-from gateway import session
+from gateway import relay, session
 
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, wait_until
 from ..support.rawclient import RawClient
@@ -37,10 +38,10 @@ def client_backends(gateway, db_id: str) -> int:
     return len(backend_titles(gateway, db_id))
 
 
-def _left_behind_nothing(gateway, observer: psycopg.Connection, db_id: str) -> None:
+def _left_behind_nothing(gateway, observer: psycopg.Connection, db_id: str, within: float = 10) -> None:
     """Only the observer's own backend and client count remain."""
     try:
-        wait_until(lambda: client_backends(gateway, db_id) == 1, what="backends gone")
+        wait_until(lambda: client_backends(gateway, db_id) == 1, timeout=within, what="backends gone")
     except AssertionError:
         raise AssertionError(f"backends left: {backend_titles(gateway, db_id)}") from None
     wait_until(lambda: gateway.gw.instances.instances[db_id].clients == 1, what="count back")
@@ -78,6 +79,30 @@ def test_wrong_passwords_leave_no_backend_behind(gateway, tls):
                 psycopg.connect(conninfo(gateway.port, tls["ca"], "guarded", password="wrong-password"))
         assert gateway.gw.early_logins_started == started + 3  # each one did log in early
         _left_behind_nothing(gateway, observer, "guarded")
+
+
+def test_a_cancel_lost_at_connect_leaves_no_backend_behind(gateway, tls, monkeypatch):
+    """Python 3.11's wait_for returns a connection that completed as its task was cancelled,
+    and the cancel is lost: the early login then goes on, and its backend asks for the
+    client's proof. It must learn that none is coming (its keys are cancelled), not wait for
+    them until start_timeout."""
+    real = relay._connect
+
+    async def connect_then_lose_the_cancel(socket_path, timeout):
+        conn = await real(socket_path, timeout)
+        try:
+            await asyncio.sleep(timeout)  # the connection's completion is still on its way...
+        except asyncio.CancelledError:
+            pass  # ...and lands with the cancel, which wait_for then drops
+        return conn
+
+    gateway.create_db("lost")
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "lost"), autocommit=True) as observer:
+        monkeypatch.setattr(relay, "_connect", connect_then_lose_the_cancel)
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(conninfo(gateway.port, tls["ca"], "lost", password="wrong-password"))
+        assert gateway.gw.early_logins_started >= 2  # the observer's and this one
+        _left_behind_nothing(gateway, observer, "lost", within=5)
 
 
 def test_a_client_that_leaves_mid_scram_leaves_no_backend_behind(gateway, tls):

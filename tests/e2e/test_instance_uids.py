@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from gateway.config import ConfigError, Settings
+from gateway.pgbins import PgInstalls
 
 from ..support.harness import connect_sqlstate, conninfo
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
@@ -20,6 +21,7 @@ from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="instance uids need the gateway to run as root")
 
 BASE = 300000
+MAJOR = PgInstalls().default_major
 
 
 def _uid_of_backend(conn: psycopg.Connection) -> int:
@@ -59,7 +61,7 @@ def test_each_database_runs_as_its_own_uid_and_cannot_read_the_others(start_gate
         assert uid1 != uid2 and BASE <= uid1 < BASE + 1000 and BASE <= uid2 < BASE + 1000
         assert catalog.pgdata("app1").stat().st_uid == uid1  # the owner is the record
         assert catalog.pgdata("app2").stat().st_uid == uid2
-        assert _read_file(one, catalog.pgdata("app1") / "PG_VERSION") == "15\n"  # its own: yes
+        assert _read_file(one, catalog.pgdata("app1") / "PG_VERSION") == f"{MAJOR}\n"  # its own: yes
         assert _read_file(one, catalog.pgdata("app2") / "PG_VERSION") is None  # the other's: no
         assert _read_file(two, catalog.pgdata("app1") / "PG_VERSION") is None
         assert _read_file(one, catalog.roles_file("app1")) is None  # the gateway's files: no
@@ -98,7 +100,7 @@ def test_without_instance_uids_tenants_share_one_os_user(start_gateway, tls):
     with _as_superuser(gt, tls, "app1") as one, _connect(gt, tls, "app2") as two:
         assert _uid_of_backend(one) == _uid_of_backend(two)
         # why superusers need instance_uid_base: one reads another tenant's files
-        assert _read_file(one, gt.gw.catalog.pgdata("app2") / "PG_VERSION") == "15\n"
+        assert _read_file(one, gt.gw.catalog.pgdata("app2") / "PG_VERSION") == f"{MAJOR}\n"
         assert _read_file(two, gt.gw.catalog.pgdata("app1") / "PG_VERSION") is None  # a tenant: no
 
 

@@ -71,9 +71,19 @@ def test_gssenc_request_is_declined_then_tls_proceeds(gateway, tls):
 def test_newer_minor_version_and_pq_options_get_negotiate_protocol_version(gateway, tls):
     gateway.create_db("app1")
     raw = _tls_client(gateway, tls)
+    # as Postgres 18: 3.2 is spoken, so the answer names 3.2 and the unknown option
     raw.startup({**PARAMS, "_pq_.frobnicate": "on"}, minor=2)
     first = raw.next_backend()
-    assert first == p.NegotiateProtocolVersion(0, ("_pq_.frobnicate",))
+    assert first == p.NegotiateProtocolVersion(2, ("_pq_.frobnicate",))
+    assert isinstance(_login(raw)[-1], p.ReadyForQuery)
+    raw.close()
+
+
+def test_a_minor_newer_than_3_2_is_negotiated_down_to_3_2(gateway, tls):
+    gateway.create_db("app1")
+    raw = _tls_client(gateway, tls)
+    raw.startup(PARAMS, minor=9)
+    assert raw.next_backend() == p.NegotiateProtocolVersion(2, ())
     assert isinstance(_login(raw)[-1], p.ReadyForQuery)
     raw.close()
 

@@ -264,9 +264,9 @@ def test_reference_env_names_are_the_ones_load_reads():
             assert getattr(load(env={var: "1.5"}), f.name) == 1.5
         elif f.type == "str":
             # storage only takes a kind or a URL, log_format a format, admin_host without a
-            # token a loopback address; any other string setting takes any text
+            # token a loopback address, pg_major a major version; any other string setting takes any text
             value = {"storage": "s3://bucket/prefix", "log_format": "json",
-                     "admin_host": "::1"}.get(f.name, "zz")
+                     "admin_host": "::1", "pg_major": "17"}.get(f.name, "zz")
             assert getattr(load(env={var: value}), f.name) == value
 
 

@@ -2,7 +2,10 @@
 PGDATA, roles.json with verifiers, state.json, logs, locks, local storage objects, the snapshot
 spool) and nothing in the socket directory is readable or writable by group or others, and
 generated private keys are 0600. The data root itself may be 0711 (traversable only) so the
-Postgres OS user can reach its directories."""
+Postgres OS user can reach its directories. Two directories hold public copies of installed
+software the Postgres OS user must read: `_postgres` (binaries that user could not reach where
+they are installed) and `_extensions` (allow-listed extension control files marked trusted);
+they may be readable, never writable, by others."""
 
 from __future__ import annotations
 
@@ -17,18 +20,23 @@ from certs.generate import generate
 from ..support.harness import DOMAIN, conninfo, psql
 
 
+PUBLIC = ("_postgres", "_extensions")
+
+
 def _loose(root: Path) -> list[str]:
-    """Entries under `root` (and root itself) with any group/other read or write bit."""
+    """Entries under `root` (and root itself) with any group/other read or write bit (only a
+    write bit under the public copies)."""
     found = []
     paths = [root] + [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files]
     for path in paths:
+        public = path != root and path.relative_to(root).parts[0] in PUBLIC
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             continue  # a temp file that was renamed or removed meanwhile
         if stat.S_ISLNK(st.st_mode):
             continue
-        if st.st_mode & 0o066:
+        if st.st_mode & (0o022 if public else 0o066):
             found.append(f"{path} {stat.filemode(st.st_mode)}")
     return found
 
@@ -50,6 +58,8 @@ def test_database_files_sockets_and_storage_are_private(start_gateway, tls):
     objects = [p for p in (root / "_storage").rglob("*") if p.is_file()]
     assert any(p.name.endswith(".tar.zst") for p in objects), objects
     assert _loose(root) == []
+    if int(gw.gw.instances.installs.default.major) >= 18:  # 18 reads the trusted control files
+        assert (root / "_extensions").is_dir()
     assert stat.S_IMODE(root.stat().st_mode) in (0o700, 0o711)
 
     sockets = gw.settings.socket_path

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.postgres import find_bindir
+from gateway.pgbins import default_bindir
 
 from ..conftest import reachable_tmpdir
 from ..e2e.test_shutdown import PGSNI, _toml_value
@@ -20,7 +20,7 @@ from ..support.harness import DOMAIN, wait_until
 
 @pytest.mark.slow
 def test_sigterm_during_start_up_is_an_orderly_exit(tls, tmp_path):
-    real = find_bindir()
+    real = default_bindir()
     bindir = reachable_tmpdir("pgsni-bin-")
     os.chmod(bindir, 0o755)
     for entry in real.iterdir():

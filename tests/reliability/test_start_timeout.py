@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.postgres import find_bindir
+from gateway.pgbins import default_bindir
 
 from ..conftest import reachable_tmpdir
 from ..support.harness import connect_sqlstate, conninfo, psql
@@ -35,7 +35,7 @@ def _stuck_processes(marker: str) -> list[int]:
 
 
 def _wrapper_bindir() -> tuple[Path, Path, str]:
-    real = find_bindir()
+    real = default_bindir()
     d = reachable_tmpdir("pgsni-bin-")
     os.chmod(d, 0o755)
     for entry in real.iterdir():

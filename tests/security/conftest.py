@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.pgbins import PgInstalls
+
 from ..e2e.conftest import s3_proxy, s3_settings  # noqa: F401  (fixtures)
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)
 from ..support.moto import free_port
@@ -25,11 +27,14 @@ def attacked(s3_settings, start_gateway, monkeypatch):  # noqa: F811  (the gatew
                         "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ACCESS_KEY_ID": f"key-{MARKER}"}.items():
         monkeypatch.setenv(name, value)
 
-    def start(**kw):
+    def start(major: str | None = None, **kw):
         settings = {**s3_settings, "s3_secret_key": S3_SECRET, "admin_port": free_port(),
                     "admin_token": ADMIN_TOKEN, **kw}
         gw = start_gateway(**settings)
-        gw.create_db("tenant", TENANT_PW)
-        gw.create_db("victim", VICTIM_PW)
+        gw.create_db("tenant", TENANT_PW, major)
+        gw.create_db("victim", VICTIM_PW, major)
         return gw
     return start
+
+
+MAJORS = sorted(PgInstalls().by_major, key=int)  # every installed major is attacked

@@ -62,10 +62,10 @@ class GatewayThread:
         assert self.gw is not None
         return self.gw.port
 
-    def create_db(self, db_id: str, password: str = TEST_PASSWORD) -> None:
+    def create_db(self, db_id: str, password: str = TEST_PASSWORD, major: str | None = None) -> None:
         gw = self.gw
         assert gw is not None
-        self.call(lambda: gw.instances.create(db_id, password))
+        self.call(lambda: gw.instances.create(db_id, password, major=major))
 
     def admin_sql(self, db_id: str, sql: str, dbname: str = "postgres"):
         """Run `sql` as the gateway's own superuser on `db_id` (started if need be): what the

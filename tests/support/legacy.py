@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 
 from gateway.auth import scram_verifier
-from gateway.postgres import find_bindir
+from gateway.pgbins import default_bindir
 from storage.osuser import RunAs
 
 
 def make_legacy_database(root: Path, db_id: str, password: str, setup_sql: str = "") -> Path:
     run_as = RunAs.resolve("postgres")
-    bindir = find_bindir()
+    bindir = default_bindir()
     db_dir = run_as.make_dir(root / db_id)
     pgdata = db_dir / "pgdata"
     kw = dict(capture_output=True, text=True, check=True, **run_as.popen_kwargs())

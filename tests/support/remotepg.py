@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trustme
 
-from gateway.postgres import find_bindir
+from gateway.pgbins import PgInstalls
 from storage.osuser import RunAs
 
 REMOTE_NAME = "pg.remote.test"  # the name in the remote server's certificate
@@ -34,7 +34,7 @@ class RemotePostgres:
         self.pgdata = self.root / "pgdata"
         self.port = free_port()
         self.run_as = RunAs.resolve("postgres")
-        self.bindir = find_bindir()
+        self.bindir = PgInstalls().with_ssl().bindir  # a remote speaks TLS itself
         self.proc: subprocess.Popen | None = None
         ca = trustme.CA()
         cert = ca.issue_cert(REMOTE_NAME, "127.0.0.1")
