@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from certs.generate import generate
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 from storage.osuser import RunAs
 
 DOMAIN = "db.example.com"
@@ -195,7 +195,7 @@ class DirectPostgres:
         if template is not None:  # the gateway's template: the same postgresql.conf as pgsni's instances
             subprocess.run(["cp", "-a", str(template), str(self.pgdata)], check=True)
         else:
-            # as pgsni's templates (gateway/template.py): the same major, no data checksums
+            # as pgsni's templates (gateway/compute/template.py): the same major, no data checksums
             no_checksums = ["--no-data-checksums"] if int(self.work.major) >= 18 else []
             subprocess.run([str(self.work.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
                             "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions",
@@ -312,7 +312,7 @@ class Stack:
         self.bouncer: PgBouncer | None = None
 
     def __enter__(self) -> "Stack":
-        from gateway import postgres
+        from gateway.compute import postgres
 
         try:
             self.gateway.start()

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.config import Settings
-from gateway.instances import InstanceManager
-from gateway.server import open_databases
-from gateway.template import local_catalog
+from gateway.compute.instances import InstanceManager
+from gateway.app import open_databases
+from gateway.compute.template import local_catalog
 from storage.factory import open_backend
 from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer
 

@@ -9,21 +9,18 @@ import os
 import secrets
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from storage.backend import Backend
 from storage.errors import NotFound, StorageError, StorageUnavailable
 
 from .context import TLSConfigError, leaf_certificate_pem, server_context
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
-
 log = logging.getLogger("pgsni.tls")
 
 CERT_KEY = "tls/cert.pem"
 KEY_KEY = "tls/key.pem"
-CACHE_DIR = ".tls"  # under data_root
+CACHE_DIR = ".tls"  # under data_root: the `directory` of the gateway's TLSMaterial
 
 
 def missing_message(where: str, missing: str, domain: str) -> str:
@@ -51,12 +48,6 @@ class TLSMaterial:
         self._bad: tuple[str, str] | None = None  # a pair reported as an error; not retried
         self._suspect: tuple[str, str] | None = None  # failed once: maybe an upload half done
         self._absent_logged = False
-
-    @classmethod
-    def for_settings(cls, settings: "Settings", backend: Backend,
-                     on_change: Callable[["TLSMaterial"], None] | None = None) -> "TLSMaterial":
-        return cls(backend, settings.data_path / CACHE_DIR, settings.tls_reload_seconds,
-                   on_change=on_change, domain=settings.domains[0])
 
     @property
     def cert_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzz target (atheris / libFuzzer) for the sans-IO decoder in gateway/protocol.py.
+"""Coverage-guided fuzz target (atheris / libFuzzer) for the sans-IO decoder in gateway/wire/protocol.py.
 
 Each input drives one simulated connection through the decoder the way the gateway does:
 the opening (untyped packets: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage, or
@@ -29,7 +29,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from gateway import protocol as p
+    from gateway.wire import protocol as p
 
 # the reader's buffer may hold one incomplete message: its 5-byte header and body
 TYPED_SLACK = 1

@@ -96,7 +96,7 @@ class Settings:
     postgres_options: dict[str, str] = _opt({}, "Extra Postgres settings (-c name=value) for every instance.")
     log_level: str = _opt("INFO", "Gateway log level.")
     log_format: str = _opt("auto", "Log format: json (one object per line), text, or auto (JSON when stderr is not a terminal).")
-    # admin HTTP API (gateway/admin.py)
+    # admin HTTP API (gateway/admin/server.py)
     admin_host: str = _opt("127.0.0.1", "Address of the admin HTTP API (health, readiness, metrics, /v1/databases). A non-loopback address requires admin_token.")
     admin_port: int = _opt(8080, "TCP port of the admin HTTP API (0: no admin server).")
     admin_token: str = _opt("", "Bearer token required for /metrics and /v1 (Authorization: Bearer TOKEN). Empty: no token, allowed only on a loopback admin_host.", secret=True)

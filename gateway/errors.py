@@ -6,7 +6,7 @@ connection closes; it never becomes a silent disconnect.
 
 from __future__ import annotations
 
-from .protocol import ErrorResponse
+from gateway.wire.protocol import ErrorResponse
 
 # SQLSTATEs used by the gateway (see Postgres' errcodes.txt).
 PROTOCOL_VIOLATION = "08P01"

@@ -2,7 +2,7 @@
 fields as key=value (for people). `log_format = auto` picks JSON unless stderr is a terminal.
 
 Structured fields travel as `extra=` on the log call (see the per-connection line in
-gateway/session.py); both formatters print every such field."""
+gateway/proxy/session.py); both formatters print every such field."""
 
 from __future__ import annotations
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .backend import Backend
+from .settings import StorageSettings
 from .snapshots import SnapshotStore
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 
-def open_backend(settings: "Settings") -> Backend:
+def open_backend(settings: StorageSettings) -> Backend:
     kind = settings.storage_kind
     where, prefix = settings.storage_location()
     if kind == "s3":
@@ -34,7 +33,7 @@ def open_backend(settings: "Settings") -> Backend:
     return LocalDirBackend(Path(where).absolute(), prefix)
 
 
-def attach_storage(settings: "Settings") -> Callable[[], None] | None:
+def attach_storage(settings: StorageSettings) -> Callable[[], None] | None:
     """At gateway start, before any storage access: storage=s3fs mounts the bucket (if
     s3fs_mount) or refuses to go on unless it is mounted. Returns the cleanup for shutdown
     (the unmount), or None. Blocking: call it in a thread."""
@@ -45,7 +44,7 @@ def attach_storage(settings: "Settings") -> Callable[[], None] | None:
     return attach(settings)
 
 
-def snapshot_store(settings: "Settings", backend: Backend | None = None) -> SnapshotStore:
+def snapshot_store(settings: StorageSettings, backend: Backend | None = None) -> SnapshotStore:
     return SnapshotStore(backend or open_backend(settings), settings.data_path / ".spool",
                          max_restore_bytes=settings.max_restore_mb << 20,
                          keep_last=settings.retention_keep, keep_days=settings.retention_days)

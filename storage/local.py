@@ -1,6 +1,6 @@
 """The local data root: `<root>/<id>/` per database, holding `pgdata/` (owned by the Postgres
 user, 0700), `roles.json` and `postgres.log`. New databases are cloned from a template
-PGDATA, made once by the maker the gateway hands in (gateway/template.py); creation and
+PGDATA, made once by the maker the gateway hands in (gateway/compute/template.py); creation and
 deletion are atomic renames."""
 
 from __future__ import annotations

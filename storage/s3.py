@@ -71,6 +71,7 @@ from . import backend as backend_mod
 from .backend import Backend, ObjectInfo
 from .errors import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 from .keys import normalize_root_prefix, validate_key, validate_prefix
+from .s3copy import ServerSideCopy
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def _multipart_etag(part_etags: list[str]) -> str:
     return f"{hashlib.md5(digests).hexdigest()}-{len(part_etags)}"
 
 
-class S3Backend(Backend):
+class S3Backend(ServerSideCopy, Backend):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, access_key: str | None = None,
                  secret_key: str | None = None, path_style: bool = True,
@@ -499,12 +500,6 @@ class S3Backend(Backend):
         except Exception as e:  # noqa: BLE001 -- cancellation still propagates
             log.warning("storage %s: could not abort multipart upload of %s (%s); its parts "
                         "remain until a lifecycle rule removes them", self.url, full, self._reason(e))
-
-    async def copy(self, src: str, dst: str) -> ObjectInfo:
-        """Server-side (CopyObject; multipart UploadPartCopy beyond 5 GiB)."""
-        from .s3copy import copy
-
-        return await copy(self, src, dst)
 
     async def delete(self, keys: list[str]) -> None:
         full = [self._full(k) for k in keys]  # validate them all before deleting any

@@ -14,15 +14,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .errors import StorageError, StorageUnavailable
 from .keys import normalize_root_prefix
 from .localdir import LocalDirBackend
 from .osuser import clean_env
+from .settings import StorageSettings
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger("pgsni.s3fs")
 
@@ -128,7 +127,7 @@ def _unmount(path: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _s3fs_options(settings: "Settings", passwd_file: str | None) -> list[str]:
+def _s3fs_options(settings: StorageSettings, passwd_file: str | None) -> list[str]:
     opts = [f"url={(settings.s3_endpoint or AWS_URL).rstrip('/')}",
             f"retries={max(1, settings.storage_attempts)}",
             f"connect_timeout={max(1, math.ceil(settings.storage_timeout))}",
@@ -149,7 +148,7 @@ def _s3fs_options(settings: "Settings", passwd_file: str | None) -> list[str]:
     return ["-o", ",".join(opts)]
 
 
-def _credentials(settings: "Settings") -> tuple[str, str] | None:
+def _credentials(settings: StorageSettings) -> tuple[str, str] | None:
     """The key pair for s3fs's passwd file: the settings', else the standard AWS variables."""
     if settings.s3_access_key:
         return settings.s3_access_key, settings.s3_secret_key
@@ -165,7 +164,7 @@ def _s3fs_env() -> dict[str, str]:
     return clean_env(**extra)
 
 
-def mount(settings: "Settings", timeout: float = MOUNT_TIMEOUT) -> Mount:
+def mount(settings: StorageSettings, timeout: float = MOUNT_TIMEOUT) -> Mount:
     """Mount `s3_bucket` (sub-path `s3_prefix`, as `bucket:/prefix`, so the backend on top
     uses no prefix of its own) at `storage_path` with s3fs-fuse running in the foreground
     as our child, and wait (at most `timeout`) until the mount is live.
@@ -277,7 +276,7 @@ def _abandon(m: Mount) -> None:
         _unmount(m.path, timeout=2.0)
 
 
-def attach(settings: "Settings") -> Callable[[], None] | None:
+def attach(settings: StorageSettings) -> Callable[[], None] | None:
     """At gateway start for storage=s3fs: mount (returning the unmount) or check the mount."""
     if settings.s3fs_mount:
         return mount(settings).unmount

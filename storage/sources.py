@@ -9,13 +9,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, BinaryIO
+from typing import AsyncIterator, BinaryIO
 from urllib.parse import urlsplit
 
 from .errors import StorageError
+from .settings import StorageSettings
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 __all__ = ["Source", "SourceError", "open_source"]
 
@@ -36,7 +35,7 @@ class Source:
 
 
 @contextlib.asynccontextmanager
-async def open_source(spec: str, settings: "Settings") -> AsyncIterator[Source]:
+async def open_source(spec: str, settings: StorageSettings) -> AsyncIterator[Source]:
     """Open `spec` for reading; a missing file or object, or an HTTP error answer, fails here,
     before anything is created. Connections are closed when the block ends."""
     scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
@@ -77,7 +76,7 @@ async def _read_file(f: BinaryIO) -> AsyncIterator[bytes]:
 
 # --- s3://bucket/key ----------------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def _s3(spec: str, settings: "Settings") -> AsyncIterator[Source]:
+async def _s3(spec: str, settings: StorageSettings) -> AsyncIterator[Source]:
     from .s3 import S3Backend
 
     bucket, _, key = spec[5:].partition("/")

@@ -15,8 +15,8 @@ import pytest
 import trustme
 
 from gateway.config import Settings
-from gateway.pgbins import PgInstalls
-from gateway.template import TemplateMaker
+from gateway.compute.pgbins import PgInstalls
+from gateway.compute.template import TemplateMaker
 from storage.local import LocalCatalog
 from storage.osuser import RunAs
 
@@ -50,7 +50,7 @@ def tls(tmp_path_factory) -> dict[str, Path]:
 
 
 def template_catalog(root: Path) -> LocalCatalog:
-    """A catalog on `root` that makes its templates as the gateway does (gateway/template.py)."""
+    """A catalog on `root` that makes its templates as the gateway does (gateway/compute/template.py)."""
     run_as = RunAs.resolve("postgres")
     return LocalCatalog(root, run_as, TemplateMaker(
         PgInstalls(), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from gateway.postgres import START_OPTIONS
+from gateway.compute.postgres import START_OPTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300),
               pytest.mark.skipif(not shutil.which("psql"), reason="psql (postgresql-client-15) is needed")]

@@ -134,5 +134,5 @@ class ClientContract:
     def test_direct_tls(self, scenario, target):
         r = self.result(scenario, "direct_tls")
         assert_lands(r, target, target.sni_name)
-        assert r["openings"], "no TLS opening seen: did gateway/server.py's 'TLS from' debug line change?"
+        assert r["openings"], "no TLS opening seen: did gateway/proxy/server.py's 'TLS from' debug line change?"
         assert (True, target.sni_name, "postgresql") in r["openings"]

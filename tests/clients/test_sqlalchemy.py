@@ -203,7 +203,7 @@ def test_direct_tls(engines, target, driver):
     with tls_openings() as seen:
         r = runner.run(lambda conn: landing(conn.exec_driver_sql(LANDING_SQL).one()))
     assert_lands(r, target, target.sni_name if sni else "")
-    assert seen, "no TLS opening seen: did gateway/server.py's 'TLS from' debug line change?"
+    assert seen, "no TLS opening seen: did gateway/proxy/server.py's 'TLS from' debug line change?"
     assert (True, target.sni_name if sni else None, "postgresql") in seen
 
 

@@ -39,6 +39,14 @@ def _run_text(stage) -> str:
     return "\n".join(i.args for i in stage.all("RUN"))
 
 
+def top_level_packages(project: dict) -> set[str]:
+    """The top-level packages pyproject.toml's `packages.find` includes ("gateway*" → gateway)."""
+    found = {name.rstrip("*").split(".")[0]
+             for name in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert found and all((ROOT / name / "__init__.py").is_file() for name in found), found
+    return found
+
+
 def test_multi_stage_on_python_311_slim_bookworm(parsed):
     _, stages = parsed
     assert len(stages) >= 2, "a build stage and a runtime stage"
@@ -59,7 +67,7 @@ def test_build_stage_installs_pgsni_from_the_pinned_constraints(build):
     copied |= {w for _, words in (c.flags_and_rest() for c in build.all("COPY"))
                for w in words[:-1]}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = set(project["tool"]["setuptools"]["packages"]) | {
+    needed = top_level_packages(project) | {
         project["project"]["readme"], "pyproject.toml", "constraints.txt"}
     missing = needed - copied
     assert not missing, f"the build stage does not copy {sorted(missing)} (pyproject.toml needs them)"
@@ -193,10 +201,10 @@ def test_build_stage_package_carries_every_file_the_runtime_needs(build, tmp_pat
     with zipfile.ZipFile(whl) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "pgsni = gateway.cli:main" in entry_points
+    assert "pgsni = gateway.cli.main:main" in entry_points
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     expected = {p.relative_to(ROOT).as_posix()
-                for pkg in project["tool"]["setuptools"]["packages"]
+                for pkg in top_level_packages(project)
                 for p in (ROOT / pkg).rglob("*")
                 if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
                 and not p.relative_to(ROOT).as_posix().startswith("certs/dev/")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.pgbins import default_bindir
+from gateway.compute.pgbins import default_bindir
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until

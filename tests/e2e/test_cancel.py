@@ -12,7 +12,7 @@ import warnings
 import psycopg
 import pytest
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.harness import TEST_PASSWORD, conninfo
 from ..support.rawclient import RawClient

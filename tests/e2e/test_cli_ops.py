@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 
 from ..support.harness import conninfo, postmasters, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY
@@ -165,7 +165,7 @@ def test_password_rotation_through_a_real_gateway(run, store, start_gateway, tls
     # now the gateway runs app1: the CLI refuses, the gateway's own operations do it live
     busy = run("db", "password", "app1", ok=False)
     assert busy.returncode != 0 and "in use" in busy.stderr
-    from gateway.operations import Ops
+    from gateway.ops.operations import Ops
 
     g = gw.gw
     ops = Ops(gw.settings, g.catalog, g.databases, g.instances)

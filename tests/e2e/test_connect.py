@@ -8,7 +8,7 @@ import ssl
 import asyncpg
 import psycopg
 
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, psql
 
 
@@ -134,7 +134,7 @@ def test_the_session_can_read_its_clients_address_and_tls(gateway, tls, caplog):
     names the backend pid for pg_stat_activity."""
     import logging
 
-    from gateway import protocol as p
+    from gateway.wire import protocol as p
 
     from ..support.rawclient import RawClient
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from gateway import dbroles
-from gateway.pgbins import default_bindir
-from gateway.pgbins import PgInstalls, major_of
+from gateway.compute import dbroles
+from gateway.compute.pgbins import default_bindir
+from gateway.compute.pgbins import PgInstalls, major_of
 from storage.osuser import RunAs
 
 from ..conftest import reachable_tmpdir

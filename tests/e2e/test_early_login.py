@@ -1,4 +1,4 @@
-"""The backend login runs while the client is still authenticating (gateway/session.py,
+"""The backend login runs while the client is still authenticating (gateway/proxy/session.py,
 `_early_login`), for running instances only; whatever the client does, nothing it started is
 left behind: no backend connection, no client count, no in-flight entry."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway import protocol as p
-from gateway import relay, session
+from gateway.wire import protocol as p
+from gateway.proxy import login, relay
 
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, wait_until
 from ..support.rawclient import RawClient
@@ -90,8 +90,8 @@ def test_a_cancel_lost_at_connect_leaves_no_backend_behind(gateway, tls, monkeyp
 
     async def connect_then_lose_the_cancel(socket_path, timeout):
         conn = await real(socket_path, timeout)
-        try:
-            await asyncio.sleep(timeout)  # the connection's completion is still on its way...
+        try:  # the connection's completion is still on its way (3 s: the wrong password is
+            await asyncio.sleep(3)  # refused meanwhile, unless the cancel was lost in `real`)...
         except asyncio.CancelledError:
             pass  # ...and lands with the cancel, which wait_for then drops
         return conn
@@ -118,7 +118,7 @@ def test_a_client_that_leaves_mid_scram_leaves_no_backend_behind(gateway, tls):
 
 
 def test_early_logins_per_database_are_capped(gateway, tls, monkeypatch):
-    monkeypatch.setattr(session, "EARLY_LOGINS_PER_DB", 2)
+    monkeypatch.setattr(login, "EARLY_LOGINS_PER_DB", 2)
     gateway.create_db("capped")
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "capped"), autocommit=True) as observer:
         waiting = []
@@ -145,7 +145,7 @@ def test_an_early_login_that_cannot_reach_the_backend_is_retried_after_authentic
         gateway, tls, monkeypatch):
     """E.g. the instance died between the check and the login: the session logs in the usual
     way after authentication (which restarts a dead instance) instead of failing."""
-    from gateway import relay
+    from gateway.proxy import relay
     from gateway.errors import INTERNAL_ERROR, GatewayError
 
     gateway.create_db("retry")

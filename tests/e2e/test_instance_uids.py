@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from gateway.config import ConfigError, Settings
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 
 from ..support.harness import connect_sqlstate, conninfo
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)

@@ -13,7 +13,8 @@ import time
 import psycopg
 import pytest
 
-from gateway import dbroles, relay
+from gateway.compute import dbroles
+from gateway.proxy import relay
 
 from ..support.harness import connect_sqlstate, conninfo, postmasters, psql, wait_until
 

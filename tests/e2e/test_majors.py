@@ -10,7 +10,7 @@ import json
 import psycopg
 import pytest
 
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 
 from ..support.harness import conninfo, psql
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)

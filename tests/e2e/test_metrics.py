@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.harness import DOMAIN, TEST_PASSWORD
 from ..support.rawclient import RawClient, pack_untyped

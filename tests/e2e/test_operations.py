@@ -1,4 +1,4 @@
-"""The lifecycle operations (`gateway/operations.py`) inside a running gateway, as its admin
+"""The lifecycle operations (`gateway/ops/operations.py`) inside a running gateway, as its admin
 API calls them: a database with clients is refused (`busy`) unless forced; an idle running
 one is stopped through the manager first (saved for snapshot and restore, discarded for
 delete)."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from gateway.op_results import OperationError
-from gateway.operations import Ops
+from gateway.ops.results import OperationError
+from gateway.ops.operations import Ops
 
 from ..support.harness import conninfo, postmasters, wait_until
 

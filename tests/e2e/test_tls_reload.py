@@ -20,7 +20,7 @@ import trustme
 from scramp import ScramClient
 
 from certs.context import TLSConfigError
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY

@@ -1,4 +1,4 @@
-"""Unit tests for gateway/auth.py: SCRAM against a fake client conversation (no sockets).
+"""Unit tests for gateway/proxy/auth.py: SCRAM against a fake client conversation (no sockets).
 
 The client is scramp's ScramClient, tweaked to behave like libpq: libpq sends an EMPTY
 user name in its client-first message (`n,,n=,r=...`) because the user is the one in the
@@ -18,22 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from scramp import ScramClient
 
-from gateway import protocol as p
-from gateway.auth import (
-    SCRAM,
-    SCRAM_PLUS,
-    AuthInfo,
-    Conversation,
-    authenticate,
-    parse_verifier,
-    scram_verifier,
-)
-from gateway.errors import (
-    INVALID_AUTHORIZATION,
-    INVALID_PASSWORD,
-    PROTOCOL_VIOLATION,
-    GatewayError,
-)
+from gateway.wire import protocol as p
+from gateway.proxy.auth import Conversation, authenticate
+from gateway.wire.scram import SCRAM, SCRAM_PLUS, AuthInfo, parse_verifier, scram_verifier
+from gateway.errors import INVALID_AUTHORIZATION, INVALID_PASSWORD, PROTOCOL_VIOLATION, GatewayError
 from storage.roles import Role
 
 USER = "alice"

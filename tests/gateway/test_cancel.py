@@ -1,14 +1,18 @@
-"""gateway/cancel.py: keys carry the backend's real pid and a secret of the gateway's; two
+"""gateway/proxy/cancel.py: keys carry the backend's real pid and a secret of the gateway's; two
 backends with one pid (a local one and a remote route's) stay apart by their secrets."""
 
 from __future__ import annotations
 
-from gateway import protocol as p
-from gateway.cancel import LONG_KEY_VERSION, CancelTable, CancelTarget
+from gateway.wire import protocol as p
+from gateway.proxy.cancel import LONG_KEY_VERSION, CancelTable, CancelTarget
 
 
-def target(pid: int, remote=None) -> CancelTarget:
-    return CancelTarget(None, p.BackendKeyData(pid, b"back"), remote=remote)
+async def _forward(key: p.BackendKeyData, timeout: float) -> None:
+    pass
+
+
+def target(pid: int) -> CancelTarget:
+    return CancelTarget(p.BackendKeyData(pid, b"back"), _forward)
 
 
 def test_keys_are_the_real_pid_with_a_secret_of_ours():
@@ -21,7 +25,7 @@ def test_keys_are_the_real_pid_with_a_secret_of_ours():
 
 def test_one_pid_two_backends_are_told_apart_by_the_secret():
     table = CancelTable()
-    local, remote = target(100), target(100, remote="billing")
+    local, remote = target(100), target(100)
     k1, k2 = table.issue(local), table.issue(remote)
     assert table.lookup(p.CancelRequest(100, k1.secret)) is local
     assert table.lookup(p.CancelRequest(100, k2.secret)) is remote

@@ -1,4 +1,4 @@
-"""gateway/cgroups.py against fake cgroup trees (directories with the files the kernel would
+"""gateway/compute/cgroups.py against fake cgroup trees (directories with the files the kernel would
 have): which files get which values on v1 and v2, the v2 hand-over of the gateway's own
 cgroup, and a tree that cannot be written turning the limits off with one log line."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cgroups
-from gateway.cgroups import Cgroups, Limits
+from gateway.compute import cgroups
+from gateway.compute.cgroups import Cgroups, Limits
 
 LIMITS = Limits(memory_mb=256, cpu_weight=50, max_pids=64)
 

@@ -1,4 +1,4 @@
-"""gateway/dbroles.py: the private socket's auth files, the 'secured' test on saved roles, and
+"""gateway/compute/dbroles.py: the private socket's auth files, the 'secured' test on saved roles, and
 connection strings that a database name cannot extend."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-from gateway import dbroles
+from gateway.compute import dbroles
 from storage.roles import Role
 
 

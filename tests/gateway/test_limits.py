@@ -1,4 +1,4 @@
-"""Unit tests of gateway/limits.py with a fake clock: no sleeping."""
+"""Unit tests of gateway/proxy/limits.py with a fake clock: no sleeping."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.config import Settings
-from gateway.limits import ConnectionCounter, Limits, SlidingWindow, TokenBucket
+from gateway.proxy.limits import ConnectionCounter, Limits, SlidingWindow
+from gateway.rates import TokenBucket
 
 
 class FakeClock:

@@ -1,12 +1,12 @@
-"""gateway/migrations.py without a database: file names and numeric version order, every file
+"""gateway/ops/migrations.py without a database: file names and numeric version order, every file
 parsed up front, and the checks against the history (edited, out-of-order, missing files)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.migrations import Applied, MigrationError, checksum, discover, plan, version_key
-from gateway.sqlfiles import SqlFileError
+from gateway.ops.migrations import Applied, MigrationError, checksum, discover, plan, version_key
+from gateway.ops.sqlfiles import SqlFileError
 
 
 def _dir(tmp_path, files: dict[str, str]):

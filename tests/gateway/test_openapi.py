@@ -9,9 +9,9 @@ import pytest
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
-from gateway.admin import build_app
-from gateway.admin_api import OPENAPI_PATH
-from gateway.server import Gateway
+from gateway.admin.server import build_app
+from gateway.admin.api import OPENAPI_PATH
+from gateway.app import Gateway
 
 from ..support.adminclient import AdminClient
 from ..support.moto import free_port

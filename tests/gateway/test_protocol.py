@@ -1,4 +1,4 @@
-"""Unit tests for the sans-IO wire codec in gateway/protocol.py (no sockets)."""
+"""Unit tests for the sans-IO wire codec in gateway/wire/protocol.py (no sockets)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import protocol as p
-from gateway.protocol import (
-    NEED_DATA,
-    BackendKeyData,
-    CancelRequest,
-    ErrorResponse,
-    GSSENCRequest,
-    Message,
-    MessageReader,
-    NegotiateProtocolVersion,
-    ParameterStatus,
-    ProtocolViolation,
-    SSLRequest,
-    StartupMessage,
-)
+from gateway.wire import protocol as p
+from gateway.wire.protocol import (
+    NEED_DATA, BackendKeyData, CancelRequest, ErrorResponse, GSSENCRequest, Message, MessageReader,
+    NegotiateProtocolVersion, ParameterStatus, ProtocolViolation, SSLRequest, StartupMessage)
 
 
 def events_of(reader: MessageReader, data: bytes = b"") -> list:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 from gateway.config import ConfigError, load
 from gateway.errors import GatewayError
-from gateway.remote import RemoteConnection, sasl_mechanisms, without_channel_binding
+from gateway.proxy.remote import RemoteConnection, sasl_mechanisms, without_channel_binding
 from gateway.remote_routes import RemoteRoute, parse_routes
 
 PLUS, PLAIN = "SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"

@@ -1,4 +1,4 @@
-"""gateway/role_reader.py with a fake connection: callers that arrive while a read runs share
+"""gateway/compute/role_reader.py with a fake connection: callers that arrive while a read runs share
 the next one, which starts after they arrived; a failure reaches every waiter and the next
 read reconnects; a caller that gives up does not stop the read for the others."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from gateway.role_reader import RoleReader
+from gateway.compute.role_reader import RoleReader
 
 
 class FakeConn:

@@ -1,11 +1,11 @@
-"""Unit tests for gateway/routing.py and storage/ids.py."""
+"""Unit tests for gateway/proxy/routing.py and storage/ids.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway.errors import CONNECTION_REJECTED, UNKNOWN_DATABASE, GatewayError
-from gateway.routing import Route, check_id, id_from_sni, route, split_options
+from gateway.proxy.routing import Route, check_id, id_from_sni, route, split_options
 from storage.ids import valid_id
 
 DOMAINS = ["db.example.com"]
@@ -220,7 +220,7 @@ def test_route_sni_not_served_refused():
 
 
 def test_unserved_sni_name_with_endpoint_routes_by_options():
-    from gateway.routing import route
+    from gateway.proxy.routing import route
 
     r, rest = route("localhost", "endpoint=abc", ["db.example.com"])
     assert (r.db_id, r.method, rest) == ("abc", "options", "")
@@ -230,7 +230,7 @@ def test_unserved_sni_name_without_endpoint_suggests_the_option():
     import pytest
 
     from gateway.errors import GatewayError
-    from gateway.routing import route
+    from gateway.proxy.routing import route
 
     with pytest.raises(GatewayError) as info:
         route("localhost", None, ["db.example.com"])

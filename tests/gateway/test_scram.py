@@ -1,4 +1,4 @@
-"""gateway/scram.py: the ClientKey a verified proof reveals, and a client exchange that logs
+"""gateway/wire/scram.py: the ClientKey a verified proof reveals, and a client exchange that logs
 in with it, checked against scramp's server (an independent SCRAM implementation) and
 against the gateway's own authenticate()."""
 
@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scramp import ScramMechanism
 
-from gateway.auth import authenticate, parse_verifier, scram_verifier
-from gateway.scram import ScramClient, ScramError, ScramKeys, recover_keys
+from gateway.proxy.auth import authenticate
+from gateway.wire.scram import (
+    ScramClient, ScramError, ScramKeys, parse_verifier, recover_keys, scram_verifier)
 from storage.roles import Role
 
 from .test_auth import FakeConversation, Outcome, play_client

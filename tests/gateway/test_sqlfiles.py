@@ -1,4 +1,4 @@
-"""gateway/sqlfiles.py: statements split by Postgres' parser with their places, syntax errors
+"""gateway/ops/sqlfiles.py: statements split by Postgres' parser with their places, syntax errors
 as file:line:column before anything runs, and files run one transaction each on a real
 Postgres (an instance of a real gateway, reached over its unix socket)."""
 
@@ -9,8 +9,9 @@ import asyncio
 import psycopg
 import pytest
 
-from gateway import dbroles, sqlfiles
-from gateway.sqlfiles import SqlFileError, parse_files, parse_sql_file, parse_sql_text
+from gateway.compute import dbroles
+from gateway.ops import sqlfiles
+from gateway.ops.sqlfiles import SqlFileError, parse_files, parse_sql_file, parse_sql_text
 
 
 def _write(tmp_path, name: str, text: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.cgroups import Cgroups, Limits
+from gateway.compute.cgroups import Cgroups, Limits
 
 from ..conftest import PG_OPTIONS
 from ..support.harness import conninfo

@@ -39,7 +39,7 @@ def test_fuzz_target_rejects_a_broken_invariant(monkeypatch):
         import protocol_fuzz as fz
     finally:
         sys.path.remove(str(TARGET.parent))
-    from gateway import protocol as p
+    from gateway.wire import protocol as p
 
     big = p.Message(b"Q", b"x" * 3000).encode()
     # the real reader refuses it: no invariant to break
@@ -56,7 +56,7 @@ def test_fuzz_target_rejects_a_broken_invariant(monkeypatch):
 
 
 def _unchecked_typed(self):
-    from gateway import protocol as p
+    from gateway.wire import protocol as p
 
     buf = self._buf
     if len(buf) < 5:

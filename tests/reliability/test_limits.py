@@ -13,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo
 from ..support.rawclient import RawClient

@@ -11,7 +11,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 from ..support.harness import DOMAIN, TEST_PASSWORD, conninfo, psql
 from ..support.rawclient import RawClient

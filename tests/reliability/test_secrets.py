@@ -7,7 +7,7 @@ import base64
 import logging
 import secrets
 
-from gateway.auth import parse_verifier
+from gateway.wire.scram import parse_verifier
 
 from ..support.harness import conninfo, connect_sqlstate, psql
 

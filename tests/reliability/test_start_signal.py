@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.pgbins import default_bindir
+from gateway.compute.pgbins import default_bindir
 
 from ..conftest import reachable_tmpdir
 from ..e2e.test_shutdown import PGSNI, _toml_value

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pgbins import default_bindir
+from gateway.compute.pgbins import default_bindir
 
 from ..conftest import reachable_tmpdir
 from ..support.harness import connect_sqlstate, conninfo, psql

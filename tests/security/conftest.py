@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 
 from ..e2e.conftest import s3_proxy, s3_settings  # noqa: F401  (fixtures)
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import uvloop
 
-from gateway import dbroles
+from gateway.compute import dbroles
 from gateway.config import Settings
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 DOMAIN = "db.example.com"
 TEST_PASSWORD = "s3cret-test-pw"

@@ -9,8 +9,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from gateway.auth import scram_verifier
-from gateway.pgbins import default_bindir
+from gateway.wire.scram import scram_verifier
+from gateway.compute.pgbins import default_bindir
 from storage.osuser import RunAs
 
 

@@ -9,7 +9,7 @@ import struct
 
 from scramp import ScramClient
 
-from gateway import protocol as p
+from gateway.wire import protocol as p
 
 
 class RawClient:

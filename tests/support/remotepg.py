@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trustme
 
-from gateway.pgbins import PgInstalls
+from gateway.compute.pgbins import PgInstalls
 from storage.osuser import RunAs
 
 REMOTE_NAME = "pg.remote.test"  # the name in the remote server's certificate

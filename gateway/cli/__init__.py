@@ -1,0 +1,1 @@
+"""`pgsni`, the one console script: serve, and the offline operator commands."""

@@ -1,0 +1,99 @@
+"""Who is who inside every database, and how each logs in over the instance's private socket.
+
+- `pgsni_admin`: the bootstrap superuser (OID 10), the gateway's own. No password: it logs in
+  only by peer authentication, mapped from the gateway's OS user, so a tenant's backend
+  (another OS user) cannot become it even if it reaches the socket.
+- `pgsni_agent`: no privileges of its own, a NOINHERIT member of the tenant role. The gateway
+  runs SQL that comes from users (migrations, uploaded dumps, init files) as the agent with
+  `role` set to the tenant role: a script's RESET ROLE gains nothing.
+- `postgres`: the tenant's owner role, without SUPERUSER (gateway/compute/securing.py gives it its
+  rights). Clients log in as it, or as roles it creates, with SCRAM: the gateway relays
+  the login with the keys the client's proof revealed (gateway/wire/scram.py).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from storage.roles import Role
+
+ADMIN = "pgsni_admin"
+AGENT = "pgsni_agent"
+SETUP = "pgsni_setup"  # exists only while gateway/compute/securing.py runs
+TENANT = "postgres"
+RESERVED = (ADMIN, AGENT, SETUP)  # never a client's login
+IDENT_MAP = "pgsni"
+CONNECT_TIMEOUT = 10
+# the gateway's superuser sessions set these themselves: a database's owner may store
+# settings for its logins (ALTER DATABASE ... SET search_path = public, pg_catalog would let
+# its objects shadow what a superuser query calls), and a former superuser may have stored
+# worse (session_preload_libraries, role). Startup options win over all stored settings.
+ADMIN_SESSION = {"search_path": "pg_catalog", "role": "none", "session_preload_libraries": "",
+                 "local_preload_libraries": "", "default_transaction_read_only": "off",
+                 "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
+
+
+def gateway_os_user() -> str:
+    """The OS user name peer authentication sees for the gateway's own connections."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def hba(*, maintenance: bool = False) -> str:
+    """pg_hba.conf: the gateway's roles by peer, everyone else by SCRAM; while a data directory
+    is being secured, only the gateway's roles at all."""
+    ours = f"{SETUP},{ADMIN}" if maintenance else f"{ADMIN},{AGENT}"
+    rest = "reject" if maintenance else "scram-sha-256"
+    return ("# written by pgsni at every start: the gateway's roles log in by peer (only the\n"
+            "# gateway's OS user), every other role with its SCRAM password\n"
+            f"local all {ours} peer map={IDENT_MAP}\n"
+            f"local all all {rest}\n")
+
+
+def ident(os_user: str, *, maintenance: bool = False) -> str:
+    roles = (SETUP, ADMIN) if maintenance else (ADMIN, AGENT)
+    return "# written by pgsni at every start\n" + "".join(
+        f"{IDENT_MAP} {os_user} {role}\n" for role in roles)
+
+
+def secured(roles: dict[str, Role] | None) -> bool:
+    """Whether saved role metadata shows the layout above: the gateway's admin is the superuser
+    and every role's SUPERUSER attribute is known. Metadata saved by older versions of pgsni
+    (whose clients logged in as a superuser `postgres`) does not."""
+    if not roles:
+        return False
+    admin = roles.get(ADMIN)
+    return admin is not None and admin.superuser is True and all(
+        r.superuser is not None for r in roles.values())
+
+
+def superusers(roles: dict[str, Role]) -> list[str]:
+    return sorted(name for name, r in roles.items() if r.superuser and name != ADMIN)
+
+
+def conninfo(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None,
+             app: str = "pgsni") -> str:
+    """A libpq connection string to an instance: as the admin, or as the agent acting as
+    role `act_as`. Every value is quoted, so a database name cannot add parameters."""
+    return make_conninfo(host=str(socket_dir), user=AGENT if act_as else ADMIN, dbname=dbname,
+                         application_name=app, connect_timeout=CONNECT_TIMEOUT,
+                         options=f"-c role={act_as}" if act_as else ADMIN_OPTIONS)
+
+
+async def connect(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None,
+                  app: str = "pgsni", autocommit: bool = True) -> psycopg.AsyncConnection:
+    """The gateway's own connection to an instance (see `conninfo`)."""
+    return await psycopg.AsyncConnection.connect(
+        conninfo(socket_dir, dbname, act_as=act_as, app=app), autocommit=autocommit)
+
+
+def tool_args(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None) -> list[str]:
+    """Connection arguments for pg_dump, pg_restore and psql. The database goes inside a
+    quoted connection string: a bare -d holding "=" would be expanded, and its host= would
+    win over -h."""
+    return ["-d", conninfo(socket_dir, dbname, act_as=act_as), "--no-password"]
