@@ -18,6 +18,8 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: float  # unix time of the last write, by the store's clock: S3's Last-Modified
+    # (whole seconds), a file's mtime in a directory (on s3fs: the writing machine's clock)
 
 
 class Backend(abc.ABC):
@@ -47,7 +49,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
-        """Size and etag, or None if absent."""
+        """Size, etag and modification time, or None if absent."""
 
     @abc.abstractmethod
     async def list(self, prefix: str) -> list[ObjectInfo]:

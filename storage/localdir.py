@@ -209,7 +209,7 @@ class LocalDirBackend(Backend):
             if _stamp(st2) == _stamp(st):  # unchanged while hashing: cache it
                 with contextlib.suppress(OSError):
                     _write_sidecar(path, etag, st2)
-        return ObjectInfo(key, st.st_size, etag)
+        return ObjectInfo(key, st.st_size, etag, st.st_mtime)
 
     async def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -356,7 +356,7 @@ class LocalDirBackend(Backend):
             etag = h.hexdigest()
             with self._locked():
                 self._commit_tmp(tmp, target, etag, st)
-            return ObjectInfo(key, st.st_size, etag)
+            return ObjectInfo(key, st.st_size, etag, st.st_mtime)
 
         committed = False
         try:
@@ -390,13 +390,14 @@ class LocalDirBackend(Backend):
                     os.link(src_path, tmp)
                 except OSError:
                     _copy_file(src_path, tmp)
+                st = os.stat(tmp)
                 with self._locked():
-                    self._commit_tmp(tmp, dst_path, info.etag, os.stat(tmp))
+                    self._commit_tmp(tmp, dst_path, info.etag, st)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            return ObjectInfo(dst, info.size, info.etag)
+            return ObjectInfo(dst, info.size, info.etag, st.st_mtime)
 
         return await self._run(run)
 

@@ -321,7 +321,8 @@ class S3Backend(ServerSideCopy, Backend):
             if _is_not_found(e):
                 return None
             raise self._error(e) from e
-        return ObjectInfo(key, int(resp["ContentLength"]), resp["ETag"].strip('"'))
+        return ObjectInfo(key, int(resp["ContentLength"]), resp["ETag"].strip('"'),
+                          resp["LastModified"].timestamp())
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         validate_prefix(prefix)
@@ -344,7 +345,8 @@ class S3Backend(ServerSideCopy, Backend):
                     validate_key(key)
                 except StorageError:
                     continue  # s3fs directory markers ("dir/"), its temp files, foreign objects
-                out.append(ObjectInfo(key, int(obj["Size"]), obj["ETag"].strip('"')))
+                out.append(ObjectInfo(key, int(obj["Size"]), obj["ETag"].strip('"'),
+                                      obj["LastModified"].timestamp()))
             if not page.get("IsTruncated"):
                 break
             token = page.get("NextContinuationToken")

@@ -70,7 +70,7 @@ async def test_put_get_round_trip_and_etag(backend):
     data, got_etag = await backend.get("dbs/a/current.json")
     assert data == b'{"v": 1}' and got_etag == etag
     info = await backend.head("dbs/a/current.json")
-    assert info == backend_mod.ObjectInfo("dbs/a/current.json", 8, etag)
+    assert (info.key, info.size, info.etag) == ("dbs/a/current.json", 8, etag)
 
     etag2 = await backend.put("dbs/a/current.json", b'{"v": 2}')
     assert etag2 != etag
@@ -82,8 +82,22 @@ async def test_put_get_round_trip_and_etag(backend):
 async def test_empty_object(backend):
     etag = await backend.put("empty", b"")
     assert await backend.get("empty") == (b"", etag)
-    assert await backend.head("empty") == backend_mod.ObjectInfo("empty", 0, etag)
+    info = await backend.head("empty")
+    assert (info.size, info.etag) == (0, etag)
     assert await read_all(backend, "empty") == b""
+
+
+async def test_modified_is_when_the_store_took_the_write(backend, tmp_path):
+    """ObjectInfo.modified, by the store's clock (here this machine's; S3 gives whole
+    seconds): head, list, upload_file and copy all carry it."""
+    before = time.time() - 1
+    await backend.put("k", b"x")
+    info = await backend.head("k")
+    assert before <= info.modified <= time.time()
+    assert [i.modified for i in await backend.list("k")] == [info.modified]
+    uploaded = await backend.upload_file("u", _write(tmp_path / "f", b"y"))
+    copied = await backend.copy("u", "c")
+    assert before <= uploaded.modified <= copied.modified <= time.time()
 
 
 async def test_get_missing_raises_not_found(backend):
@@ -313,7 +327,8 @@ async def test_local_etag_follows_content_changed_behind_its_back(tmp_path):
     old = await b.put("k", b"ours")
     os.replace(_write(tmp_path / "other", b"theirs, longer"), tmp_path / "k")
     new = hashlib.sha256(b"theirs, longer").hexdigest()
-    assert await b.head("k") == backend_mod.ObjectInfo("k", 14, new)
+    info = await b.head("k")
+    assert (info.size, info.etag) == (14, new)
     assert [i.etag for i in await b.list("")] == [new]
     with pytest.raises(PreconditionFailed):
         await b.put("k", b"mine", if_match=old)
