@@ -10,7 +10,9 @@ Two kinds of small objects:
 
 A lease whose holder's heartbeat expired (plus a margin for clock skew) may be taken over. The
 holder fences itself first: once it has gone `ttl - margin` without renewing (storage down,
-process frozen), it must stop its instances (`keep_alive_forever`'s `on_expired`). A gateway
+process frozen), it must stop its instances (`keep_alive_forever`'s `on_expired`), and its
+holdings are void from then on (`lapsed`): a renewal once storage is back does not bring them
+back, the next claim asks storage again and may find another gateway holding it. A gateway
 keeps its holder name across restarts (it is stored in the data root), so a restarted gateway
 reopens its own databases at once.
 """
@@ -24,7 +26,7 @@ import time
 from typing import Awaitable, Callable
 
 from .backend import Backend
-from .errors import NotFound, PreconditionFailed, StorageError
+from .errors import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 
 log = logging.getLogger("pgsni.leases")
 
@@ -54,6 +56,7 @@ class Leases:
         self.margin = margin if margin is not None else min(10.0, ttl / 6)
         self.clock, self.monotonic = clock, monotonic
         self.held: set[str] = set()
+        self.lapsed: set[str] = set()  # held when the heartbeat lapsed: to be fenced (stopped)
         self._unreleased: set[str] = set()  # releases that failed (storage down); retried
         self._idle: dict[str, float] = {}  # held but stopped: monotonic time, released later
         self._beat_at: float | None = None  # monotonic start of the last successful heartbeat
@@ -72,31 +75,59 @@ class Leases:
         """Whether this gateway's heartbeat is surely still alive in others' eyes."""
         return self._beat_at is not None and self.monotonic() < self._beat_at + self.ttl - self.margin
 
+    def _lapse_if_expired(self) -> None:
+        """Once the heartbeat may have expired in others' eyes, this gateway's holdings are
+        void, whatever storage says later: another gateway may have taken them over. They
+        are remembered in `lapsed` (their instances must stop) and their leases are given up
+        when storage answers again, unless claimed again first."""
+        if self.held and not self.valid():
+            self.lapsed |= self.held
+            self._unreleased |= self.held
+            for db_id in self.held:
+                self._idle.pop(db_id, None)
+            self.held.clear()
+
+    def fencing_needed(self) -> bool:
+        """Whether this gateway must stop its instances now (its heartbeat lapsed). Touches no
+        storage, so it answers at once even while storage hangs."""
+        self._lapse_if_expired()
+        return bool(self.lapsed)
+
     async def beat(self) -> None:
+        self._lapse_if_expired()  # a renewal after a lapse does not bring holdings back
         started = self.monotonic()
         body = {"holder": self.holder, "expires": self.clock() + self.ttl}
         await self.backend.put(_beat_key(self.holder), json.dumps(body).encode())
         self._beat_at = started
 
     async def claim(self, db_id: str) -> bool:
-        """Hold `db_id` for this gateway; LeaseHeld if another live gateway holds it. True when
-        it was not held a moment ago (another gateway may have run the database meanwhile)."""
-        if not self.enabled or (db_id in self.held and self.valid()):
+        """Hold `db_id` for this gateway; LeaseHeld if another live gateway holds it. False
+        when it was held already (answered from memory); True when the lease was taken in
+        storage (another gateway may have run the database meanwhile)."""
+        if not self.enabled:
+            return False
+        self._lapse_if_expired()
+        if db_id in self.held:  # and so valid()
             self._idle.pop(db_id, None)
             return False  # still ours: no storage round trip (and it works while storage is down)
-        fresh = db_id not in self.held
         if self._beat_at is None or self.monotonic() - self._beat_at > self.ttl / 3:
             await self.beat()
         for _ in range(3):
             try:
                 await self._try_claim(db_id)
-                self.held.add(db_id)
-                self._unreleased.discard(db_id)
-                self._idle.pop(db_id, None)
-                return fresh
+                break
             except PreconditionFailed:
                 continue  # the lease changed under us; read it again
-        raise LeaseHeld(db_id, "unknown (lease contended)", None)
+        else:
+            raise LeaseHeld(db_id, "unknown (lease contended)", None)
+        self._unreleased.discard(db_id)
+        if not self.valid():  # storage took so long that the heartbeat lapsed meanwhile
+            self._unreleased.add(db_id)
+            self._lapse_if_expired()
+            raise StorageUnavailable(f"the lease of {db_id} was taken only after this gateway's "
+                                     f"heartbeat lapsed (storage too slow)")
+        self.held.add(db_id)
+        return True
 
     async def _try_claim(self, db_id: str) -> None:
         mine = json.dumps({"holder": self.holder}).encode()
@@ -171,19 +202,23 @@ class Leases:
             await self.keep_alive(on_expired)
 
     async def keep_alive(self, on_expired: Callable[[], Awaitable[None]]) -> None:
-        if not self.enabled or not (self.held or self._unreleased):
+        if not self.enabled or not (self.held or self._unreleased or self.lapsed):
             return
         try:
             await self.beat()
-            for db_id in list(self._unreleased - self.held):
-                await self._release(db_id)
-            await self.release_idle(older_than=self.ttl)
         except StorageError as e:
             log.warning("renewing this gateway's lease heartbeat failed: %s", e)
-        if self.held and not self.valid():
+        if self.fencing_needed():
             log.error("lease heartbeat not renewed for %.0f s: stopping this gateway's databases "
                       "so another gateway can safely take them over", self.ttl - self.margin)
             await on_expired()
+            self.lapsed.clear()
+        try:  # only now: a lapsed lease is given up after its instance has stopped
+            for db_id in list(self._unreleased - self.held - self.lapsed):
+                await self._release(db_id)
+            await self.release_idle(older_than=self.ttl)
+        except StorageError as e:
+            log.warning("releasing leases failed (retried later): %s", e)
 
 
 def _holder(data: bytes) -> str | None:

@@ -1,4 +1,5 @@
-"""Per-database leases (storage/leases.py) on a real directory backend with a fake clock."""
+"""Per-database leases (storage/leases.py) on an in-memory store (tests/storage/fake_store.py)
+that each gateway reaches through its own connection, with a fake clock."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 
 import pytest
 
-from storage.errors import StorageUnavailable
 from storage.leases import LeaseHeld, Leases
-from storage.localdir import LocalDirBackend
+
+from .fake_store import FakeBackend, Store
 
 
 class Clock:
@@ -25,16 +26,17 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def backend(tmp_path) -> LocalDirBackend:
-    return LocalDirBackend(tmp_path)
+def store(clock) -> Store:
+    return Store(clock)
 
 
-def make(backend, clock, holder: str, ttl: float = 60.0) -> Leases:
-    return Leases(backend, holder, ttl, margin=10.0, clock=clock, monotonic=clock)
+def make(store, clock, holder: str, ttl: float = 60.0) -> Leases:
+    """A gateway's leases, on its own connection to `store` (`.backend`, partitionable)."""
+    return Leases(FakeBackend(store), holder, ttl, margin=10.0, clock=clock, monotonic=clock)
 
 
-async def test_a_free_database_is_claimed_and_a_held_one_refused(backend, clock):
-    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+async def test_a_free_database_is_claimed_and_a_held_one_refused(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
     await a.claim("db1")
     assert a.held == {"db1"}
     with pytest.raises(LeaseHeld) as e:
@@ -44,20 +46,20 @@ async def test_a_free_database_is_claimed_and_a_held_one_refused(backend, clock)
     assert b.held == {"db2"}
 
 
-async def test_release_lets_another_gateway_claim(backend, clock):
-    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+async def test_release_lets_another_gateway_claim(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
     await a.claim("db1")
     await a.release("db1")
     assert a.held == set()
     await b.claim("db1")
-    assert json.loads((await backend.get("dbs/db1/lease.json"))[0]) == {"holder": "gw-b"}
+    assert json.loads(store.objects["dbs/db1/lease.json"][0]) == {"holder": "gw-b"}
     await a.release("db1")  # not held by a any more: must not free b's lease
     with pytest.raises(LeaseHeld):
         await a.claim("db1")
 
 
-async def test_a_dead_holder_is_taken_over_only_after_heartbeat_and_margin(backend, clock):
-    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+async def test_a_dead_holder_is_taken_over_only_after_heartbeat_and_margin(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
     await a.claim("db1")
     clock.now += 60 + 5  # expired, but within the clock-skew margin
     with pytest.raises(LeaseHeld):
@@ -67,8 +69,8 @@ async def test_a_dead_holder_is_taken_over_only_after_heartbeat_and_margin(backe
     assert b.held == {"db1"}
 
 
-async def test_a_live_holder_keeps_its_lease_by_renewing(backend, clock):
-    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+async def test_a_live_holder_keeps_its_lease_by_renewing(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
     await a.claim("db1")
     expired = []
     for _ in range(10):  # 200 s of renewals every 20 s
@@ -83,25 +85,10 @@ async def _noop() -> None:
     return None
 
 
-class Flaky(LocalDirBackend):
-    down = False
-
-    async def put(self, key, data, **kw):
-        if self.down:
-            raise StorageUnavailable("bucket down (test)")
-        return await super().put(key, data, **kw)
-
-    async def get(self, key):
-        if self.down:
-            raise StorageUnavailable("bucket down (test)")
-        return await super().get(key)
-
-
-async def test_holder_fences_itself_before_others_may_take_over(tmp_path, clock):
-    backend = Flaky(tmp_path)
-    a = make(backend, clock, "gw-a")
+async def test_holder_fences_itself_before_others_may_take_over(store, clock):
+    a = make(store, clock, "gw-a")
     await a.claim("db1")
-    backend.down = True
+    a.backend.partition()
     fenced = []
 
     async def on_expired() -> None:
@@ -114,8 +101,8 @@ async def test_holder_fences_itself_before_others_may_take_over(tmp_path, clock)
     clock.now += 30  # 50 s since the last heartbeat: past ttl - margin
     await a.keep_alive(on_expired)
     assert fenced, "the holder must stop its databases once its heartbeat may have expired"
-    backend.down = False
-    b = make(backend, clock, "gw-b")
+    a.backend.heal()
+    b = make(store, clock, "gw-b")
     with pytest.raises(LeaseHeld):
         await b.claim("db1")  # a fenced itself before its heartbeat expired for others
     clock.now += 25  # now 75 s: beyond ttl + margin
@@ -127,9 +114,10 @@ async def _claim_without_storage(leases: Leases, db_id: str) -> bool:
     return db_id in leases.held
 
 
-async def test_a_damaged_lease_or_heartbeat_holds_nothing(backend, clock):
+async def test_a_damaged_lease_or_heartbeat_holds_nothing(store, clock):
+    backend = FakeBackend(store)
     await backend.put("dbs/db1/lease.json", b"not json")
-    b = make(backend, clock, "gw-b")
+    b = make(store, clock, "gw-b")
     await b.claim("db1")
     await backend.put("dbs/db2/lease.json", json.dumps({"holder": "gw-x"}).encode())
     await backend.put("gateways/gw-x.json", b"{broken")
@@ -137,15 +125,15 @@ async def test_a_damaged_lease_or_heartbeat_holds_nothing(backend, clock):
     assert b.held == {"db1", "db2"}
 
 
-async def test_zero_ttl_disables_leases(backend, clock):
-    a, b = make(backend, clock, "gw-a", ttl=0), make(backend, clock, "gw-b", ttl=0)
+async def test_zero_ttl_disables_leases(store, clock):
+    a, b = make(store, clock, "gw-a", ttl=0), make(store, clock, "gw-b", ttl=0)
     await a.claim("db1")
     await b.claim("db1")
-    assert await backend.head("dbs/db1/lease.json") is None
+    assert "dbs/db1/lease.json" not in store.objects
 
 
-async def test_a_stopped_databases_lease_lingers_then_is_released(backend, clock):
-    a, b = make(backend, clock, "gw-a"), make(backend, clock, "gw-b")
+async def test_a_stopped_databases_lease_lingers_then_is_released(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
     await a.claim("db1")
     a.release_later("db1")
     clock.now += 20
@@ -159,3 +147,30 @@ async def test_a_stopped_databases_lease_lingers_then_is_released(backend, clock
     await a.keep_alive(_noop)
     assert a.held == set()
     assert await b.claim("db1") is True
+
+
+async def test_a_lapsed_holder_does_not_answer_from_memory_after_the_partition_heals(store, clock):
+    """Holdings end with the heartbeat: a renewal after the lapse does not bring them back,
+    so the gateway asks storage again and learns that another one took over meanwhile."""
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
+    await a.claim("x")
+    a.backend.partition()
+    clock.now += 60 + 10 + 5  # a's heartbeat is dead for everyone
+    assert await b.claim("x") is True  # b takes x over
+    a.backend.heal()
+    await a.beat()  # a's heartbeat is renewed: valid() again
+    with pytest.raises(LeaseHeld) as e:
+        await a.claim("x")  # not "still ours" from memory
+    assert e.value.holder == "gw-b" and "x" not in a.held
+
+
+async def test_a_lapse_a_claim_notices_is_still_fenced_and_then_released(store, clock):
+    a = make(store, clock, "gw-a")
+    await a.claim("x")
+    clock.now += 55  # past ttl - margin without a renewal: x's holding lapsed
+    assert await a.claim("y") is True  # storage answers: y is taken on a fresh heartbeat
+    assert a.held == {"y"} and a.fencing_needed()
+    fenced = []
+    await a.keep_alive(lambda: fenced.append(1) or _noop())
+    assert fenced and not a.fencing_needed()
+    assert "dbs/x/lease.json" not in store.objects  # given up once its instance stopped
