@@ -24,7 +24,8 @@ from gateway.proxy.limits import Limits
 from gateway.proxy.server import Listener
 from gateway.wire.scram import scram_verifier
 from storage.cache import Databases
-from storage.factory import attach_storage, open_backend, snapshot_store
+from storage.factory import attach_storage, open_backend, retry_budget, snapshot_store
+from storage.leases import check_timing
 from storage.local import LocalCatalog
 from storage.roles import Role
 
@@ -126,6 +127,7 @@ class Gateway:
 
     async def _start(self) -> None:
         s = self.settings
+        check_timing(s.lease_seconds, self.instances.leases.margin, retry_budget(s))
         self.catalog.prepare()
         if self.tls is not None:  # TLSConfigError if storage has no usable pair
             await self.tls.load()

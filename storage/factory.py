@@ -33,6 +33,19 @@ def open_backend(settings: StorageSettings) -> Backend:
     return LocalDirBackend(Path(where).absolute(), prefix)
 
 
+def retry_budget(settings: StorageSettings) -> float:
+    """The longest one storage request may take with all its retries before it fails, in
+    seconds: S3 as `s3.retry_budget` computes it; s3fs, which retries on its own, at least
+    storage_attempts x storage_timeout; a local directory retries nothing (0)."""
+    if settings.storage_kind == "s3":
+        from .s3 import retry_budget as s3_budget
+
+        return s3_budget(settings.storage_attempts, settings.storage_timeout)
+    if settings.storage_kind == "s3fs":
+        return settings.storage_attempts * settings.storage_timeout
+    return 0.0
+
+
 def attach_storage(settings: StorageSettings) -> Callable[[], None] | None:
     """At gateway start, before any storage access: storage=s3fs mounts the bucket (if
     s3fs_mount) or refuses to go on unless it is mounted. Returns the cleanup for shutdown

@@ -5,16 +5,33 @@ Two kinds of small objects:
 - `dbs/<id>/lease.json` names the gateway that holds the database (`{"holder": ...}`); it is
   absent (or names no holder) when free. It is taken only by conditional writes, so two
   gateways racing for a free lease cannot both win; its holder deletes it to release it.
-- `gateways/<holder>.json` is that gateway's heartbeat (`{"expires": <unix time>}`). A gateway
-  renews its one heartbeat every `ttl/3` while it holds any lease, not one write per database.
+- `gateways/<holder>.json` is that gateway's heartbeat (`{"holder", "expires": <unix time>,
+  "ttl"}`). A gateway renews its one heartbeat every `ttl/3` while it holds any lease, not
+  one write per database.
 
-A lease whose holder's heartbeat expired (plus a margin for clock skew) may be taken over. The
-holder fences itself first: once it has gone `ttl - margin` without renewing (storage down,
-process frozen), it must stop its instances (`keep_alive_forever`'s `on_expired`), and its
-holdings are void from then on (`lapsed`): a renewal once storage is back does not bring them
-back, the next claim asks storage again and may find another gateway holding it. A gateway
-keeps its holder name across restarts (it is stored in the data root), so a restarted gateway
-reopens its own databases at once.
+The holder fences itself. It counts its heartbeat valid for `ttl - margin` from the moment it
+began its last successful write (`valid()`). Every heartbeat write is bounded by
+`beat_timeout` (margin / 2), and `keep_alive_forever` also wakes when validity ends, so within
+margin / 2 of that moment it calls `on_expired` (stop the instances); `fencing_needed()` says
+so at once, without storage. From then on its holdings are void (`lapsed`): a renewal once
+storage is back does not bring them back, the next claim asks storage again and may find
+another gateway holding the database.
+
+Another gateway takes a lease over only when the holder's heartbeat has expired, plus the
+margin, by two clocks: its own against the `expires` the holder wrote (a cheap first test),
+then the store's: the heartbeat's `modified` (when the store took it, never before the holder
+began the write) plus the holder's ttl, the margin and 1 s (S3 stamps whole seconds), against
+the `modified` of a heartbeat the claimant writes just then. So the holder has begun fencing
+at least 1.5 x margin before a takeover, and skew between the gateways' clocks does not
+count: a clock behind only delays takeovers. What must hold is that the store stamps by one
+clock (S3 does), and that clocks run at the same rate over a ttl. On s3fs `modified` is the
+writing machine's clock (s3fs keeps mtimes in object metadata): there the gateways' clocks
+must agree to well within 1.5 x margin (15 s at the default 60 s ttl), as NTP keeps them.
+
+`check_timing` (called at gateway start) refuses a ttl too short for the storage's retry
+budget: a claim renews the heartbeat and must finish while it is valid (a claim that finishes
+later is refused). A gateway keeps its holder name across restarts (it is stored in the data
+root), so a restarted gateway reopens its own databases at once.
 """
 
 from __future__ import annotations
@@ -29,6 +46,36 @@ from .backend import Backend
 from .errors import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 
 log = logging.getLogger("pgsni.leases")
+
+STAMP_RESOLUTION = 1.0  # S3's Last-Modified is in whole seconds
+MAX_MARGIN = 10.0  # the default margin is a sixth of the ttl, at most this
+
+
+class LeaseTimingError(StorageError, ValueError):
+    """Lease timings that cannot work with this storage (refused at start-up)."""
+
+
+def heartbeat_timeout(margin: float) -> float:
+    """How long one heartbeat write may take: well inside the margin, so that a holder whose
+    store hangs notices its lapse and fences in time."""
+    return margin / 2
+
+
+def check_timing(ttl: float, margin: float, storage_retry_budget: float) -> None:
+    """LeaseTimingError (a ValueError) unless a claim can finish while the heartbeat it
+    renewed is valid: the renewal (at most `heartbeat_timeout(margin)`) plus one storage
+    request that needs its whole retry budget must take less than `ttl - margin`. Otherwise
+    every claim on a slow store would be refused."""
+    if ttl <= 0:
+        return  # no leases
+    if ttl <= heartbeat_timeout(margin) + storage_retry_budget + margin:
+        enough = storage_retry_budget + 1.5 * max(margin, MAX_MARGIN)
+        raise LeaseTimingError(
+            f"lease_seconds = {ttl:g} is too short for this storage: one request may take "
+            f"{storage_retry_budget:.1f} s with all its retries (storage_attempts x "
+            f"storage_timeout + backoff), and a claim must finish within lease_seconds minus "
+            f"{margin:g} s (the margin) and {heartbeat_timeout(margin):g} s (a heartbeat); set "
+            f"lease_seconds above {enough:.1f}, or lower storage_attempts or storage_timeout")
 
 
 class LeaseHeld(StorageError):
@@ -53,7 +100,8 @@ class Leases:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         """`holder`: this gateway's name, or a function giving it on first use."""
         self.backend, self._holder, self.ttl = backend, holder, ttl
-        self.margin = margin if margin is not None else min(10.0, ttl / 6)
+        self.margin = margin if margin is not None else min(MAX_MARGIN, ttl / 6)
+        self.beat_timeout = heartbeat_timeout(self.margin)
         self.clock, self.monotonic = clock, monotonic
         self.held: set[str] = set()
         self.lapsed: set[str] = set()  # held when the heartbeat lapsed: to be fenced (stopped)
@@ -93,11 +141,25 @@ class Leases:
         self._lapse_if_expired()
         return bool(self.lapsed)
 
+    def _until_lapse(self) -> float:
+        if self.lapsed:
+            return 0.0
+        if not self.held or self._beat_at is None:
+            return self.ttl
+        return max(0.0, self._beat_at + self.ttl - self.margin - self.monotonic())
+
     async def beat(self) -> None:
+        """Renew the heartbeat; StorageUnavailable if the store has not taken it within
+        `beat_timeout`."""
         self._lapse_if_expired()  # a renewal after a lapse does not bring holdings back
         started = self.monotonic()
-        body = {"holder": self.holder, "expires": self.clock() + self.ttl}
-        await self.backend.put(_beat_key(self.holder), json.dumps(body).encode())
+        body = {"holder": self.holder, "expires": self.clock() + self.ttl, "ttl": self.ttl}
+        try:
+            await asyncio.wait_for(self.backend.put(_beat_key(self.holder), json.dumps(body).encode()),
+                                   self.beat_timeout)
+        except TimeoutError:
+            raise StorageUnavailable(f"storage took more than {self.beat_timeout:g} s to take this "
+                                     f"gateway's lease heartbeat") from None
         self._beat_at = started
 
     async def claim(self, db_id: str) -> bool:
@@ -140,21 +202,34 @@ class Leases:
         if holder == self.holder:
             return
         if holder is not None:
-            expires = await self._expires(holder)
-            if expires is not None and self.clock() <= expires + self.margin:
-                raise LeaseHeld(db_id, holder, expires)
-            log.warning("taking over %s from gateway %s, whose heartbeat %s", db_id, holder,
-                        "is missing" if expires is None else f"expired {self.clock() - expires:.0f} s ago")
+            await self._check_expired(db_id, holder)
         await self.backend.put(_lease_key(db_id), mine, if_match=etag)
 
-    async def _expires(self, holder: str) -> float | None:
+    async def _check_expired(self, db_id: str, holder: str) -> None:
+        """LeaseHeld unless `holder`'s heartbeat expired, plus the margin. First by this
+        gateway's clock against the `expires` the holder wrote (one read answers the common
+        case, a live holder); then, before taking over, by the store's clock: when it took
+        the holder's heartbeat, plus its ttl, against when it takes one of ours just now."""
+        key = _beat_key(holder)
         try:
-            data, _ = await self.backend.get(_beat_key(holder))
-            return float(json.loads(data)["expires"])
+            beat = json.loads((await self.backend.get(key))[0])
+            expires, ttl = float(beat["expires"]), float(beat.get("ttl", self.ttl))
         except NotFound:
-            return None
-        except (ValueError, KeyError, TypeError):
-            return None  # an unreadable heartbeat is no proof of life
+            beat = None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            beat = None  # an unreadable heartbeat is no proof of life
+        if beat is not None:
+            if self.clock() <= expires + self.margin:
+                raise LeaseHeld(db_id, holder, expires)
+            theirs = await self.backend.head(key)
+            await self.beat()
+            ours = await self.backend.head(_beat_key(self.holder))
+            if theirs is not None:
+                dead_at = theirs.modified + ttl + self.margin + STAMP_RESOLUTION
+                if ours is None or ours.modified <= dead_at:
+                    raise LeaseHeld(db_id, holder, theirs.modified + ttl)
+        log.warning("taking over %s from gateway %s, whose heartbeat %s", db_id, holder,
+                    "is missing or unreadable" if beat is None else "expired")
 
     def release_later(self, db_id: str) -> None:
         """The database stopped and is saved: keep the lease for another `ttl` (a quick
@@ -176,10 +251,10 @@ class Leases:
         if not self.enabled or db_id not in self.held:
             return
         self.held.discard(db_id)
+        self._unreleased.add(db_id)  # until done: also when cancelled (keep_alive's deadline)
         try:
             await self._release(db_id)
         except StorageError as e:
-            self._unreleased.add(db_id)
             log.warning("releasing the lease of %s failed (retried later): %s", db_id, e)
 
     async def _release(self, db_id: str) -> None:
@@ -196,14 +271,18 @@ class Leases:
 
     async def keep_alive_forever(self, on_expired: Callable[[], Awaitable[None]]) -> None:
         """Renew the heartbeat while leases are held; retry failed releases. When renewal has
-        failed for too long, call `on_expired` (stop the instances) before others may take over."""
+        failed for too long, call `on_expired` (stop the instances) before others may take over:
+        a round is due every ttl/3, and at the moment the heartbeat would lapse."""
         while True:
-            await asyncio.sleep(max(0.05, self.ttl / 3))
+            await asyncio.sleep(max(0.05, min(self.ttl / 3, self._until_lapse())))
             await self.keep_alive(on_expired)
 
     async def keep_alive(self, on_expired: Callable[[], Awaitable[None]]) -> None:
+        """One round. Its storage work takes at most `beat_timeout` in all (releases that do not
+        fit are left for the next round), so a hanging store cannot delay `on_expired`."""
         if not self.enabled or not (self.held or self._unreleased or self.lapsed):
             return
+        deadline = asyncio.get_running_loop().time() + self.beat_timeout
         try:
             await self.beat()
         except StorageError as e:
@@ -214,11 +293,12 @@ class Leases:
             await on_expired()
             self.lapsed.clear()
         try:  # only now: a lapsed lease is given up after its instance has stopped
-            for db_id in list(self._unreleased - self.held - self.lapsed):
-                await self._release(db_id)
-            await self.release_idle(older_than=self.ttl)
-        except StorageError as e:
-            log.warning("releasing leases failed (retried later): %s", e)
+            async with asyncio.timeout_at(deadline):
+                for db_id in list(self._unreleased - self.held - self.lapsed):
+                    await self._release(db_id)
+                await self.release_idle(older_than=self.ttl)
+        except (StorageError, TimeoutError) as e:
+            log.warning("releasing leases failed (retried later): %s", str(e) or "storage too slow")
 
 
 def _holder(data: bytes) -> str | None:

@@ -7,7 +7,7 @@ Retries
   5 s) in between. Retried: connection failures and timeouts, 5xx answers, and throttling
   (SlowDown, 429, RequestTimeout). After the last failure the call raises
   StorageUnavailable("storage s3://bucket/prefix is unavailable: <reason>"), so an outage
-  surfaces within roughly attempts x timeout (+ backoff). Messages never carry
+  surfaces within attempts x timeout + backoff (`retry_budget`). Messages never carry
   credentials. Other 4xx answers raise StorageError with the S3 error code and message.
 
   Each attempt -- including one part of a multipart upload -- must finish within `timeout`;
@@ -98,6 +98,13 @@ RETRY_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"
                "InternalError", "ServiceUnavailable", "BandwidthLimitExceeded",
                "BadDigest"}  # the body arrived damaged (Content-MD5): sending it again may work
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def retry_budget(attempts: int, timeout: float) -> float:
+    """The longest one call may take before it gives up: every attempt, and the backoff
+    between them (4 attempts of 10 s: 41.4 s)."""
+    backoff = sum(min(BACKOFF_FIRST * 2 ** i, BACKOFF_MAX) for i in range(attempts - 1))
+    return attempts * timeout + backoff
 
 
 def _status(e: ClientError) -> int:

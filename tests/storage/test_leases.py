@@ -3,11 +3,12 @@ that each gateway reaches through its own connection, with a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from storage.leases import LeaseHeld, Leases
+from storage.leases import LeaseHeld, Leases, check_timing
 
 from .fake_store import FakeBackend, Store
 
@@ -174,3 +175,43 @@ async def test_a_lapse_a_claim_notices_is_still_fenced_and_then_released(store, 
     await a.keep_alive(lambda: fenced.append(1) or _noop())
     assert fenced and not a.fencing_needed()
     assert "dbs/x/lease.json" not in store.objects  # given up once its instance stopped
+
+
+async def test_a_hanging_heartbeat_write_does_not_hold_up_fencing(store, clock):
+    """Every heartbeat write is bounded (by margin / 2), so a store that hangs (rather than
+    failing fast after its retries) cannot keep the holder from fencing in time."""
+    a = Leases(FakeBackend(store), "gw-a", 6.0, margin=1.0, clock=clock, monotonic=clock)
+    await a.claim("x")
+    a.backend.partition(hang=True)
+    fenced = []
+    clock.now += 3  # a renewal is due; it hangs
+    await asyncio.wait_for(a.keep_alive(lambda: fenced.append(1) or _noop()), 2)
+    assert not fenced and a.held == {"x"}
+    clock.now += 2.5  # past ttl - margin
+    assert a.fencing_needed()  # answered at once, without storage
+    await asyncio.wait_for(a.keep_alive(lambda: fenced.append(1) or _noop()), 2)
+    assert fenced and a.held == set()
+
+
+async def test_takeover_is_judged_by_the_stores_clock_not_a_skewed_local_one(store, clock):
+    """b's clock runs five minutes ahead: by it, a's heartbeat looks long expired. The store's
+    own clock (when it took a's heartbeat, and b's fresh one) says a is alive."""
+    a = make(store, clock, "gw-a")
+    b_clock = Clock()
+    b_clock.now = clock.now + 300
+    b = make(store, b_clock, "gw-b")
+    await a.claim("x")
+    clock.now += 30
+    b_clock.now += 30
+    with pytest.raises(LeaseHeld):
+        await b.claim("x")
+    clock.now += 45  # a wrote its heartbeat 75 s ago by the store's clock: dead
+    b_clock.now += 45
+    assert await b.claim("x") is True
+
+
+def test_leases_must_outlast_a_storage_request_with_all_its_retries():
+    check_timing(60, 10, 41.4)  # the defaults on S3: 4 attempts of 10 s plus backoff
+    check_timing(3, 0.5, 0)  # a local directory retries nothing
+    with pytest.raises(ValueError, match=r"lease_seconds = 30 is too short.*41\.4 s"):
+        check_timing(30, 5, 41.4)
