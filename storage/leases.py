@@ -4,7 +4,9 @@ the same time (each would write its own diverging copy).
 Two kinds of small objects:
 - `dbs/<id>/lease.json` names the gateway that holds the database (`{"holder": ...}`); it is
   absent (or names no holder) when free. It is taken only by conditional writes, so two
-  gateways racing for a free lease cannot both win; its holder deletes it to release it.
+  gateways racing for a free lease cannot both win. Its holder deletes it once the database
+  has stopped and its changes are saved: at once, in the background (`release_later`); a
+  failed release is retried in `keep_alive`, and `release_idle` gives up all that are left.
 - `gateways/<holder>.json` is that gateway's heartbeat (`{"holder", "expires": <unix time>,
   "ttl"}`). A gateway renews its one heartbeat every `ttl/3` while it holds any lease, not
   one write per database.
@@ -105,8 +107,9 @@ class Leases:
         self.clock, self.monotonic = clock, monotonic
         self.held: set[str] = set()
         self.lapsed: set[str] = set()  # held when the heartbeat lapsed: to be fenced (stopped)
-        self._unreleased: set[str] = set()  # releases that failed (storage down); retried
-        self._idle: dict[str, float] = {}  # held but stopped: monotonic time, released later
+        self._unreleased: set[str] = set()  # let go, not yet given up in storage
+        self._releasing: set[asyncio.Task] = set()  # release_later's background releases
+        self._locks: dict[str, asyncio.Lock] = {}  # a claim and a release of one id never overlap
         self._beat_at: float | None = None  # monotonic start of the last successful heartbeat
 
     @property
@@ -121,7 +124,13 @@ class Leases:
 
     def valid(self) -> bool:
         """Whether this gateway's heartbeat is surely still alive in others' eyes."""
-        return self._beat_at is not None and self.monotonic() < self._beat_at + self.ttl - self.margin
+        return self._valid_for() > 0
+
+    def _valid_for(self) -> float:
+        """Seconds until the heartbeat lapses (0: lapsed, or never written)."""
+        if self._beat_at is None:
+            return 0.0
+        return max(0.0, self._beat_at + self.ttl - self.margin - self.monotonic())
 
     def _lapse_if_expired(self) -> None:
         """Once the heartbeat may have expired in others' eyes, this gateway's holdings are
@@ -131,8 +140,6 @@ class Leases:
         if self.held and not self.valid():
             self.lapsed |= self.held
             self._unreleased |= self.held
-            for db_id in self.held:
-                self._idle.pop(db_id, None)
             self.held.clear()
 
     def fencing_needed(self) -> bool:
@@ -144,9 +151,7 @@ class Leases:
     def _until_lapse(self) -> float:
         if self.lapsed:
             return 0.0
-        if not self.held or self._beat_at is None:
-            return self.ttl
-        return max(0.0, self._beat_at + self.ttl - self.margin - self.monotonic())
+        return self._valid_for() if self.held else self.ttl
 
     async def beat(self) -> None:
         """Renew the heartbeat; StorageUnavailable if the store has not taken it within
@@ -170,26 +175,29 @@ class Leases:
             return False
         self._lapse_if_expired()
         if db_id in self.held:  # and so valid()
-            self._idle.pop(db_id, None)
             return False  # still ours: no storage round trip (and it works while storage is down)
-        if self._beat_at is None or self.monotonic() - self._beat_at > self.ttl / 3:
-            await self.beat()
-        for _ in range(3):
-            try:
-                await self._try_claim(db_id)
-                break
-            except PreconditionFailed:
-                continue  # the lease changed under us; read it again
-        else:
-            raise LeaseHeld(db_id, "unknown (lease contended)", None)
-        self._unreleased.discard(db_id)
-        if not self.valid():  # storage took so long that the heartbeat lapsed meanwhile
-            self._unreleased.add(db_id)
-            self._lapse_if_expired()
-            raise StorageUnavailable(f"the lease of {db_id} was taken only after this gateway's "
-                                     f"heartbeat lapsed (storage too slow)")
-        self.held.add(db_id)
+        async with self._lock(db_id):
+            if self._beat_at is None or self.monotonic() - self._beat_at > self.ttl / 3:
+                await self.beat()
+            for _ in range(3):
+                try:
+                    await self._try_claim(db_id)
+                    break
+                except PreconditionFailed:
+                    continue  # the lease changed under us; read it again
+            else:
+                raise LeaseHeld(db_id, "unknown (lease contended)", None)
+            self._unreleased.discard(db_id)
+            if not self.valid():  # storage took so long that the heartbeat lapsed meanwhile
+                self._unreleased.add(db_id)
+                self._lapse_if_expired()
+                raise StorageUnavailable(f"the lease of {db_id} was taken only after this "
+                                         f"gateway's heartbeat lapsed (storage too slow)")
+            self.held.add(db_id)
         return True
+
+    def _lock(self, db_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(db_id, asyncio.Lock())
 
     async def _try_claim(self, db_id: str) -> None:
         mine = json.dumps({"holder": self.holder}).encode()
@@ -232,42 +240,52 @@ class Leases:
                     "is missing or unreadable" if beat is None else "expired")
 
     def release_later(self, db_id: str) -> None:
-        """The database stopped and is saved: keep the lease for another `ttl` (a quick
-        reconnect then needs no storage round trip, even while storage is down), then give it
-        up in `keep_alive`."""
+        """The database stopped and is saved: give its lease up at once, in the background
+        (so another gateway may take the database over); keep_alive retries a failed one."""
         if self.enabled and db_id in self.held:
-            self._idle.setdefault(db_id, self.monotonic())
+            self.held.discard(db_id)
+            self._unreleased.add(db_id)
+            task = asyncio.get_running_loop().create_task(self._release(db_id))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
 
-    async def release_idle(self, *, older_than: float = 0.0) -> None:
-        """Give up the leases of stopped databases (all of them at shutdown)."""
-        now = self.monotonic()
-        for db_id, since in list(self._idle.items()):
-            if now - since >= older_than:
-                await self.release(db_id)
+    async def release_idle(self) -> None:
+        """Give up every lease let go and not given up yet (at shutdown: all of them), except
+        lapsed ones whose instances are not stopped yet."""
+        for db_id in list(self._unreleased - self.lapsed):
+            await self._release(db_id)
 
     async def release(self, db_id: str) -> None:
-        """Give `db_id` up (after its last changes are saved). A failed release is retried."""
-        self._idle.pop(db_id, None)
-        if not self.enabled or db_id not in self.held:
-            return
-        self.held.discard(db_id)
-        self._unreleased.add(db_id)  # until done: also when cancelled (keep_alive's deadline)
-        try:
+        """Give `db_id` up now (after its last changes are saved). A failed release is retried."""
+        if self.enabled and db_id in self.held:
+            self.held.discard(db_id)
+            self._unreleased.add(db_id)
             await self._release(db_id)
-        except StorageError as e:
-            log.warning("releasing the lease of %s failed (retried later): %s", db_id, e)
 
     async def _release(self, db_id: str) -> None:
-        try:
-            data, _ = await self.backend.get(_lease_key(db_id))
-        except NotFound:
-            data = b"{}"
-        if _holder(data) == self.holder:
-            # no other gateway takes over a lease whose holder is alive, so between this read
-            # and the delete it stays ours; deleting (not writing "free") leaves nothing behind
-            # for a database that was never created
-            await self.backend.delete([_lease_key(db_id)])
-        self._unreleased.discard(db_id)
+        """Give up a lease let go, unless claimed again meanwhile; a failure is logged and
+        left for the next keep_alive round."""
+        async with self._lock(db_id):
+            if db_id in self.held or db_id not in self._unreleased:
+                return
+            try:
+                # no other gateway takes over a lease while this gateway's heartbeat is valid,
+                # so the lease read here stays ours until the delete, if that (and every retry
+                # of it) is over before the heartbeat lapses. Deleting (not writing "free")
+                # leaves nothing behind for a database that was never created.
+                if not self.valid():
+                    raise StorageUnavailable("this gateway's lease heartbeat is not renewed")
+                async with asyncio.timeout(self._valid_for()):
+                    try:
+                        data, _ = await self.backend.get(_lease_key(db_id))
+                    except NotFound:
+                        data = b"{}"
+                    if _holder(data) == self.holder:
+                        await self.backend.delete([_lease_key(db_id)])
+                self._unreleased.discard(db_id)
+            except (StorageError, TimeoutError) as e:
+                log.warning("releasing the lease of %s failed (retried later): %s", db_id,
+                            str(e) or "not done while the heartbeat was valid")
 
     async def keep_alive_forever(self, on_expired: Callable[[], Awaitable[None]]) -> None:
         """Renew the heartbeat while leases are held; retry failed releases. When renewal has
@@ -294,11 +312,9 @@ class Leases:
             self.lapsed.clear()
         try:  # only now: a lapsed lease is given up after its instance has stopped
             async with asyncio.timeout_at(deadline):
-                for db_id in list(self._unreleased - self.held - self.lapsed):
-                    await self._release(db_id)
-                await self.release_idle(older_than=self.ttl)
-        except (StorageError, TimeoutError) as e:
-            log.warning("releasing leases failed (retried later): %s", str(e) or "storage too slow")
+                await self.release_idle()
+        except TimeoutError:
+            log.warning("releasing leases: storage too slow, the rest is retried later")
 
 
 def _holder(data: bytes) -> str | None:

@@ -42,7 +42,7 @@ def second_gateway(make_settings, template_pgdata):
 
 
 def test_a_database_runs_on_one_gateway_at_a_time(start_gateway, second_gateway, tls):
-    a = start_gateway(lease_seconds=3)  # a stopped database's lease lingers this long
+    a = start_gateway(lease_seconds=3)
     b = second_gateway(lease_seconds=3)
     assert a.gw.instances.leases.holder != b.gw.instances.leases.holder
     a.create_db("shared")
@@ -53,9 +53,10 @@ def test_a_database_runs_on_one_gateway_at_a_time(start_gateway, second_gateway,
     assert connect_sqlstate(b.port, tls["ca"], "shared") == "57P03"
     assert "shared" not in b.running()
 
-    a.call(lambda: a.gw.instances.stop("shared", "test"))  # saves; the lease lingers a while
-    assert connect_sqlstate(b.port, tls["ca"], "shared") == "57P03"
-    wait_until(lambda: "shared" not in a.gw.instances.leases.held, what="a's idle lease released")
+    a.call(lambda: a.gw.instances.stop("shared", "test"))  # saves, then gives the lease up
+    lease = Path(a.settings.storage_path) / "dbs" / "shared" / "lease.json"
+    # at once, not lease_seconds later
+    wait_until(lambda: not lease.exists(), what="a's lease released", timeout=2)
     out = psql(conninfo(b.port, tls["ca"], "shared"), "select count(*) from t")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"  # b restored a's saved copy
@@ -63,7 +64,7 @@ def test_a_database_runs_on_one_gateway_at_a_time(start_gateway, second_gateway,
     assert connect_sqlstate(a.port, tls["ca"], "shared") == "57P03"
 
     b.call(lambda: b.gw.instances.stop("shared", "test"))
-    wait_until(lambda: "shared" not in b.gw.instances.leases.held, what="b's idle lease released")
+    wait_until(lambda: not lease.exists(), what="b's lease released", timeout=2)
     out = psql(conninfo(a.port, tls["ca"], "shared"), "select count(*) from t")
     assert out.stdout.strip() == "2", "a must restore b's newer version, not reuse its stale copy"
 

@@ -133,21 +133,41 @@ async def test_zero_ttl_disables_leases(store, clock):
     assert "dbs/db1/lease.json" not in store.objects
 
 
-async def test_a_stopped_databases_lease_lingers_then_is_released(store, clock):
+async def test_a_clean_stop_gives_the_lease_up_at_once(store, clock):
     a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
-    await a.claim("db1")
-    a.release_later("db1")
+    await a.claim("x")
+    a.release_later("x")
+    await a.keep_alive(_noop)  # one round; no time passes
+    assert a.held == set()
+    assert await b.claim("x") is True
+
+
+async def test_a_release_goes_in_the_background_and_is_retried_until_it_works(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
+    await a.claim("x")
+    await a.claim("y")
+    a.release_later("x")
+    await asyncio.sleep(0.01)  # no keep_alive round: released in the background
+    assert await b.claim("x") is True
+    a.backend.partition()
+    a.release_later("y")
+    await asyncio.sleep(0.01)
+    await a.keep_alive(_noop)
+    a.backend.heal()
+    with pytest.raises(LeaseHeld):
+        await b.claim("y")  # its release failed: still a's
     clock.now += 20
     await a.keep_alive(_noop)
-    assert "db1" in a.held  # lingering: a quick reconnect needs no storage
-    assert await a.claim("db1") is False
-    a.release_later("db1")
-    with pytest.raises(LeaseHeld):
-        await b.claim("db1")
-    clock.now += 61
-    await a.keep_alive(_noop)
-    assert a.held == set()
-    assert await b.claim("db1") is True
+    assert await b.claim("y") is True
+
+
+async def test_shutdown_releases_every_lease_let_go(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
+    for db_id in ("x", "y"):
+        await a.claim(db_id)
+        a.release_later(db_id)
+    await a.release_idle()  # what InstanceManager.stop_all awaits
+    assert await b.claim("x") is True and await b.claim("y") is True
 
 
 async def test_a_lapsed_holder_does_not_answer_from_memory_after_the_partition_heals(store, clock):
