@@ -89,16 +89,6 @@ class TLSMaterial:
             return True
 
     # --- reloading -----------------------------------------------------------------------------
-    async def poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the poller die: the next round tries again
-                log.exception("checking the TLS certificate in storage failed")
-
     async def check(self) -> bool:
         """One round: if either object's etag changed, load and validate the new pair and swap
         it in. True if a new pair is now in use. Storage errors are logged, never raised."""

@@ -13,6 +13,7 @@ import uvloop
 
 from certs.context import leaf_certificate_pem, server_context
 from certs.reload import CACHE_DIR, TLSMaterial
+from gateway import supervise
 from gateway.admin.server import start_admin
 from gateway.compute.instances import InstanceManager
 from gateway.compute.template import local_catalog
@@ -28,6 +29,8 @@ from storage.factory import attach_storage, open_backend, retry_budget, snapshot
 from storage.leases import check_timing
 from storage.local import LocalCatalog
 from storage.roles import Role
+
+MAINTAIN_INTERVAL = 10.0  # seconds between retries of failed saves and cache trims
 
 log = logging.getLogger("pgsni.server")
 
@@ -136,11 +139,15 @@ class Gateway:
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
         await asyncio.to_thread(self.catalog.drop_spares)  # may be half-made or from an older template
         self.listener.open()
-        self._tasks = [asyncio.create_task(self.instances.reap_idle_forever()),
-                       asyncio.create_task(self.instances.maintain_forever()),
-                       asyncio.create_task(self.instances.keep_leases_forever())]
+        inst = self.instances
+        loops = [("reap_idle", lambda: inst.reap_interval, inst.reap_idle),
+                 ("maintain", lambda: MAINTAIN_INTERVAL, inst.maintain),
+                 ("keep_leases", inst.leases.next_round, inst.keep_leases)]
         if self.tls is not None:
-            self._tasks.append(asyncio.create_task(self.tls.poll_forever()))
+            tls = self.tls
+            loops.append(("tls_reload", lambda: tls.interval, tls.check))
+        self._tasks = [asyncio.create_task(supervise.every(name, interval, step, self.metrics), name=name)
+                       for name, interval, step in loops]
         log.info("pgsni listening on %s:%d for *.%s (data root %s, storage %s)", s.listen_host,
                  self.port, ", *.".join(s.domains), self.catalog.root, self.backend.describe())
         if s.create_on_connect:
@@ -181,21 +188,25 @@ class Gateway:
         self.proxy.shutting_down = True
         sessions = self.proxy.sessions
         log.info("shutting down: %d client(s) connected", len(sessions))
-        for t in self._tasks:
-            t.cancel()
-        await self.listener.close()
-        if sessions:
-            await asyncio.wait(list(sessions), timeout=self.settings.shutdown_grace)
-        await self.instances.stop_all()
-        remote.close_all(self.proxy)  # remote routes' clients: no instance here to terminate them
-        if sessions:
-            await asyncio.wait(list(sessions), timeout=5)
-        for t in list(sessions):
-            t.cancel()
-        await self.backend.close()
-        await self._detach()
-        await self._close_admin()  # last: /readyz said "draining" until here
-        self._stopped.set()
+        try:
+            # the loops end before the instances stop: a reaper mid-save is awaited, not lost
+            await supervise.cancel_all(self._tasks)
+            await self.listener.close()
+            if sessions:
+                await asyncio.wait(list(sessions), timeout=self.settings.shutdown_grace)
+            await self.instances.stop_all()
+            remote.close_all(self.proxy)  # remote routes' clients: no instance here to terminate them
+            if sessions:
+                await asyncio.wait(list(sessions), timeout=5)
+            for t in list(sessions):
+                t.cancel()
+            await self.backend.close()
+            await self._detach()
+        except Exception:  # noqa: BLE001  (an orderly exit all the same)
+            log.exception("shutting down met an error; stopping anyway")
+        finally:
+            await self._close_admin()  # last: /readyz said "draining" until here
+            self._stopped.set()
         log.info("stopped")
 
 

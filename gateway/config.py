@@ -27,6 +27,10 @@ def _opt(default: Any, doc: str, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **kw})
 
 
+# connections of an instance kept for the gateway's own (superuser) work: Postgres' default
+# superuser_reserved_connections; an instance's max_connections is max_connections_per_db + this
+SUPERUSER_RESERVE = 3
+
 @dataclass
 class Settings:
     # front door
@@ -41,7 +45,7 @@ class Settings:
     max_message_size: int = _opt(65536, "Largest message accepted from a client before login, in bytes.")
     # limits (0: off)
     max_client_connections: int = _opt(10000, "Most client connections at once, counted from accept (0: no cap).")
-    max_connections_per_db: int = _opt(500, "Most client connections to one database at once, counted from routing (0: no cap).")
+    max_connections_per_db: int = _opt(100, "Most client connections to one database at once, counted from routing (0: no cap); each instance's max_connections is this plus 3 reserved for the gateway.")
     max_connections_per_ip: int = _opt(1000, "Most client connections at once from one IP address (0: no cap).")
     wake_rate: float = _opt(20.0, "Instance starts per second for clients (token bucket; 0: unlimited). A client waits up to start_timeout for its turn.")
     wake_burst: int = _opt(40, "Instance starts allowed at once before wake_rate applies.")
@@ -154,6 +158,13 @@ class Settings:
                 raise ConfigError(f"trusted_extensions: {name!r} is not an extension name")
         if self.gateway_id and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.gateway_id):
             raise ConfigError("gateway_id: use 1-63 lowercase letters, digits, '.', '_' or '-'")
+        pinned = self.postgres_options.get("max_connections")
+        if pinned is not None and self.max_connections_per_db > 0 and (
+                not str(pinned).isdigit() or int(pinned) < self.max_connections_per_db + 3):
+            raise ConfigError(f"postgres_options: max_connections={pinned} is below "
+                              f"max_connections_per_db ({self.max_connections_per_db}) + 3 reserved "
+                              "for the gateway: clients would get Postgres' refusal instead of the "
+                              "gateway's; raise it or lower max_connections_per_db")
         self._validate_admin()
         self._validate_superusers()
 

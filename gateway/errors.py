@@ -54,6 +54,14 @@ def unknown_database(db_id: str) -> GatewayError:
                         hint="Check the host name; create it with `pgsni db create ID`.")
 
 
+def known_elsewhere(db_id: str) -> GatewayError:
+    return GatewayError(
+        CANNOT_CONNECT_NOW, f'database "{db_id}" has no saved version, but storage holds a lease '
+        "or other objects under its name", detail="Another gateway may have created it and hold "
+        "changes it has not saved yet; it is not created again here.",
+        hint="Retry once that gateway has saved it, or ask the operator (`pgsni db info ID`).")
+
+
 def not_secured(db_id: str) -> GatewayError:
     return GatewayError(
         INVALID_AUTHORIZATION,

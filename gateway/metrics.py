@@ -84,6 +84,10 @@ class Metrics:
         self.client_bytes = Counter(
             "pgsni_client_bytes", "Bytes exchanged with clients after TLS, by direction (in: from "
             "clients, out: to clients), counted when connections close.", ["direction"], registry=r)
+        self.background_errors = Counter(
+            "pgsni_background_errors", "Unexpected errors in the gateway's background loops, by "
+            "loop (reap_idle, maintain, keep_leases, tls_reload); each loop goes on.", ["loop"],
+            registry=r)
         for result in ("ok", "failed"):  # so that rates exist before the first event
             self.wakeups.labels(result)
         for op in ("save", "restore"):

@@ -68,6 +68,10 @@ class Databases:
     def forget(self, db_id: str) -> None:
         self._current.pop(db_id, None)
 
+    async def stored_keys(self, db_id: str) -> list[str]:
+        """Every object storage holds under the database's name (versions, pointer, lease)."""
+        return [o.key for o in await self.store.backend.list(f"dbs/{db_id}/")]
+
     async def exists(self, db_id: str) -> bool:
         return self.catalog.exists(db_id) or await self.current(db_id) is not None
 
@@ -152,6 +156,8 @@ class Databases:
     # --- instance lifecycle hooks -------------------------------------------------------------
     def mark_running(self, db_id: str) -> None:
         state = self.state(db_id)
+        if state.running:  # the end of the last run was never recorded (a full disk, say)
+            state.dirty = True
         state.running = True
         self.save_state(db_id, state)
 

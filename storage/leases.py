@@ -13,7 +13,7 @@ Two kinds of small objects:
 
 The holder fences itself. It counts its heartbeat valid for `ttl - margin` from the moment it
 began its last successful write (`valid()`). Every heartbeat write is bounded by
-`beat_timeout` (margin / 2), and `keep_alive_forever` also wakes when validity ends, so within
+`beat_timeout` (margin / 2), and `next_round` also falls due when validity ends, so within
 margin / 2 of that moment it calls `on_expired` (stop the instances); `fencing_needed()` says
 so at once, without storage. From then on its holdings are void (`lapsed`): a renewal once
 storage is back does not bring them back, the next claim asks storage again and may find
@@ -287,13 +287,10 @@ class Leases:
                 log.warning("releasing the lease of %s failed (retried later): %s", db_id,
                             str(e) or "not done while the heartbeat was valid")
 
-    async def keep_alive_forever(self, on_expired: Callable[[], Awaitable[None]]) -> None:
-        """Renew the heartbeat while leases are held; retry failed releases. When renewal has
-        failed for too long, call `on_expired` (stop the instances) before others may take over:
-        a round is due every ttl/3, and at the moment the heartbeat would lapse."""
-        while True:
-            await asyncio.sleep(max(0.05, min(self.ttl / 3, self._until_lapse())))
-            await self.keep_alive(on_expired)
+    def next_round(self) -> float:
+        """Seconds until `keep_alive` is due: every ttl/3, and at the moment the heartbeat
+        would lapse (the gateway runs it in a supervised loop)."""
+        return max(0.05, min(self.ttl / 3, self._until_lapse()))
 
     async def keep_alive(self, on_expired: Callable[[], Awaitable[None]]) -> None:
         """One round. Its storage work takes at most `beat_timeout` in all (releases that do not

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Awaitable, Callable
 import psycopg
 
 from gateway import errors
-from gateway.config import Settings
+from gateway.config import SUPERUSER_RESERVE, Settings
 from gateway.metrics import Metrics
 from gateway.rates import TokenBucket
 from gateway.wire.scram import scram_verifier
@@ -28,7 +29,7 @@ from storage.instance_uids import InstanceUids
 from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 
-from . import dbroles, extensions, pgbins, securing
+from . import dbroles, extensions, pgbins, pgcontrol, securing
 from .cgroups import Cgroups, Limits
 from .pgbins import PgNotInstalled
 from .postgres import PostgresError, PostgresProcess, stop_orphan
@@ -48,7 +49,7 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     roles: dict[str, roles_mod.Role] | None = None  # as last read
     reader: RoleReader | None = None  # fresh roles for every login (gateway/compute/role_reader.py)
-    start_lsn: str | None = None  # WAL insert position when it started: unchanged = nothing to save
+    control: pgcontrol.Control | None = None  # pg_control before it started: nothing written since = nothing to save
     watcher: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)  # when it became ready
 
@@ -75,6 +76,8 @@ class InstanceManager:
         self.instances: dict[str, Instance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Lock()  # serialises decisions about the instance cap
+        self._starting: set[str] = set()  # slots under the cap reserved by starts in progress
+        self._creating: dict[str, asyncio.Event] = {}  # creations in progress: logins wait for them
         self.starts = 0  # how many postmasters this manager has started (tests, metrics)
         self.closing = False  # set by stop_all: nothing is started any more
         self.wakes = TokenBucket(settings.wake_rate, settings.wake_burst)  # starts for clients
@@ -117,10 +120,13 @@ class InstanceManager:
                 if self.closing:  # a client that waited through stop_all starts nothing
                     raise errors.shutting_down()
                 await self._wake_turn()
+                may_create = create_verifier is not None and await self._unknown_to_storage(db_id)
                 async with self._claimed(db_id):
                     if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
                         if create_verifier is None:
                             raise errors.unknown_database(db_id)
+                        if not may_create:
+                            raise errors.known_elsewhere(db_id)
                         inst = await self._create(db_id, create_verifier)
                     else:
                         self._require_secured(db_id)
@@ -169,7 +175,11 @@ class InstanceManager:
     async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
         """Roles and verifiers: read fresh from the running instance (as Postgres would check
         them), else the metadata saved beside the database (it cannot change while stopped).
-        None if the database does not exist."""
+        None if the database does not exist. A login that arrives while the database is being
+        created (development mode) waits for it: its roles are not there before."""
+        creating = self._creating.get(db_id)
+        if creating is not None:
+            await creating.wait()
         inst = self.instances.get(db_id)
         if inst is not None and inst.alive:
             try:
@@ -184,8 +194,11 @@ class InstanceManager:
                      major: str | None = None) -> Instance:
         """Create a database and leave it running (idle); for the CLI and the admin surface.
         `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
-        async with self._lock(db_id), self._claimed(db_id):
-            return await self._create(db_id, scram_verifier(password), place, major)
+        async with self._lock(db_id):
+            if not await self._unknown_to_storage(db_id):
+                raise errors.known_elsewhere(db_id)
+            async with self._claimed(db_id):
+                return await self._create(db_id, scram_verifier(password), place, major)
 
     async def secure(self, db_id: str, *, drop_untrusted: bool = False) -> securing.Report | None:
         """Bring a database saved by an older pgsni to the roles layout (gateway/compute/securing.py)
@@ -262,15 +275,23 @@ class InstanceManager:
                 await self._release_if_saved(db_id)
 
     async def stop_all(self) -> None:
+        """Stop every instance (at shutdown); one that fails to stop or save is logged, and
+        the others are stopped all the same."""
         self.closing = True
-        await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in list(self.instances)))
-        await self.leases.release_idle()  # another gateway may take over at once
+        ids = list(self.instances)
+        results = await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in ids),
+                                       return_exceptions=True)
+        for db_id, result in zip(ids, results):
+            if isinstance(result, BaseException):
+                log.error("stopping %s at shutdown failed: %r", db_id, result)
+        try:
+            await self.leases.release_idle()  # another gateway may take over at once
+        except StorageError as e:
+            log.warning("releasing leases at shutdown failed: %s", e)
 
-    async def reap_idle_forever(self) -> None:
-        interval = max(0.05, min(1.0, self.settings.idle_timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
-            await self.reap_idle()
+    @property
+    def reap_interval(self) -> float:
+        return max(0.05, min(1.0, self.settings.idle_timeout / 4))
 
     async def reap_idle(self) -> None:
         now = time.monotonic()
@@ -297,14 +318,9 @@ class InstanceManager:
                 lock.release()
         return stopped
 
-    async def maintain_forever(self, interval: float = 10.0) -> None:
-        """Retry saving copies whose snapshot failed (storage was down), and keep the local
-        cache within its budget."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.maintain()
-
     async def maintain(self) -> None:
+        """Retry saving copies whose snapshot failed (storage was down), and keep the local
+        cache within its budget (every few seconds, supervised by the gateway)."""
         for db_id in self.databases.dirty_stopped():
             if db_id in self.instances:
                 continue
@@ -316,14 +332,22 @@ class InstanceManager:
         except StorageError as e:
             log.warning("cache eviction skipped: %s", e)
 
-    async def keep_leases_forever(self) -> None:
-        await self.leases.keep_alive_forever(self._leases_expired)
+    async def keep_leases(self) -> None:
+        """Renew the lease heartbeat (every ttl/3, supervised by the gateway); fence when it
+        lapsed."""
+        await self.leases.keep_alive(self.fence)
 
-    async def _leases_expired(self) -> None:
-        """The heartbeat could not be renewed: stop every instance before another gateway may
-        take its database over (their saves are retried once storage is back)."""
-        for db_id in list(self.instances):
-            await self.stop(db_id, "lease heartbeat expired")
+    async def fence(self) -> None:
+        """The heartbeat could not be renewed: stop every instance at once, before another
+        gateway may take its database over, without saving (storage is what failed; the saves
+        are retried under a fresh lease once it is back). No per-database lock is waited for:
+        a stop holding one may itself be stuck on the store."""
+        insts = [i for i in self.instances.values() if not i.process.stopping]
+        results = await asyncio.gather(*(self._stop(i, "lease heartbeat expired", save=False)
+                                         for i in insts), return_exceptions=True)
+        for inst, result in zip(insts, results):
+            if isinstance(result, BaseException):
+                log.error("fencing %s failed: %r", inst.db_id, result)
 
     # --- internals (callers hold the database's lock) -----------------------------------------
     @contextlib.asynccontextmanager
@@ -369,6 +393,7 @@ class InstanceManager:
     async def _restore(self, db_id: str):
         """Bring a database that is only in storage onto local disk; None if it is nowhere."""
         began = time.monotonic()
+        self.databases.forget(db_id)  # a pointer read during authentication may be stale by now
         with storage_failures(db_id):
             try:
                 restored = await self.databases.ensure_local(db_id)
@@ -383,6 +408,10 @@ class InstanceManager:
         return restored
 
     async def _save(self, db_id: str) -> None:
+        if self.leases.enabled and not self.leases.valid():
+            log.warning("not saving %s now: this gateway's lease heartbeat lapsed (retried once "
+                        "the lease is claimed again)", db_id)
+            return
         try:
             await self.databases.save(db_id)
         except storage_errors.PreconditionFailed as e:
@@ -396,6 +425,26 @@ class InstanceManager:
 
     async def _create(self, db_id: str, verifier: str, place: Placer | None = None,
                       major: str | None = None) -> Instance:
+        done = self._creating[db_id] = asyncio.Event()
+        try:
+            return await self._create_now(db_id, verifier, place, major)
+        finally:
+            done.set()
+            if self._creating.get(db_id) is done:
+                del self._creating[db_id]
+
+    async def _unknown_to_storage(self, db_id: str) -> bool:
+        """Whether storage holds nothing at all under `db_id` (no version, no lease of another
+        gateway, which may hold acknowledged changes not saved yet): only then may it be made
+        anew."""
+        with storage_failures(db_id):
+            found = await self.databases.stored_keys(db_id)
+        if db_id in self.leases.held:
+            found = [k for k in found if not k.endswith("/lease.json")]
+        return not found
+
+    async def _create_now(self, db_id: str, verifier: str, place: Placer | None,
+                          major: str | None) -> Instance:
         with storage_failures(db_id):
             if await self.databases.current(db_id) is not None:
                 raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
@@ -444,7 +493,14 @@ class InstanceManager:
                                       f'database "{inst.db_id}": {reason}') from e
 
     async def _start(self, db_id: str) -> Instance:
+        """Start the database's postmaster in a slot reserved under the instance cap."""
         await self._make_room(db_id)
+        try:
+            return await self._start_in_slot(db_id)
+        finally:
+            self._starting.discard(db_id)  # counted in self.instances from here, or not at all
+
+    async def _start_in_slot(self, db_id: str) -> Instance:
         lock = self.catalog.lock(db_id)
         try:
             lock.acquire()
@@ -458,38 +514,71 @@ class InstanceManager:
             lock.release()
             raise errors.startup_failed(db_id, str(e)) from e
         options = {**extensions.instance_options(install, self.catalog.root, s.trusted_extensions),
-                   **s.postgres_options}
+                   **instance_connections(s), **s.postgres_options}
         process = PostgresProcess(install.bindir, self.catalog.pgdata(db_id), s.socket_path / db_id,
                                   self.catalog.log_file(db_id), self.catalog.run_as, options)
+        inst = Instance(db_id, process, lock)
         try:
             self.make_socket_root()
             process.cgroup = self._cgroup(db_id)
             if self.uids is not None:
                 process.run_as = await asyncio.to_thread(self.uids.run_as, db_id)
             await stop_orphan(process.pgdata, s.stop_timeout)
+            inst.control = await self._control(inst)
+            await asyncio.to_thread(self.databases.mark_running, db_id)
             started = time.monotonic()
             await process.start(s.start_timeout)
-        except (PostgresError, OSError, OSUserError) as e:
-            self.metrics.wake(ok=False)
-            lock.release()
+        except BaseException as e:
             process.kill_group()
+            await self._after_failed_start(inst)
+            lock.release()
+            if not isinstance(e, (PostgresError, OSError, OSUserError)):
+                raise  # cancelled: nothing is left running, and the lock is free
+            self.metrics.wake(ok=False)
             log.error("starting %s failed: %s", db_id, e)
             raise errors.startup_failed(db_id, str(e)) from e
         self.starts += 1
         self.metrics.wake(ok=True)
         self.metrics.wake_phase("start", time.monotonic() - started)
-        inst = Instance(db_id, process, lock)
         inst.reader = RoleReader(lambda: dbroles.connect(process.socket_dir), _read_roles,
                                  timeout=min(10.0, s.handshake_timeout / 2))
         self.instances[db_id] = inst
         inst.watcher = asyncio.create_task(self._watch(inst))
-        self.databases.mark_running(db_id)
         try:
-            inst.start_lsn = await self._refresh_roles(inst)
+            await self._refresh_roles(inst)
         except (psycopg.Error, OSError) as e:
             log.warning("could not read roles of %s after start: %s", db_id, e)
         log.info("started %s (pid %d) in %.0f ms", db_id, process.pid, (time.monotonic() - started) * 1000)
         return inst
+
+    async def _after_failed_start(self, inst: Instance) -> None:
+        """A start that failed or was cancelled may have been marked running; mark it stopped
+        (changed if its postmaster wrote anything)."""
+        if not self.databases.state(inst.db_id).running:
+            return
+        try:
+            changed = await asyncio.shield(self._written(inst))
+            self.databases.mark_stopped(inst.db_id, changed=changed)
+        except (OSError, asyncio.CancelledError) as e:
+            log.error("recording the failed start of %s failed: %r", inst.db_id, e)
+
+    async def _control(self, inst: Instance) -> pgcontrol.Control | None:
+        """The data directory's pg_control now (None if it cannot be read: then any stop
+        counts as a change)."""
+        try:
+            return await asyncio.to_thread(pgcontrol.read, inst.process.bindir, inst.process.pgdata)
+        except (pgcontrol.ControlError, OSError, subprocess.SubprocessError) as e:
+            log.warning("could not read pg_control of %s: %s", inst.db_id, e)
+            return None
+
+    async def _written(self, inst: Instance) -> bool:
+        """Whether the instance wrote anything since it started, judged after it stopped."""
+        if inst.control is None:
+            return True
+        after = await self._control(inst)
+        if after is None:
+            return True
+        return await asyncio.to_thread(pgcontrol.written_between, inst.process.pgdata, inst.control, after)
 
     def _cgroup(self, db_id: str):
         if self._cgroups is False:
@@ -497,46 +586,65 @@ class InstanceManager:
         return self._cgroups.group(db_id) if self._cgroups else None
 
     async def _make_room(self, db_id: str) -> None:
-        async with self._slots:
-            running = [i for i in self.instances.values() if i.db_id != db_id]
-            if len(running) < self.settings.max_instances:
-                return
-            # only idle instances whose lock is free: one being started or stopped right now
-            # is not a candidate, and taking its lock could deadlock with its own start
-            idle = sorted((i for i in running if i.clients == 0 and not self._lock(i.db_id).locked()),
-                          key=lambda i: i.last_used)
-            if not idle:
-                raise errors.too_many_instances(self.settings.max_instances)
-            victim = idle[0]
+        """Reserve a slot under `max_instances` for starting `db_id`, stopping the least
+        recently used idle instance if none is free. Only the decision is serialised: the
+        victim's stop (and save) runs outside it, so other cold starts are not queued behind
+        it; the victim keeps its slot until its postmaster has exited."""
+        deadline = time.monotonic() + self.settings.start_timeout
+        while True:
+            async with self._slots:
+                others = [i for i in self.instances.values() if i.db_id != db_id]
+                if len(others) + len(self._starting - {db_id}) < self.settings.max_instances:
+                    self._starting.add(db_id)
+                    return
+                # only idle instances whose lock is free: one being started or stopped right
+                # now is not a candidate, and taking its lock could deadlock with its own start
+                idle = sorted((i for i in others if i.clients == 0 and not self._lock(i.db_id).locked()),
+                              key=lambda i: i.last_used)
+                if not idle or time.monotonic() > deadline:
+                    raise errors.too_many_instances(self.settings.max_instances)
+                victim = idle[0]
             async with self._lock(victim.db_id):
-                log.info("evicting %s to make room for %s", victim.db_id, db_id)
-                await self._stop(victim, "evicted (instance cap)")
+                if self.instances.get(victim.db_id) is victim and victim.clients == 0:
+                    log.info("evicting %s to make room for %s", victim.db_id, db_id)
+                    await self._stop(victim, "evicted (instance cap)")
 
-    async def _stop(self, inst: Instance, reason: str, *, discard: bool = False) -> None:
+    async def _stop(self, inst: Instance, reason: str, *, discard: bool = False, save: bool = True) -> None:
         """Stop an instance and save its changes to storage; with `discard`, its files are
-        about to be deleted: nothing is read from it or saved."""
-        end_lsn = None
-        if inst.alive and not discard:
-            try:
-                end_lsn = await self._refresh_roles(inst)
-            except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
-                log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
-        if inst.reader is not None:
-            await inst.reader.close()
-        await inst.process.stop(self.settings.stop_timeout)
-        if self.instances.get(inst.db_id) is inst:
-            del self.instances[inst.db_id]
-        # no WAL written since start (and a clean stop): the copy still equals its stored version
-        changed = end_lsn is None or inst.start_lsn is None or end_lsn != inst.start_lsn
-        state = self.databases.mark_stopped(inst.db_id, changed=changed)
-        if state.dirty and not discard:
-            await self._save(inst.db_id)
-        inst.lock.release()
+        about to be deleted: nothing is read from it or saved; without `save`, changes stay
+        local (marked unsaved, retried later). Whatever fails on the way (a full disk writing
+        the state, say), the instance is forgotten and its file lock released: nothing is
+        left that keeps the database from starting again."""
+        stopped = False
+        try:
+            if inst.alive and not discard:
+                try:
+                    await self._refresh_roles(inst)  # roles as they are, saved beside the copy
+                except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
+                    log.warning("could not save roles of %s before stopping: %s", inst.db_id, e)
+            if inst.reader is not None:
+                await inst.reader.close()
+            await inst.process.stop(self.settings.stop_timeout)
+            stopped = True
+            self._drop(inst)
+            changed = not discard and await self._written(inst)
+            state = await asyncio.to_thread(self.databases.mark_stopped, inst.db_id, changed=changed)
+            if state.dirty and save and not discard:
+                await self._save(inst.db_id)
+        finally:
+            if not stopped:
+                inst.process.kill_group()
+            self._drop(inst)
+            inst.lock.release()
+            if inst.watcher and inst.watcher is not asyncio.current_task():
+                inst.watcher.cancel()
         if not discard:
             await self._release_if_saved(inst.db_id)
-        if inst.watcher and inst.watcher is not asyncio.current_task():
-            inst.watcher.cancel()
         log.info("stopped %s (%s)", inst.db_id, reason)
+
+    def _drop(self, inst: Instance) -> None:
+        if self.instances.get(inst.db_id) is inst:
+            del self.instances[inst.db_id]
 
     async def _watch(self, inst: Instance) -> None:
         proc = inst.process.proc
@@ -557,28 +665,39 @@ class InstanceManager:
             asyncio.ensure_future(inst.reader.close())
         if self.instances.get(inst.db_id) is inst:
             del self.instances[inst.db_id]
-            self.databases.mark_stopped(inst.db_id, changed=True)
+            try:
+                self.databases.mark_stopped(inst.db_id, changed=True)
+            except OSError as e:  # the next start finds it marked running: unsaved all the same
+                log.error("recording the crash of %s failed: %s", inst.db_id, e)
         inst.lock.release()
 
     async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:
         return await dbroles.connect(inst.socket_dir)
 
-    async def _refresh_roles(self, inst: Instance) -> str:
-        """Read roles now (saving them beside the database when they changed); return the WAL
-        insert position, which tells whether anything was written."""
+    async def _refresh_roles(self, inst: Instance) -> None:
+        """Read roles now, saving them beside the database when they changed."""
         assert inst.reader is not None
-        roles, lsn = await inst.reader.read()
+        roles = await inst.reader.read()
         if roles != inst.roles:
             await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
             inst.roles = roles
-        return lsn
 
 
-async def _read_roles(conn: psycopg.AsyncConnection) -> tuple[dict[str, roles_mod.Role], str]:
+async def _read_roles(conn: psycopg.AsyncConnection) -> dict[str, roles_mod.Role]:
     cur = await conn.execute(roles_mod.ROLE_QUERY)
-    roles = roles_mod.from_rows(await cur.fetchall())
-    lsn = (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
-    return roles, lsn
+    return roles_mod.from_rows(await cur.fetchall())
+
+
+def instance_connections(s: Settings) -> dict[str, str]:
+    """Postgres' max_connections sized so that every client the gateway admits to one
+    database gets a backend (the gateway's own connections use the superuser reserve)."""
+    if s.max_connections_per_db <= 0:
+        return {}
+    return {"max_connections": str(max(POSTGRES_DEFAULT_CONNECTIONS, s.max_connections_per_db + SUPERUSER_RESERVE))}
+
+
+POSTGRES_DEFAULT_CONNECTIONS = 100  # never fewer than Postgres would allow on its own
+
 
 
 class storage_failures:

@@ -12,7 +12,6 @@ the database as it was and nothing stored."""
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 
-from gateway.compute import dbroles, securing
+from gateway.compute import dbroles, pgcontrol, securing
 from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgInstall, PgNotInstalled, pgdata_major
 from gateway.compute.postgres import SAFE_SETTINGS, PostgresProcess
@@ -152,7 +151,7 @@ async def _scratch_copy(manager: InstanceManager, old: PgInstall, pgdata: Path, 
 def _pg_upgrade(old: PgInstall, new: PgInstall, pgdata: Path, target: Path, work: Path,
                 run_as: RunAs) -> None:
     kw = dict(capture_output=True, text=True, cwd=str(work), **run_as.popen_kwargs())
-    checksums = _checksums_on(old, pgdata, kw)
+    checksums = pgcontrol.read(old.bindir, pgdata, run_as).checksums
     init = [str(new.bindir / "initdb"), "-D", str(target), "-U", dbroles.ADMIN, "-E", "UTF8",
             "--locale=C.UTF-8", "--no-instructions", "--data-checksums" if checksums else
             ("--no-data-checksums" if int(new.major) >= 18 else "")]
@@ -173,12 +172,6 @@ def _pg_upgrade(old: PgInstall, new: PgInstall, pgdata: Path, target: Path, work
     if done.returncode != 0:
         raise UpgradeError(f"pg_upgrade from {old.major} to {new.major} failed: "
                            f"{_reason(done.stdout + done.stderr, target)}")
-
-
-def _checksums_on(old: PgInstall, pgdata: Path, kw: dict) -> bool:
-    out = subprocess.run([str(old.bindir / "pg_controldata"), str(pgdata)], env=clean_env(), **kw).stdout
-    match = re.search(r"Data page checksum version:\s*(\d+)", out)
-    return bool(match and match.group(1) != "0")
 
 
 def _reason(output: str, target: Path) -> str:

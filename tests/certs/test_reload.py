@@ -17,6 +17,8 @@ import trustme
 
 from certs.context import TLSConfigError
 from certs.reload import CERT_KEY, KEY_KEY, TLSMaterial, upload
+from gateway import supervise
+from gateway.metrics import Metrics
 from storage.backend import Backend
 from storage.errors import StorageUnavailable
 from storage.localdir import LocalDirBackend
@@ -265,22 +267,26 @@ async def test_poller_reloads_and_survives_unexpected_errors(backend, pairs, tmp
     m = material(backend, tmp_path)
     await m.load()
     backend.crash_once = True
-    task = asyncio.create_task(m.poll_forever())
+    metrics = Metrics()
+    task = asyncio.create_task(supervise.every("tls_reload", lambda: m.interval, m.check, metrics))
     try:
         for _ in range(100):
             await asyncio.sleep(0.02)
             if not backend.crash_once:
                 break
         assert not backend.crash_once
-        assert any(r.exc_info for r in records(caplog, logging.ERROR))
+        assert any(r.exc_info and "tls_reload" in r.getMessage() for r in caplog.records
+                   if r.name == "pgsni.background" and r.levelno == logging.ERROR)
         await put_pair(backend, b.cert, b.key)
         async with asyncio.timeout(5):
             while ssl.PEM_cert_to_DER_cert(m.cert_pem) != b.leaf_der:
                 await asyncio.sleep(0.02)
         assert served_leaf(m.context, b.ca) == b.leaf_der
         assert not task.done()
+        assert metrics.background_errors.labels("tls_reload")._value.get() == 1
     finally:
-        task.cancel()
+        await supervise.cancel_all([task])
+    assert task.cancelled()
 
 
 async def test_upload_checks_the_pair_first(backend, pairs, tmp_path):

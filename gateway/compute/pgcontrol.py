@@ -1,0 +1,105 @@
+"""What a stopped data directory's control file says (pg_controldata), and whether anything was
+written to it between two clean stops.
+
+A clean stop always ends with a shutdown checkpoint record. If nothing was written since the
+previous clean stop, that record follows the previous checkpoint directly (or after a
+parameter-change record that start-up writes when wal-related settings changed). Any commit,
+however late before the stop, puts other records in between. This is read after the
+postmaster exited, so no write can slip past it."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.osuser import RunAs, clean_env
+
+_FIELDS = {
+    "state": r"Database cluster state:\s*(.+)",
+    "location": r"Latest checkpoint location:\s*([0-9A-F]+/[0-9A-F]+)",
+    "timeline": r"Latest checkpoint's TimeLineID:\s*(\d+)",
+    "segment_size": r"Bytes per WAL segment:\s*(\d+)",
+    "checksums": r"Data page checksum version:\s*(\d+)",
+}
+# XLogRecord's head: xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid (host byte order)
+_RECORD_HEAD = struct.Struct("=IIQBB")
+_PAGE = 8192  # XLOG_BLCKSZ
+_PARAMETER_CHANGE = (0, 0x60)  # RM_XLOG_ID, XLOG_PARAMETER_CHANGE
+
+
+class ControlError(Exception):
+    """The control file or the WAL could not be read as expected."""
+
+
+@dataclass(frozen=True)
+class Control:
+    shut_down: bool  # the last stop was clean ("shut down")
+    checkpoint: int  # location of the latest checkpoint record
+    timeline: int
+    segment_size: int
+    checksums: bool
+
+    def wal_file(self, pgdata: Path, lsn: int) -> tuple[Path, int]:
+        """The WAL segment holding `lsn` on this timeline, and the offset in it."""
+        per_id = 0x1_0000_0000 // self.segment_size
+        segno = lsn // self.segment_size
+        name = f"{self.timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+        return pgdata / "pg_wal" / name, lsn % self.segment_size
+
+
+def read(bindir: Path, pgdata: Path, run_as: RunAs | None = None) -> Control:
+    """The control file of a data directory (read as `run_as`, its owner, where given)."""
+    done = subprocess.run([str(bindir / "pg_controldata"), str(pgdata)], env=clean_env(LC_ALL="C"),
+                          capture_output=True, text=True, timeout=60,
+                          **(run_as.popen_kwargs() if run_as else {}))
+    found = {k: re.search(rx, done.stdout) for k, rx in _FIELDS.items()}
+    if done.returncode != 0 or not all(found.values()):
+        raise ControlError(f"pg_controldata {pgdata} failed: {(done.stderr or done.stdout).strip()[:300]}")
+    hi, lo = found["location"].group(1).split("/")
+    return Control(shut_down=found["state"].group(1).strip() == "shut down",
+                   checkpoint=(int(hi, 16) << 32) | int(lo, 16),
+                   timeline=int(found["timeline"].group(1)),
+                   segment_size=int(found["segment_size"].group(1)),
+                   checksums=found["checksums"].group(1) != "0")
+
+
+def written_between(pgdata: Path, before: Control, after: Control) -> bool:
+    """Whether anything was written between two clean stops (`before` read when the instance
+    started, `after` once it stopped). When unsure, yes."""
+    if not (before.shut_down and after.shut_down) or after.timeline != before.timeline:
+        return True
+    if after.checkpoint == before.checkpoint:
+        return False  # not even a shutdown checkpoint: the postmaster never got going
+    path, offset = after.wal_file(pgdata, before.checkpoint)
+    if after.wal_file(pgdata, after.checkpoint)[0] != path:
+        return True  # a new segment: surely written
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            wal = f.read(after.checkpoint - before.checkpoint + _RECORD_HEAD.size)
+    except OSError:
+        return True
+    return not _only_bookkeeping(wal, before.checkpoint, after.checkpoint)
+
+
+def _only_bookkeeping(wal: bytes, start: int, end: int) -> bool:
+    """Whether the records from the checkpoint at `start` up to the one at `end` are that
+    checkpoint followed by nothing but XLOG_PARAMETER_CHANGE (written at start-up when settings
+    such as max_connections differ from the last run's: no data). Records are walked within
+    one WAL page only; anything else counts as a change."""
+    pos, first = start, True
+    while pos < end:
+        at = pos - start
+        if len(wal) < at + _RECORD_HEAD.size:
+            return False
+        length, _, _, info, rmgr = _RECORD_HEAD.unpack_from(wal, at)
+        if not first and (rmgr, info & 0xF0) != _PARAMETER_CHANGE:
+            return False
+        following = (pos + length + 7) & ~7  # records start MAXALIGNed
+        if length < _RECORD_HEAD.size or following // _PAGE != pos // _PAGE or following % _PAGE == 0:
+            return False  # crosses into a page header: not followed here
+        pos, first = following, False
+    return pos == end
