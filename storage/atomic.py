@@ -1,9 +1,11 @@
 """Atomic file writes: the data goes to a fresh temp file beside the target (mode 0600),
-is fsynced, and only then renamed over the target, so a reader sees the old or the new."""
+is fsynced, and only then renamed over the target, so a reader sees the old or the new.
+`fsync_dir` makes a rename or creation in a directory durable."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -44,3 +46,17 @@ def write_atomic(path: Path, data: bytes) -> os.stat_result:
             os.unlink(tmp)
         raise
     return st
+
+
+def fsync_dir(d: Path) -> None:
+    """fsync directory `d`, so that renames and creations in it survive a power loss. A file
+    system that cannot sync a directory (EINVAL: some FUSE mounts) is let be."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
