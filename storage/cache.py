@@ -221,7 +221,8 @@ class Databases:
 
     # --- cache budget ---------------------------------------------------------------------------
     def evictable(self, running: set[str]) -> list[tuple[float, str, int]]:
-        """(last_used, id, bytes) of local copies that are clean and stopped, oldest first."""
+        """(last_used, id, bytes) of local copies that are clean and stopped, oldest first.
+        Walks every such copy: call it in a thread."""
         out = []
         for db_id in self.catalog.list():
             state = self.state(db_id)
@@ -235,7 +236,7 @@ class Databases:
         `locked(id)` is an async context manager holding the database's lock."""
         if self.budget_bytes <= 0:
             return []
-        candidates = self.evictable(running)
+        candidates = await asyncio.to_thread(self.evictable, running)
         total = sum(size for _, _, size in candidates)
         removed = []
         for _, db_id, size in candidates:

@@ -1,9 +1,10 @@
 """Local copies restored from storage: on disk for good before they are declared clean, and
-the whole-tree work of restoring them never stalls the event loop."""
+the whole-tree work of restoring and evicting them never stalls the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import atomic
+from storage import atomic, cache
 from storage.cache import Databases
 from storage.local import LocalCatalog
 from storage.localdir import LocalDirBackend
@@ -142,3 +143,18 @@ async def test_replacing_a_local_copy_does_not_block_the_loop(tmp_path, monkeypa
     assert stall < 0.3
     assert [p.name for p in databases.catalog.root.iterdir() if p.name.startswith(".trash-")] == []
 
+
+async def test_eviction_does_not_block_the_loop(tmp_path, monkeypatch):
+    databases = _databases(tmp_path, budget_bytes=1)
+    for db_id in ("a", "b"):
+        await databases.install(db_id, await _stored(tmp_path, databases, db_id))
+    monkeypatch.setattr(cache, "disk_usage", _slow(cache.disk_usage))
+    monkeypatch.setattr(shutil, "rmtree", _slow(shutil.rmtree))
+
+    @contextlib.asynccontextmanager
+    async def locked(db_id):
+        yield
+
+    stall, removed = await _longest_stall(databases.evict(set(), locked))
+    assert stall < 0.3
+    assert removed == ["a", "b"] and databases.catalog.list() == []
