@@ -11,6 +11,7 @@ import ssl
 from pathlib import Path
 from typing import Callable
 
+from storage.atomic import fsync_dir
 from storage.backend import Backend
 from storage.errors import NotFound, StorageError, StorageUnavailable
 
@@ -163,7 +164,7 @@ class TLSMaterial:
                                      .replace(str(tmp_key), KEY_KEY)) from None
             os.replace(tmp_key, self.key_path)
             os.replace(tmp_cert, self.cert_path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         finally:
             for tmp in (tmp_cert, tmp_key):
                 tmp.unlink(missing_ok=True)
@@ -185,14 +186,6 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def upload(backend: Backend, cert: Path, key: Path) -> None:

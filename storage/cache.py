@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import roles as roles_mod
-from .atomic import write_atomic
+from .atomic import fsync_dir, sync_tree, write_atomic
 from .errors import NotFound, PreconditionFailed, StorageError, disk_full_as
 from .local import LocalCatalog
 from .snapshots import Current, Manifest, SnapshotStore
@@ -125,33 +125,50 @@ class Databases:
         return kept
 
     async def install(self, db_id: str, manifest: Manifest) -> None:
-        """Download `manifest`'s version into a fresh local copy, replacing any existing one
-        atomically (the old copy must not be running)."""
-        root = self.catalog.root
-        work = root / f".restore-{db_id}-{secrets.token_hex(4)}"
+        """Download `manifest`'s version into a fresh local copy and put it in place (see
+        put_in_place)."""
+        work = self.catalog.root / f".restore-{db_id}-{secrets.token_hex(4)}"
         started = time.monotonic()
         try:
             with disk_full_as(f'restoring database "{db_id}"'):
                 self.catalog.run_as.make_dir(work)
                 await self.store.restore(manifest, work / "pgdata")
-                roles_mod.save(work / "roles.json", manifest.role_map())
-                # the state goes in before the rename: a copy never shows without it
-                state = LocalState(version=manifest.version, dirty=False, last_used=time.time())
-                write_atomic(work / "state.json", json.dumps(asdict(state)).encode())
-            await asyncio.to_thread(self.catalog.run_as.chown_tree, work / "pgdata")
-            target = self.catalog.db_dir(db_id)
-            if target.exists():
-                old = root / f".trash-{db_id}-{secrets.token_hex(4)}"
-                os.rename(target, old)
-                os.rename(work, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(work, target)
+                await asyncio.to_thread(roles_mod.save, work / "roles.json", manifest.role_map())
+                await asyncio.to_thread(self.catalog.run_as.chown_tree, work / "pgdata")
+                await self.put_in_place(db_id, work, manifest.version)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
             raise
         log.info("restored %s version %s in %.0f ms", db_id, manifest.version,
                  (time.monotonic() - started) * 1000)
+
+    async def put_in_place(self, db_id: str, work: Path, version: str) -> None:
+        """Make `work` (a database directory beside the local copies, holding exactly the
+        stored `version`) the clean local copy of `db_id`, replacing any existing one
+        atomically (the old copy must not be running). Everything in `work` is synced before
+        its state says it is clean, and the rename is durable before this returns."""
+
+        def seal() -> None:
+            # Durable before declared clean: else a power loss could leave empty files in a
+            # "clean" copy, and its next save would store them as a new version.
+            sync_tree(work)
+            # the state goes in before the rename: a copy never shows without it
+            state = LocalState(version=version, dirty=False, last_used=time.time())
+            write_atomic(work / "state.json", json.dumps(asdict(state)).encode())
+            fsync_dir(work)
+
+        await asyncio.to_thread(seal)
+        # the renames stay on the loop: cheap, and no cancellation can come between them
+        target, old = self.catalog.db_dir(db_id), None
+        if target.exists():
+            old = self.catalog.root / f".trash-{db_id}-{secrets.token_hex(4)}"
+            os.rename(target, old)
+        os.rename(work, target)
+        try:
+            await asyncio.to_thread(fsync_dir, self.catalog.root)  # makes both renames durable
+        finally:
+            if old is not None:
+                await asyncio.to_thread(shutil.rmtree, old, ignore_errors=True)
 
     # --- instance lifecycle hooks -------------------------------------------------------------
     def mark_running(self, db_id: str) -> None:
@@ -210,7 +227,8 @@ class Databases:
 
     # --- cache budget ---------------------------------------------------------------------------
     def evictable(self, running: set[str]) -> list[tuple[float, str, int]]:
-        """(last_used, id, bytes) of local copies that are clean and stopped, oldest first."""
+        """(last_used, id, bytes) of local copies that are clean and stopped, oldest first.
+        Walks every such copy: call it in a thread."""
         out = []
         for db_id in self.catalog.list():
             state = self.state(db_id)
@@ -224,7 +242,7 @@ class Databases:
         `locked(id)` is an async context manager holding the database's lock."""
         if self.budget_bytes <= 0:
             return []
-        candidates = self.evictable(running)
+        candidates = await asyncio.to_thread(self.evictable, running)
         total = sum(size for _, _, size in candidates)
         removed = []
         for _, db_id, size in candidates:

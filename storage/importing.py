@@ -30,11 +30,15 @@ async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
     apart by content), which must hold a data directory of one of the Postgres `majors`
     installed here. `sha256`: the hex digest the source's bytes must have."""
     with disk_full_as(f'creating database "{db_id}"'), catalog.staging(db_id) as pgdata:
-        unpacked = pgdata.with_name("archive")
-        digest = await _extract(source, unpacked, max_bytes, on_bytes)
-        if sha256 is not None and digest != sha256.lower():
-            raise CorruptArchive(f"{source.name} has sha256 {digest}, not the expected {sha256.lower()}")
-        await asyncio.to_thread(_adopt, catalog, unpacked, pgdata, majors)
+        try:
+            unpacked = pgdata.with_name("archive")
+            digest = await _extract(source, unpacked, max_bytes, on_bytes)
+            if sha256 is not None and digest != sha256.lower():
+                raise CorruptArchive(f"{source.name} has sha256 {digest}, not the expected {sha256.lower()}")
+            await asyncio.to_thread(_adopt, catalog, unpacked, pgdata, majors)
+        except BaseException:  # a half-made copy goes in a thread (staging would on the loop)
+            await asyncio.to_thread(shutil.rmtree, pgdata.parent, ignore_errors=True)
+            raise
 
 
 async def _extract(source: Source, target: Path, max_bytes: int,

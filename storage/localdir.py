@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 from . import backend as backend_mod
-from .atomic import temp_name, write_atomic, write_temp
+from .atomic import fsync_dir, temp_name, write_atomic, write_temp
 from .backend import Backend, ObjectInfo
 from .errors import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 from .keys import normalize_root_prefix, validate_key, validate_prefix
@@ -65,19 +65,6 @@ def _sidecar(path: Path) -> Path:
 
 def _stamp(st: os.stat_result) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # not supported everywhere (some FUSE file systems)
-        pass
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -313,7 +300,7 @@ class LocalDirBackend(Backend):
         then the object itself. A crash in between leaves a sidecar that matches no file."""
         _write_sidecar(path, etag, st)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     async def upload_file(self, key: str, path: Path, *,
                           progress: Callable[[int], None] | None = None) -> ObjectInfo:

@@ -28,6 +28,7 @@ gateway, when called from the CLI) is refused with `busy` (its lock).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Sequence
@@ -180,7 +181,7 @@ class Ops:
             except BaseException:
                 # a database whose init failed is not left behind, here or in storage
                 async with self.manager.stopped(db_id, "init failed", save=False):
-                    self.catalog.delete(db_id)
+                    await asyncio.to_thread(self.catalog.delete, db_id)
                     if await self.databases.current(db_id, fresh=True) is None:
                         await self.store.delete_database(db_id)  # e.g. its lease
                 raise
@@ -243,8 +244,8 @@ class Ops:
             if running:
                 last_used = steps.iso_now()
         manifest = cur.manifest if cur else None
-        return Info(db_id, local, cur is not None, running, connections,
-                    disk_usage(self.catalog.db_dir(db_id)) if local else 0,
+        size = await asyncio.to_thread(disk_usage, self.catalog.db_dir(db_id)) if local else 0
+        return Info(db_id, local, cur is not None, running, connections, size,
                     manifest.archive["size"] if manifest else 0,
                     manifest.version if manifest else None, state.version if state else None,
                     bool(state and state.dirty), last_used,
@@ -272,7 +273,8 @@ class Ops:
             return Plan("delete", db_id, changes)
         async with self._held(db_id, "deleted", save=False, flock=False) as stopped:
             if self.catalog.db_dir(db_id).exists():
-                self.catalog.delete(db_id)  # takes the lock: refused while another process runs it
+                # takes the lock: refused while another process runs it
+                await asyncio.to_thread(self.catalog.delete, db_id)
             await self.store.delete_database(db_id)
             self.databases.forget(db_id)
         return Deleted(db_id, local, len(objects), stopped)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.compute import dbroles
 from gateway.compute.instances import InstanceManager
-from storage.atomic import temp_name
+from storage.atomic import fsync_dir, temp_name
 from storage.osuser import clean_env
 
 FORMATS = {"custom": "c", "plain": "p", "tar": "t"}
@@ -97,9 +97,5 @@ def _publish(tmp: Path, out: Path) -> int:
         os.close(fd)
     os.chmod(tmp, 0o600)  # a dump holds the data (and may hold secrets)
     os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(out.parent)
     return size

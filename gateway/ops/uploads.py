@@ -10,13 +10,11 @@ and a replaced state stays in storage as an older version (`db restore` brings i
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 import shutil
 import subprocess
 import tarfile
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,6 @@ from gateway.compute.pgbins import PgInstall, pgdata_major
 from gateway.compute.postgres import PostgresError, PostgresProcess
 from gateway.wire.scram import scram_verifier
 from storage import roles as roles_mod
-from storage.cache import Databases, LocalState
 from storage.local import LocalCatalog
 from storage.osuser import clean_env
 
@@ -331,23 +328,10 @@ async def store_and_swap(manager: InstanceManager, db_id: str, built: Path, role
                                   "meanwhile; nothing was changed")
             manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=cur, note=note)
             databases.forget(db_id)
-            _swap(catalog, db_id, built)
-            databases.save_state(db_id, LocalState(version=manifest.version, dirty=False,
-                                                   last_used=time.time()))
+            await databases.put_in_place(db_id, built, manifest.version)
         finally:
             if lock is not None:
                 lock.release()
     finally:
         await manager.leases.release(db_id)
     return manifest.version
-
-
-def _swap(catalog: LocalCatalog, db_id: str, built: Path) -> None:
-    target = catalog.db_dir(db_id)
-    trash = None
-    if target.exists():
-        trash = catalog.root / f".trash-{db_id}-{secrets.token_hex(4)}"
-        os.rename(target, trash)
-    os.rename(built, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Local copies restored from storage: on disk for good before they are declared clean, and
+the whole-tree work of restoring and evicting them never stalls the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import atomic, cache
+from storage.cache import Databases
+from storage.local import LocalCatalog
+from storage.localdir import LocalDirBackend
+from storage.osuser import RunAs
+from storage.snapshots import Manifest, SnapshotStore
+
+
+def _databases(tmp_path: Path, budget_bytes: int = 0) -> Databases:
+    catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
+    catalog.prepare()
+    store = SnapshotStore(LocalDirBackend(tmp_path / "store"), tmp_path / "spool")
+    return Databases(catalog, store, budget_bytes=budget_bytes)
+
+
+async def _stored(tmp_path: Path, databases: Databases, db_id: str) -> Manifest:
+    """A small data directory (nested directories, an empty one) stored as `db_id`'s version."""
+    src = tmp_path / f"src-{db_id}" / "pgdata"
+    (src / "base" / "1").mkdir(parents=True)
+    (src / "global").mkdir()
+    (src / "pg_tblspc").mkdir()
+    (src / "PG_VERSION").write_text("18\n")
+    (src / "base" / "1" / "16384").write_bytes(os.urandom(8192))
+    (src / "global" / "pg_control").write_bytes(os.urandom(512))
+    return await databases.store.snapshot(db_id, src, {}, expect=None)
+
+
+# --- durability ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_syncfs", [True, False], ids=["syncfs", "fsync-each"])
+async def test_a_restored_copy_is_durable_before_it_is_declared_clean(tmp_path, monkeypatch, with_syncfs):
+    databases = _databases(tmp_path)
+    manifest = await _stored(tmp_path, databases, "app")
+    events: list[tuple[str, str]] = []  # ("sync" | "syncfs" | "rename", path), in order
+
+    def where(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def spy(kind, real, path_of):
+        def call(*args):
+            events.append((kind, path_of(*args)))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "fsync", spy("sync", os.fsync, where))
+    monkeypatch.setattr(os, "replace", spy("rename", os.replace, lambda src, dst: str(dst)))
+    monkeypatch.setattr(os, "rename", spy("rename", os.rename, lambda src, dst: str(dst)))
+    if with_syncfs:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(libc, "syncfs"):
+            pytest.skip("no syncfs in this C library")
+        monkeypatch.setattr(atomic, "_syncfs", spy("syncfs", libc.syncfs, where), raising=False)
+    else:
+        monkeypatch.setattr(atomic, "_syncfs", None, raising=False)
+
+    await databases.install("app", manifest)
+
+    root, target = databases.catalog.root, databases.catalog.db_dir("app")
+    declared = next(i for i, (kind, path) in enumerate(events)
+                    if kind == "rename" and path.endswith("/state.json") and "/.restore-" in path)
+    work = Path(events[declared][1]).parent
+    placed = events.index(("rename", str(target)))
+    before = events[:declared]
+    # everything restored was made durable before state.json said the copy is clean ...
+    if with_syncfs:
+        assert ("syncfs", str(work)) in before
+    else:
+        restored = [p for p in target.rglob("*") if p.name != "state.json"]
+        assert {str(work / p.relative_to(target)) for p in restored} | {str(work)} <= \
+            {path for kind, path in before if kind == "sync"}
+    # ... state.json's own entry before the copy was renamed into place, and that rename
+    # before install() returned
+    assert ("sync", str(work)) in events[declared + 1:placed]
+    assert ("sync", str(root)) in events[placed + 1:]
+    assert databases.state("app").dirty is False
+    assert (target / "pgdata" / "base" / "1" / "16384").stat().st_size == 8192
+
+
+def test_sync_tree_syncs_every_file_and_directory_without_syncfs(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "f").write_text("x")
+    (tmp_path / "a" / "b" / "g").write_text("y")
+    os.symlink("f", tmp_path / "a" / "link")
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    monkeypatch.setattr(atomic, "_syncfs", None)
+    atomic.sync_tree(tmp_path / "a")
+    assert sorted(synced) == sorted(str(tmp_path / p) for p in ("a", "a/b", "a/f", "a/b/g"))
+
+
+# --- the event loop keeps running ----------------------------------------------------------------
+
+def _slow(fn):
+    def slow(*args, **kwargs):
+        time.sleep(0.5)  # blocks only the thread it runs in
+        return fn(*args, **kwargs)
+    return slow
+
+
+async def _longest_stall(awaitable):
+    """Await `awaitable` beside a 10 ms ticker: (the longest the ticker waited, its result)."""
+    gaps, last = [], [time.monotonic()]
+
+    async def tick():
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last[0])
+            last[0] = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)  # ticking before the work starts
+    try:
+        result = await awaitable
+    finally:
+        ticker.cancel()
+    gaps.append(time.monotonic() - last[0])  # a stall at the very end counts too
+    return max(gaps), result
+
+
+async def test_replacing_a_local_copy_does_not_block_the_loop(tmp_path, monkeypatch):
+    databases = _databases(tmp_path)
+    manifest = await _stored(tmp_path, databases, "app")
+    await databases.install("app", manifest)
+    monkeypatch.setattr(shutil, "rmtree", _slow(shutil.rmtree))
+    stall, _ = await _longest_stall(databases.install("app", manifest))  # removes the old copy
+    assert stall < 0.3
+    assert [p.name for p in databases.catalog.root.iterdir() if p.name.startswith(".trash-")] == []
+
+
+async def test_eviction_does_not_block_the_loop(tmp_path, monkeypatch):
+    databases = _databases(tmp_path, budget_bytes=1)
+    for db_id in ("a", "b"):
+        await databases.install(db_id, await _stored(tmp_path, databases, db_id))
+    monkeypatch.setattr(cache, "disk_usage", _slow(cache.disk_usage))
+    monkeypatch.setattr(shutil, "rmtree", _slow(shutil.rmtree))
+
+    @contextlib.asynccontextmanager
+    async def locked(db_id):
+        yield
+
+    stall, removed = await _longest_stall(databases.evict(set(), locked))
+    assert stall < 0.3
+    assert removed == ["a", "b"] and databases.catalog.list() == []
