@@ -199,16 +199,18 @@ class _TreeWriter:
             raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
         except OSError as e:
             raise _failure(f"cannot extract {name!r}", e) from None
-        try:  # a full disk may show when writing or only when the buffer is flushed at close
-            with open(fd, "wb") as out:
+        try:  # a full disk may show when writing or only when closing
+            try:
                 os.fchmod(fd, 0o600)
-                src = HashingReader(tar.extractfile(member))
+                src = HashingReader(_data_of(tar, member))
                 while chunk := src.read(_CHUNK):
                     self.total += len(chunk)
                     if self.total > self.max_bytes:  # never trust the header alone
                         raise UnsafeArchive(f"archive member {name!r} takes the archive over its "
                                             f"limit of {self.max_bytes} bytes")
-                    out.write(chunk)
+                    _write_all(fd, chunk)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise _failure(f"cannot extract {name!r}", e) from None
         entry = FileEntry(src.bytes, src.sha256.hexdigest())
@@ -285,6 +287,33 @@ class _TreeWriter:
     def close(self) -> None:
         self._drop_cached()
         os.close(self.root_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _PlainData:
+    """The data of a plain file member, read straight from the tar stream (tarfile's
+    extractfile() adds layers that cost more than the copying for small files)."""
+
+    def __init__(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.stream, self.left, self.name = tar.fileobj, member.size, member.name
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(min(n, self.left)) if self.left else b""
+        if self.left and not data:  # reported as tarfile's own reading would be
+            raise tarfile.ReadError(f"unexpected end of data in member {self.name!r}")
+        self.left -= len(data)
+        return data
+
+
+def _data_of(tar: tarfile.TarFile, member: tarfile.TarInfo):
+    if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not member.sparse:
+        return _PlainData(tar, member)
+    return tar.extractfile(member)  # sparse and other variants: tarfile knows their layout
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
