@@ -45,6 +45,7 @@ def _failure(what: str, e: OSError) -> StorageError:
     return StorageError(f"{what}: {e.strerror}")
 
 def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_bytes: int = 64 << 30,
+            max_files: int = 1_000_000,
             expected: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
     """Extract the archive read from `stream` (read(n) only: never seeks) into `target`, which
     must not exist or be an empty directory; it is created with mode 0700. Returns the regular
@@ -53,7 +54,8 @@ def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_by
     Directories get mode 0700 and files 0600; the archive's owners, modes and mtimes are not
     applied. Refused with UnsafeArchive: absolute or '..' names, anything through a symlink,
     symlinks leading out of target, hard links, devices, fifos and other member types,
-    duplicate files, empty or NUL names, more than `max_bytes` of file data. A damaged or
+    duplicate files, empty or NUL names, more than `max_bytes` of file data or `max_files`
+    members (files, directories and symlinks; each costs the file system work). A damaged or
     truncated stream raises CorruptArchive, as does a mismatch with `expected` (exact file
     set, sizes and sha256). The stream is read to its end.
 
@@ -63,7 +65,7 @@ def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_by
     if compression not in _COMPRESSIONS:
         raise ValueError(f"compression must be one of {_COMPRESSIONS}, not {compression!r}")
     root_fd = _make_target(Path(target))
-    writer = _TreeWriter(root_fd, max_bytes, expected)
+    writer = _TreeWriter(root_fd, max_bytes, max_files, expected)
     try:
         peek = _PeekReader(stream)
         if compression == "auto":
@@ -131,9 +133,12 @@ class _TreeWriter:
     """Creates the members under the target's descriptor without ever following a symlink,
     counting and hashing file data."""
 
-    def __init__(self, root_fd: int, max_bytes: int, expected: dict[str, FileEntry] | None) -> None:
+    def __init__(self, root_fd: int, max_bytes: int, max_files: int,
+                 expected: dict[str, FileEntry] | None) -> None:
         self.root_fd = root_fd
         self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.members = 0
         self.expected = expected
         self.total = 0
         self.files: dict[str, FileEntry] = {}
@@ -144,6 +149,10 @@ class _TreeWriter:
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         name = member.name
         rel = _member_path(name)
+        self.members += 1
+        if self.members > self.max_files:
+            raise UnsafeArchive(f"archive has more than {self.max_files} members (files, "
+                                f"directories, links); refusing it")
         if not (member.isreg() or member.isdir() or member.issym()):
             raise UnsafeArchive(f"archive member {name!r} is a {_member_kind(member)}; only "
                                 f"regular files, directories and symlinks are accepted")

@@ -425,6 +425,15 @@ def test_max_bytes_counts_exactly(tmp_path):
     assert not (tmp_path / "over" / "f9").exists(), "refused on its header, before writing"
 
 
+def test_max_files_counts_every_member(tmp_path):
+    blob = make_tar([node("d", tarfile.DIRTYPE), node("d/l", tarfile.SYMTYPE, "..")]
+                    + [reg(f"d/f{i}") for i in range(8)])
+    assert len(archive.extract(OneWayReader(blob), tmp_path / "ok", max_files=10)) == 8
+    with pytest.raises(UnsafeArchive, match="more than 9 members"):
+        archive.extract(OneWayReader(blob), tmp_path / "over", max_files=9)
+    assert not (tmp_path / "over" / "d" / "f7").exists()
+
+
 def test_file_data_is_read_through_tarfile_for_sparse_members(tmp_path):
     """Plain members are copied straight from the stream; GNU sparse ones (tar -S) still
     expand to their real size."""
