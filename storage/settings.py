@@ -20,6 +20,7 @@ class StorageSettings(Protocol):
     storage_attempts: int
     storage_timeout: float
     max_restore_mb: int
+    max_restore_files: int
     retention_keep: int
     retention_days: float
 

@@ -3,9 +3,15 @@ and a small pointer object names the current version. The pointer moves only aft
 version is fully uploaded and checked, with a conditional write so two writers never
 silently overwrite each other.
 
-    dbs/<id>/versions/<version>.tar.zst    tar of the stopped PGDATA, zstd
-    dbs/<id>/versions/<version>.json       manifest: files + sha256, roles, Postgres major, time
-    dbs/<id>/current.json                  {"version": ...}
+    dbs/<id>/versions/<version>.tar.zst             tar of the stopped PGDATA, zstd
+    dbs/<id>/versions/<version>.json                manifest: roles, Postgres major, time, the
+                                                    archive's and each file list part's sha256
+    dbs/<id>/versions/<version>.files-<n>.json.zst  file list part: path -> size, sha256
+    dbs/<id>/current.json                           {"version": ...}
+
+The manifest is read at every login that needs stored roles, so it stays small: the file list,
+needed only to restore, is in parts (storage/filelist.py). Manifests of format 1 (file list
+inline) are still read.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import archive
+from . import archive, filelist
 from .backend import Backend
 from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError, disk_full_as
 from .roles import Role
 from .streams import feed_thread
 
 log = logging.getLogger("pgsni.snapshots")
-FORMAT = 1
+FORMAT = 2
 
 
 def new_version() -> str:
@@ -45,8 +51,10 @@ class Manifest:
     created: str
     pg_major: str
     roles: dict[str, dict]
-    files: dict[str, dict]  # path -> {"size": n, "sha256": hex}
     archive: dict  # {"key", "size", "sha256", "compression"}
+    # {"count": files, "parts": [{"key", "size", "sha256", "count"}, ...]}; read from a manifest
+    # of format 1, {"count": files, "inline": {path: {"size", "sha256"}}}
+    file_list: dict
     parent: str | None = None
     note: str = ""
     format: int = FORMAT
@@ -58,17 +66,23 @@ class Manifest:
     def from_json(cls, data: bytes) -> "Manifest":
         try:
             raw = json.loads(data)
-            if raw.get("format") != FORMAT:
+            if raw.get("format") == 1:
+                raw["file_list"] = {"count": len(raw["files"]), "inline": raw.pop("files")}
+            elif raw.get("format") != FORMAT:
                 raise StorageError(f"manifest format {raw.get('format')!r} is not supported")
-            return cls(**raw)
-        except (ValueError, TypeError) as e:
-            raise CorruptArchive(f"manifest is not valid: {e}") from None
+            manifest = cls(**raw)
+            if not isinstance(manifest.file_list["count"], int):
+                raise TypeError("the file count is not a number")
+            return manifest
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptArchive(f"manifest is not valid: {e!r}") from None
+
+    @property
+    def file_count(self) -> int:
+        return self.file_list["count"]
 
     def role_map(self) -> dict[str, Role]:
         return {name: Role(**r) for name, r in self.roles.items()}
-
-    def file_entries(self) -> dict[str, archive.FileEntry]:
-        return {p: archive.FileEntry(e["size"], e["sha256"]) for p, e in self.files.items()}
 
 
 @dataclass
@@ -102,13 +116,22 @@ class _Keys:
     def manifest(self, version: str) -> str:
         return f"{self.base}versions/{version}.json"
 
+    def part(self, version: str, n: int) -> str:
+        return f"{self.base}versions/{version}.files-{n:04d}.json.zst"
+
+    def of_version(self, version: str) -> str:
+        """The prefix of every object of `version` (no other version's keys start with it)."""
+        return f"{self.base}versions/{version}."
+
 
 class SnapshotStore:
     def __init__(self, backend: Backend, spool_dir: Path, *, max_restore_bytes: int = 64 << 30,
-                 keep_last: int = 10, keep_days: float = 0.0) -> None:
+                 max_restore_files: int = 1_000_000, keep_last: int = 10,
+                 keep_days: float = 0.0) -> None:
         self.backend = backend
         self.spool_dir = spool_dir
         self.max_restore_bytes = max_restore_bytes
+        self.max_restore_files = max_restore_files
         self.keep_last = keep_last
         self.keep_days = keep_days
         # called as on_transfer("save" | "restore", archive bytes, seconds) after each success
@@ -135,6 +158,35 @@ class SnapshotStore:
         if m.db_id != db_id or m.version != version:
             raise CorruptArchive(f"manifest of {db_id}/{version} names {m.db_id}/{m.version}")
         return m
+
+    async def file_entries(self, manifest: Manifest) -> dict[str, archive.FileEntry]:
+        """Every file of a version with its size and sha256, read from the file list's parts
+        (or, format 1, the manifest itself). Refuses more than `max_restore_files`."""
+        name = f"{manifest.db_id}/{manifest.version}"
+        try:
+            listing = manifest.file_list
+            if listing["count"] > self.max_restore_files:
+                raise StorageError(
+                    f"version {name} has {listing['count']} files, more than max_restore_files "
+                    f"({self.max_restore_files}); raise that setting to restore it")
+            if "inline" in listing:
+                return {p: archive.FileEntry(e["size"], e["sha256"])
+                        for p, e in listing["inline"].items()}
+            files: dict[str, archive.FileEntry] = {}
+            for ref in listing["parts"]:
+                if not 0 < ref["count"] <= listing["count"] - len(files):
+                    break  # more files than the manifest names: refused below, read no further
+                try:
+                    data, _ = await self.backend.get(ref["key"])
+                except NotFound:  # not "no such database": the version is damaged
+                    raise CorruptArchive(f"file list part {ref['key']} of {name} is missing") from None
+                files.update(filelist.decode(data, ref))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CorruptArchive(f"manifest of {name} has an invalid file list: {e!r}") from None
+        if len(files) != listing["count"]:
+            raise CorruptArchive(f"file list of {name} does not add up to the {listing['count']} "
+                                 f"files its manifest names")
+        return files
 
     async def versions(self, db_id: str) -> list[VersionInfo]:
         keys = _Keys(db_id)
@@ -177,9 +229,9 @@ class SnapshotStore:
             db_id=db_id, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(),
             pg_major=(pgdata / "PG_VERSION").read_text().strip(),
             roles={n: asdict(r) for n, r in roles.items()},
-            files={p: asdict(e) for p, e in info.files.items()},
             archive={"key": keys.archive(version), "size": info.size, "sha256": info.sha256,
                      "compression": "zstd"},
+            file_list=await self.put_file_list(db_id, version, info.files),
             parent=expect.manifest.version if isinstance(expect, Current) else None, note=note)
         await self.backend.put(keys.manifest(version), manifest.to_json(), if_none_match=True)
         await self._point(db_id, version, expect if isinstance(expect, Current) else None)
@@ -187,6 +239,18 @@ class SnapshotStore:
         self._transferred("save", info.size, began)
         await self.prune(db_id)
         return manifest
+
+    async def put_file_list(self, db_id: str, version: str,
+                            files: dict[str, archive.FileEntry]) -> dict:
+        """Store the file list of a new version in parts; return the manifest's `file_list`."""
+        parts = await asyncio.to_thread(filelist.encode, files)
+        refs = []
+        for n, (data, count) in enumerate(parts):
+            key = _Keys(db_id).part(version, n)
+            await self.backend.put(key, data, if_none_match=True)
+            refs.append({"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                         "count": count})
+        return {"count": len(files), "parts": refs}
 
     async def set_current(self, db_id: str, version: str, expect: Current | None) -> Manifest:
         """Point at an existing version (a rollback); the manifest must exist."""
@@ -221,10 +285,15 @@ class SnapshotStore:
                 continue
             doomed.append(info.version)
         if doomed:
-            keys = _Keys(db_id)
-            await self.backend.delete([k for v in doomed for k in (keys.archive(v), keys.manifest(v))])
+            for version in doomed:
+                await self.delete_version(db_id, version)
             log.info("retention removed %d version(s) of %s", len(doomed), db_id)
         return doomed
+
+    async def delete_version(self, db_id: str, version: str) -> None:
+        """Remove a version's objects (archive, manifest, file list); never the pointer."""
+        objs = await self.backend.list(_Keys(db_id).of_version(version))
+        await self.backend.delete([o.key for o in objs])
 
     async def delete_database(self, db_id: str) -> None:
         keys = _Keys(db_id)
@@ -236,6 +305,7 @@ class SnapshotStore:
         archive's sha256 and every file against the manifest. `target` must not exist; on
         failure the caller removes it."""
         expected_archive = manifest.archive
+        expected_files = await self.file_entries(manifest)
         digest = hashlib.sha256()
         received = 0
         began = time.monotonic()
@@ -247,7 +317,7 @@ class SnapshotStore:
 
         def consume(reader) -> None:
             archive.extract(reader, target, compression="zstd", max_bytes=self.max_restore_bytes,
-                            expected=manifest.file_entries())
+                            max_files=self.max_restore_files, expected=expected_files)
 
         await feed_thread(self.backend.download(expected_archive["key"]), consume, on_chunk=seen)
         if received != expected_archive["size"] or digest.hexdigest() != expected_archive["sha256"]:

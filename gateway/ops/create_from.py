@@ -39,6 +39,7 @@ async def create_from(manager: InstanceManager, db_id: str, password: str, spec:
                 await import_archive(manager.catalog, db_id, source, sha256=sha256,
                                      majors=manager.installs.by_major,
                                      max_bytes=manager.settings.max_restore_mb << 20,
+                                     max_files=manager.settings.max_restore_files,
                                      on_bytes=advance)
 
         await manager.create(db_id, password, place=place)

@@ -157,7 +157,7 @@ async def verify(manager: InstanceManager, db_id: str) -> Verified:
         work.mkdir(mode=0o700)
         try:
             await manager.databases.store.restore(cur.manifest, work / "pgdata")
-            archive_ok, files = True, len(cur.manifest.files)
+            archive_ok, files = True, cur.manifest.file_count
         except storage_errors.StorageError as e:
             problems.append(f"stored version {version} is damaged: {e}")
         finally:

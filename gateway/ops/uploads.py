@@ -197,7 +197,8 @@ class _Build:
 
             async with open_source(plan.file, self.settings) as source:
                 await import_archive(self.side, "new", source, majors=self.manager.installs.by_major,
-                                     max_bytes=self.settings.max_restore_mb << 20)
+                                     max_bytes=self.settings.max_restore_mb << 20,
+                                     max_files=self.settings.max_restore_files)
         else:
             template = await asyncio.to_thread(self.manager.catalog.template, plan.major)
             with self.side.staging("new") as pgdata:
