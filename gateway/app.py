@@ -135,7 +135,7 @@ class Gateway:
         if self.tls is not None:  # TLSConfigError if storage has no usable pair
             await self.tls.load()
         await self.instances.stop_orphans()  # first: nothing may save a copy a postmaster runs on
-        self.databases.recover()
+        self.instances.recover()
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
         await asyncio.to_thread(self.catalog.drop_spares)  # may be half-made or from an older template
         self.listener.open()

@@ -106,9 +106,9 @@ def disk_full(db_id: str, reason: str) -> GatewayError:
                         detail=reason, hint="Try again later; the operator must free space on the data root.")
 
 
-def storage_unavailable(db_id: str) -> GatewayError:
+def storage_unavailable(db_id: str, detail: str | None = None) -> GatewayError:
     return GatewayError(CANNOT_CONNECT_NOW, f'the storage holding database "{db_id}" is unavailable',
-                        hint="Try again shortly; no data was lost.")
+                        detail=detail, hint="Try again shortly; no data was lost.")
 
 
 def too_many_connections_from(ip: str, limit: int) -> GatewayError:

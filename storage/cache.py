@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -23,6 +24,8 @@ from .local import LocalCatalog
 from .snapshots import Current, Manifest, SnapshotStore
 
 log = logging.getLogger("pgsni.cache")
+
+_SET_ASIDE = re.compile(r"\.conflict-(.+)-\d{8}T\d{6}-[0-9a-f]{4}")
 
 
 @dataclass
@@ -108,9 +111,10 @@ class Databases:
         if state.dirty:
             kept = self.set_aside(db_id)
             log.error("the local copy of %s had unsaved changes on top of version %s, but storage "
-                      "moved on to %s (another gateway ran it): the copy was moved to %s for the "
-                      "operator, and the stored version is used", db_id, state.version,
-                      cur.manifest.version, kept)
+                      "moved on to %s (another gateway took the database over while this one "
+                      "was down or cut off): those changes are only in %s now, not in storage; "
+                      "the stored version is used (`pgsni db info %s` lists such copies)",
+                      db_id, state.version, cur.manifest.version, kept, db_id)
         log.info("local copy of %s is at %s, storage at %s: restoring the newer version",
                  db_id, state.version, cur.manifest.version)
         await self.install(db_id, cur.manifest)
@@ -118,11 +122,21 @@ class Databases:
 
     def set_aside(self, db_id: str) -> Path:
         """Move a local copy that conflicts with storage out of the way (never deleted): it
-        becomes `<root>/.conflict-<id>-<time>`, which no database name can collide with."""
+        becomes `<root>/.conflict-<id>-<time>-<4 hex>`, which no database name can collide
+        with (`set_aside_copies` lists them)."""
         kept = self.catalog.root / f".conflict-{db_id}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         os.rename(self.catalog.db_dir(db_id), kept)
         self.forget(db_id)
         return kept
+
+    def set_aside_copies(self, db_id: str) -> list[Path]:
+        """Copies of `db_id` set aside for the operator, oldest first."""
+        found = []
+        for path in self.catalog.root.glob(".conflict-*"):
+            m = _SET_ASIDE.fullmatch(path.name)
+            if m and m.group(1) == db_id:
+                found.append(path)
+        return sorted(found, key=lambda p: p.name[-20:])
 
     async def install(self, db_id: str, manifest: Manifest) -> None:
         """Download `manifest`'s version into a fresh local copy and put it in place (see

@@ -107,7 +107,7 @@ def db_info(ctx: click.Context, db_id: str) -> None:
     if as_json(ctx):
         emit_json(r.to_dict())
         return
-    rows = [("id", r.id), ("running", "yes" if r.running else "no"),
+    rows = [("id", r.id), ("state", r.state), ("running", "yes" if r.running else "no"),
             ("connections", "unknown" if r.connections is None else r.connections),
             ("last used", r.last_used or "never"),
             ("local copy", human_bytes(r.local_bytes) if r.local else "none"),
@@ -115,6 +115,7 @@ def db_info(ctx: click.Context, db_id: str) -> None:
             ("current version", r.version or "none"),
             ("stored size", human_bytes(r.stored_bytes) if r.stored else "none"),
             ("versions", len(r.versions)), ("postgres", r.pg_major or "")]
+    rows += [("set aside", path) for path in r.set_aside]  # changes storage does not have
     table(ctx, f"database {r.id}", ("", ""), [(f"{k}:", v) for k, v in rows])
 
 

@@ -23,7 +23,7 @@ from gateway.rates import TokenBucket
 from gateway.wire.scram import scram_verifier
 from storage import errors as storage_errors
 from storage import roles as roles_mod
-from storage.cache import Databases
+from storage.cache import Databases, roll_back
 from storage.errors import StorageError
 from storage.instance_uids import InstanceUids
 from storage.leases import LeaseHeld, Leases
@@ -102,6 +102,11 @@ class InstanceManager:
         must pass through it to its own."""
         self.catalog.run_as.make_dir(self.settings.socket_path, 0o711 if self.uids else 0o700)
 
+    @property
+    def starting(self) -> set[str]:
+        """Ids with a start in progress (holding a slot under max_instances)."""
+        return set(self._starting)
+
     def _lock(self, db_id: str) -> asyncio.Lock:
         return self._locks.setdefault(db_id, asyncio.Lock())
 
@@ -120,9 +125,9 @@ class InstanceManager:
                 if self.closing:  # a client that waited through stop_all starts nothing
                     raise errors.shutting_down()
                 await self._wake_turn()
-                may_create = create_verifier is not None and await self._unknown_to_storage(db_id)
-                async with self._claimed(db_id):
-                    if not self.catalog.exists(db_id) and await self._restore(db_id) is None:
+                by = self._storage_deadline()  # one deadline for claim, catch-up and restore
+                async with self._claimed(db_id, create_verifier is not None, by) as may_create:
+                    if not self.catalog.exists(db_id) and await self._restore(db_id, by) is None:
                         if create_verifier is None:
                             raise errors.unknown_database(db_id)
                         if not may_create:
@@ -274,6 +279,37 @@ class InstanceManager:
             finally:
                 await self._release_if_saved(db_id)
 
+    # --- transitions for operations, inside a `stopped(db_id)` block -------------------------
+    async def save_now(self, db_id: str, note: str):
+        """Save the stopped local copy as a new version if it holds changes (`db snapshot`,
+        and before an upgrade); the new manifest, or None if there was nothing to save."""
+        return await self.databases.save(db_id, note=note)
+
+    async def restore_local(self, db_id: str) -> None:
+        """Make sure the stopped database has a local copy (restored from storage)."""
+        await self.databases.ensure_local(db_id)
+
+    async def roll_back(self, db_id: str, version: str):
+        """Make stored `version` current again and the local copy that version (unsaved local
+        changes are saved first): (the version saved before, the target's manifest)."""
+        return await roll_back(self.databases, db_id, version)
+
+    async def replace_local(self, db_id: str, built: Path, version: str) -> None:
+        """Put `built` (a database directory beside the data root, stored as `version`) in
+        place of the local copy."""
+        self.databases.forget(db_id)
+        await self.databases.put_in_place(db_id, built, version)
+
+    async def remove_local(self, db_id: str) -> None:
+        """Delete the local copy (takes its file lock: refused while another process runs it)."""
+        await asyncio.to_thread(self.catalog.delete, db_id)
+        self.databases.forget(db_id)
+
+    def recover(self) -> list[str]:
+        """At start, after `stop_orphans`: copies an earlier gateway left marked running hold
+        changes that may not be saved."""
+        return self.databases.recover()
+
     async def stop_all(self) -> None:
         """Stop every instance (at shutdown); one that fails to stop or save is logged, and
         the others are stopped all the same."""
@@ -351,18 +387,39 @@ class InstanceManager:
 
     # --- internals (callers hold the database's lock) -----------------------------------------
     @contextlib.asynccontextmanager
-    async def _claimed(self, db_id: str):
-        """Hold the database's lease for what follows; give it back if nothing came of it."""
-        with storage_failures(db_id):
-            fresh = await self.leases.claim(db_id)
+    async def _claimed(self, db_id: str, creating: bool = False, by: float | None = None):
+        """Hold the database's lease for what follows, with the local copy caught up with
+        storage (and, `creating`, yielding whether storage knows nothing of the id); give
+        the lease back if nothing came of it. Storage must have answered by loop time `by`
+        (default: start_timeout from now)."""
+        by = by or self._storage_deadline()
+        async with self._in_time(db_id, "claiming the database", by):
+            may_create = creating and await self._unknown_to_storage(db_id)
+            with storage_failures(db_id):
+                fresh = await self.leases.claim(db_id)
         try:
             if fresh:
-                with storage_failures(db_id):
-                    await self.databases.catch_up(db_id)
-            yield
+                async with self._in_time(db_id, "reading its newest version", by):
+                    with storage_failures(db_id):
+                        await self.databases.catch_up(db_id)
+            yield may_create
         except BaseException:
             await self._release_if_saved(db_id)
             raise
+
+    def _storage_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.start_timeout
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _in_time(db_id: str, doing: str, by: float):
+        """Bound storage work by loop time `by`: a store that hangs is told to the client as
+        such (57P03 with the reason), in bounded time, not as a handshake that ran out."""
+        try:
+            async with asyncio.timeout_at(by):
+                yield
+        except TimeoutError:
+            raise errors.storage_unavailable(db_id, f"storage did not answer in time ({doing})") from None
 
     async def _release_if_saved(self, db_id: str) -> None:
         """Give up the lease once nothing runs on the local copy and storage has all of it."""
@@ -390,13 +447,14 @@ class InstanceManager:
         await self._save(db_id)
         await self._release_if_saved(db_id)
 
-    async def _restore(self, db_id: str):
+    async def _restore(self, db_id: str, by: float | None = None):
         """Bring a database that is only in storage onto local disk; None if it is nowhere."""
         began = time.monotonic()
         self.databases.forget(db_id)  # a pointer read during authentication may be stale by now
         with storage_failures(db_id):
             try:
-                restored = await self.databases.ensure_local(db_id)
+                async with self._in_time(db_id, "restoring the database", by or self._storage_deadline()):
+                    restored = await self.databases.ensure_local(db_id)
             except storage_errors.NotFound:
                 return None
             except storage_errors.CorruptArchive as e:

@@ -33,13 +33,13 @@ import contextlib
 import logging
 from typing import Sequence
 
-from gateway.compute import dbroles, securing
+from gateway.compute import dbroles, lifecycle, securing
 from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgNotInstalled
 from gateway.config import Settings
 from gateway.errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DATABASE, GatewayError
 from storage import errors as storage_errors
-from storage.cache import Databases, disk_usage, roll_back
+from storage.cache import Databases, disk_usage
 from storage.forking import fork_version
 from storage.ids import valid_id
 from storage.leases import LeaseHeld
@@ -181,7 +181,7 @@ class Ops:
             except BaseException:
                 # a database whose init failed is not left behind, here or in storage
                 async with self.manager.stopped(db_id, "init failed", save=False):
-                    await asyncio.to_thread(self.catalog.delete, db_id)
+                    await self.manager.remove_local(db_id)
                     if await self.databases.current(db_id, fresh=True) is None:
                         await self.store.delete_database(db_id)  # e.g. its lease
                 raise
@@ -250,7 +250,8 @@ class Ops:
                     manifest.version if manifest else None, state.version if state else None,
                     bool(state and state.dirty), last_used,
                     manifest.pg_major if manifest else steps.local_pg_major(self.catalog, db_id),
-                    versions)
+                    versions, [str(p) for p in self.databases.set_aside_copies(db_id)],
+                    (await lifecycle.state_of(self.manager, db_id)).value)
 
     async def versions(self, db_id: str) -> list[Version]:
         check_id(db_id)
@@ -273,8 +274,7 @@ class Ops:
             return Plan("delete", db_id, changes)
         async with self._held(db_id, "deleted", save=False, flock=False) as stopped:
             if self.catalog.db_dir(db_id).exists():
-                # takes the lock: refused while another process runs it
-                await asyncio.to_thread(self.catalog.delete, db_id)
+                await self.manager.remove_local(db_id)
             await self.store.delete_database(db_id)
             self.databases.forget(db_id)
         return Deleted(db_id, local, len(objects), stopped)
@@ -339,7 +339,7 @@ class Ops:
             return Plan("snapshot", db_id, changes or ["nothing: no changes since the stored version"])
         before = self.databases.state(db_id).version  # before the stop, which may save it
         async with self._held(db_id, "snapshot") as stopped:
-            manifest = await self.databases.save(db_id, note="pgsni db snapshot")
+            manifest = await self.manager.save_now(db_id, note="pgsni db snapshot")
             after = self.databases.state(db_id).version
         if manifest is not None:
             return Snapshot(db_id, manifest.version, True, stopped)
@@ -359,7 +359,7 @@ class Ops:
                  f"make {target.version} the current version"]
             return Plan("restore", db_id, changes)
         async with self._held(db_id, f"restoring {version}") as stopped:
-            saved, target = await roll_back(self.databases, db_id, version)
+            saved, target = await self.manager.roll_back(db_id, version)
         return Restored(db_id, target.version, saved.version if saved else None, stopped)
 
     # --- verify and passwords ------------------------------------------------------------------

@@ -91,6 +91,8 @@ class Info(_Result):
     last_used: str | None  # ISO 8601 (UTC): now if running, else when it last stopped
     pg_major: str | None
     versions: list[Version] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)  # local copies with changes storage lacks
+    state: str = ""  # gateway/compute/lifecycle.py's State
 
 
 @dataclass

@@ -52,9 +52,8 @@ async def upgrade(manager: InstanceManager, db_id: str, to_major: str) -> Upgrad
     async with manager.stopped(db_id, f"upgrading to Postgres {to_major}"):
         catalog, databases = manager.catalog, manager.databases
         if not catalog.exists(db_id):
-            await databases.ensure_local(db_id)
-        if databases.state(db_id).dirty:
-            await databases.save(db_id, note=f"saved before the upgrade to Postgres {to_major}")
+            await manager.restore_local(db_id)
+        await manager.save_now(db_id, note=f"saved before the upgrade to Postgres {to_major}")
         pgdata = catalog.pgdata(db_id)
         old = installs.get(pgdata_major(pgdata))
         if int(new.major) <= int(old.major):

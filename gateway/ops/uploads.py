@@ -322,14 +322,13 @@ async def store_and_swap(manager: InstanceManager, db_id: str, built: Path, role
         lock = catalog.lock(db_id).acquire() if catalog.db_dir(db_id).exists() else None
         try:
             if catalog.exists(db_id):
-                await databases.save(db_id, note=before)
+                await manager.save_now(db_id, note=before)
             cur = await databases.current(db_id, fresh=True)
             if replace != (cur is not None or catalog.exists(db_id)):
                 raise UploadError(f'database "{db_id}" was {"deleted" if replace else "created"} '
                                   "meanwhile; nothing was changed")
             manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=cur, note=note)
-            databases.forget(db_id)
-            await databases.put_in_place(db_id, built, manifest.version)
+            await manager.replace_local(db_id, built, manifest.version)
         finally:
             if lock is not None:
                 lock.release()

@@ -20,6 +20,9 @@ from .conn import ConnectionClosed, PgConnection
 from .context import ClientInfo, ProxyContext, SessionLog
 from .login import EarlyLogin
 
+# of the handshake's time, what is left for telling the client after storage did not answer
+STORAGE_SLACK = 1.0
+
 log = logging.getLogger("pgsni.session")
 
 
@@ -85,7 +88,7 @@ class Session:
                 backend = await remote.open_session(self, db_id, backend_params)
                 deadline.reschedule(None)  # the handshake is over
                 return await remote.serve(self, db_id, backend)
-            role = await self._role(db_id, startup.params["user"])
+            role = await self._role(db_id, startup.params["user"], by=deadline.when() - STORAGE_SLACK)
             keys: asyncio.Future = asyncio.get_running_loop().create_future()
             early = self._early_login(db_id, role, backend_params, keys)
             try:
@@ -146,10 +149,17 @@ class Session:
         clean = {k: v for k, v in params.items() if not k.startswith("pgsni.")}
         return route.db_id, relay.backend_params(clean, options) | self.client.settings()
 
-    async def _role(self, db_id: str, user: str) -> Role | None:
+    async def _role(self, db_id: str, user: str, by: float) -> Role | None:
         """The role to authenticate against; None (a mock exchange, then 28P01) for one that
-        does not exist and for the gateway's own roles, which no client may use."""
-        roles = await self.gw.instances.roles(db_id)
+        does not exist and for the gateway's own roles, which no client may use. Storage that
+        has not answered by loop time `by` is the server's fault, told as such (57P03), not
+        the client's handshake running out."""
+        try:
+            async with asyncio.timeout_at(by):
+                roles = await self.gw.instances.roles(db_id)
+        except TimeoutError:
+            raise errors.storage_unavailable(db_id, "storage did not answer in time (reading the "
+                                             "database's roles)") from None
         if roles is None:
             if not self.gw.settings.create_on_connect:
                 self.auth_failed("unknown_database")

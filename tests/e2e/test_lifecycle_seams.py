@@ -197,3 +197,34 @@ def test_development_mode_never_creates_an_id_that_storage_knows(start_gateway, 
     gw.call(a_lease_of_another_gateway)
     assert connect_sqlstate(gw.port, tls["ca"], "taken") == "57P03"
     assert "taken" not in gw.running() and not gw.gw.catalog.exists("taken")
+
+
+def test_changes_storage_moved_past_are_set_aside_logged_and_listed(gateway, tls, caplog):
+    """A copy with unsaved changes whose database another gateway took over and saved
+    meanwhile (this one was killed or cut off): the stored version wins, the copy is kept aside,
+    one log line says where, and `db info` lists it."""
+    from gateway.ops.operations import Ops
+
+    gateway.create_db("moved")
+    gw = gateway.gw
+    dsn = conninfo(gateway.port, tls["ca"], "moved")
+    gateway.call(lambda: gw.instances.stop("moved"))
+    first = gateway.call(lambda: gw.databases.current("moved", fresh=True))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create table t(x int); insert into t values (1)")
+    gateway.call(lambda: gw.instances.stop("moved"))
+    second = gateway.call(lambda: gw.databases.current("moved", fresh=True))
+    state = gw.databases.state("moved")
+    state.dirty = True  # acknowledged commits the killed holder never saved
+    gw.databases.save_state("moved", state)
+
+    async def another_gateway_saved_meanwhile():
+        await gw.databases.store.set_current("moved", first.manifest.version, second)
+    gateway.call(another_gateway_saved_meanwhile)
+    wait_until(lambda: "moved" not in gw.instances.leases.held, what="the lease given up")
+    with psycopg.connect(dsn) as conn:  # the stored version, without table t
+        assert conn.execute("select to_regclass('public.t')").fetchone() == (None,)
+    info = gateway.call(lambda: Ops(gw.settings, gw.catalog, gw.databases, gw.instances).info("moved"))
+    assert len(info.set_aside) == 1 and ".conflict-moved-" in info.set_aside[0]
+    said = [r.getMessage() for r in caplog.records if "only in" in r.getMessage()]
+    assert len(said) == 1 and info.set_aside[0] in said[0]
