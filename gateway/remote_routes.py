@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from storage.ids import valid_id
+from storage.ids import ID_RULE, valid_id
 
 SSLMODES = ("disable", "require", "verify-ca", "verify-full")
 # password: the gateway asks the client for its password (inside the client's TLS) and logs in
@@ -80,8 +80,7 @@ def parse_routes(raw: Any) -> dict[str, RemoteRoute]:
     routes = {}
     for db_id, entry in raw.items():
         if not isinstance(db_id, str) or not valid_id(db_id):
-            raise ValueError(f"remote_routes: {db_id!r} is not a valid database id "
-                             "(1-63 lowercase letters, digits or inner hyphens)")
+            raise ValueError(f"remote_routes: {db_id!r} is not a valid database id ({ID_RULE})")
         routes[db_id] = entry if isinstance(entry, RemoteRoute) else _parse_route(db_id, entry)
     return routes
 

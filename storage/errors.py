@@ -29,6 +29,15 @@ class CorruptArchive(StorageError):
     """An archive's bytes do not match its manifest (checksum, size, or file list)."""
 
 
+class CopyError(StorageError):
+    """`cp -a` of a data directory failed (storage/local.py `copy_tree`): the message is cp's
+    last line; `stderr` all it said; `disk_full` whether the disk or a quota was full."""
+
+    def __init__(self, reason: str, stderr: str = "", disk_full: bool = False) -> None:
+        super().__init__(reason)
+        self.stderr, self.disk_full = stderr, disk_full
+
+
 class DiskFull(StorageError):
     """The local disk (the data root) has no space left for a database copy."""
 

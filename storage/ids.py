@@ -1,4 +1,7 @@
-"""Database ids: lowercase DNS labels, so an id is always safe as a host label and a path part."""
+"""Database ids: lowercase DNS labels, so an id is always safe as a host label and a path part.
+
+The one rule for ids. The proxy, operations, the CLI and the settings check with `valid_id`
+and say `ID_RULE` in their own kind of error."""
 
 from __future__ import annotations
 
@@ -6,6 +9,9 @@ import re
 
 # letters, digits and inner hyphens, 1 to 63 characters
 _ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# what a refusal says a database id is
+ID_RULE = "1-63 lowercase letters, digits or inner hyphens"
 
 
 def valid_id(db_id: str) -> bool:

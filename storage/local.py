@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 
 from . import roles as roles_mod
 from .atomic import write_atomic, write_temp
-from .errors import DiskFull, StorageError, disk_full_as
+from .errors import CopyError, DiskFull, StorageError, disk_full_as
 from .ids import valid_id
 from .osuser import RunAs, clean_env
 
@@ -41,6 +41,18 @@ class DatabaseExists(StorageError):
 
 class DatabaseBusy(StorageError):
     pass
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a data directory with `cp -a --reflink=auto` (modes and ownership kept, blocks
+    shared where the file system can, faster than a Python tree walk), spawned with
+    clean_env(). `dst` must not exist. Raises CopyError."""
+    done = subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dst)],
+                          capture_output=True, text=True, errors="replace", env=clean_env())
+    if done.returncode != 0:
+        said = done.stderr.strip()
+        raise CopyError(said.splitlines()[-1] if said else f"exit {done.returncode}", said,
+                        disk_full="No space left" in said or "Disk quota" in said)
 
 
 class LocalCatalog:
@@ -152,14 +164,12 @@ class LocalCatalog:
         with disk_full_as(f'creating database "{db_id}"'), self.staging(db_id) as pgdata:
             if self._take_spare(pgdata, major):
                 return self.pgdata(db_id)
-            # cp -a keeps modes and ownership and is faster than a Python tree walk
-            done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template(major)), str(pgdata)],
-                                  capture_output=True, text=True, env=clean_env())
-            if done.returncode != 0:
-                reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-                if "No space left" in done.stderr or "Disk quota" in done.stderr:
-                    raise DiskFull(f'no space left on the data root for creating database "{db_id}"')
-                raise StorageError(f'cannot create database "{db_id}": {reason}')
+            try:
+                copy_tree(self.template(major), pgdata)
+            except CopyError as e:
+                if e.disk_full:
+                    raise DiskFull(f'no space left on the data root for creating database "{db_id}"') from e
+                raise StorageError(f'cannot create database "{db_id}": {e}') from e
         return self.pgdata(db_id)
 
     # --- spare clones: with a copy of the template waiting, creating is one rename ----------
@@ -190,9 +200,9 @@ class LocalCatalog:
             work = self.root / f"{SPARE}tmp-{token}"
             self.run_as.make_dir(work)
             try:
-                done = subprocess.run(["cp", "-a", "--reflink=auto", str(self.template(major)),
-                                       str(work / "pgdata")], capture_output=True, env=clean_env())
-                if done.returncode != 0:
+                try:
+                    copy_tree(self.template(major), work / "pgdata")
+                except CopyError:
                     return made
                 os.rename(work, self.root / f"{SPARE}{major}-{token}")
                 made += 1

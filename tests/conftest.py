@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import trustme
 from gateway.config import Settings
 from gateway.compute.pgbins import PgInstalls
 from gateway.compute.template import TemplateMaker
-from storage.local import LocalCatalog
+from storage.local import LocalCatalog, copy_tree
 from storage.osuser import RunAs
 
 from .support.harness import DOMAIN, GatewayThread
@@ -68,8 +67,7 @@ def template_pgdata() -> Path:
 @pytest.fixture
 def data_root(template_pgdata) -> Path:
     root = reachable_tmpdir("pgsni-data-")
-    subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / template_pgdata.parent.name)],
-                   check=True)
+    copy_tree(template_pgdata.parent, root / template_pgdata.parent.name)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

@@ -23,6 +23,15 @@ def settings_for(ctx: click.Context, **overrides) -> Settings:
         raise click.ClickException(f"configuration: {e}") from None
 
 
+def check_id(db_id: str) -> str:
+    """A database id argument, or click's usage error (the rule is storage/ids.py's)."""
+    from storage.ids import ID_RULE, valid_id
+
+    if not valid_id(db_id):
+        raise click.BadParameter(f"a database id is {ID_RULE}", param_hint="ID")
+    return db_id
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -8,16 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import as_json, emit_json, human_bytes, note, opt, run_offline, say, working
-
-
-def _check_id(db_id: str) -> str:
-    from storage.ids import valid_id
-
-    if not valid_id(db_id):
-        raise click.BadParameter("a database id is 1-63 lowercase letters, digits or inner hyphens",
-                                 param_hint="ID")
-    return db_id
+from .common import as_json, check_id, emit_json, human_bytes, note, opt, run_offline, say, working
 
 
 def _dry(ctx: click.Context, local: bool) -> bool:
@@ -62,7 +53,7 @@ def upload(ctx: click.Context, db_id: str, file: Path, yes: bool, password: str 
     content. A replaced state stays in storage as an older version (see `db versions`)."""
     from gateway.ops import uploads
 
-    _check_id(db_id)
+    check_id(db_id)
     dry = _dry(ctx, local_dry)
 
     async def body(off):
@@ -120,7 +111,7 @@ def dump(ctx: click.Context, db_id: str, file: Path, fmt: str, dbname: str, no_o
     and --no-privileges (custom-format dumps are uploaded without owners and privileges)."""
     from gateway.ops.pgtools import dump as run_dump
 
-    _check_id(db_id)
+    check_id(db_id)
     extra = ["--no-owner"] * no_owner + ["--no-privileges"] * no_privileges
 
     async def body(off):
@@ -160,7 +151,7 @@ def migrate(ctx: click.Context, db_id: str, directory: Path, dbname: str, local_
     error; a failing one is rolled back and stops the run."""
     from gateway.ops import migrations
 
-    _check_id(db_id)
+    check_id(db_id)
     dry = _dry(ctx, local_dry)
     quiet_json = as_json(ctx)
 

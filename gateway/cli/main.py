@@ -139,15 +139,6 @@ from .db import db  # noqa: E402
 main.add_command(db)
 
 
-def _check_id(db_id: str) -> str:
-    from storage.ids import valid_id
-
-    if not valid_id(db_id):
-        raise click.BadParameter("a database id is 1-63 lowercase letters, digits or inner hyphens",
-                                 param_hint="ID")
-    return db_id
-
-
 @main.group()
 def config() -> None:
     """Configuration."""

@@ -77,19 +77,22 @@ def superusers(roles: dict[str, Role]) -> list[str]:
 
 
 def conninfo(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None,
-             app: str = "pgsni") -> str:
-    """A libpq connection string to an instance: as the admin, or as the agent acting as
-    role `act_as`. Every value is quoted, so a database name cannot add parameters."""
-    return make_conninfo(host=str(socket_dir), user=AGENT if act_as else ADMIN, dbname=dbname,
+             user: str = ADMIN, app: str = "pgsni") -> str:
+    """A libpq connection string to an instance: as the admin (or `user`, another superuser
+    of the gateway's: SETUP while securing runs) with ADMIN_SESSION, or as the agent acting
+    as role `act_as`. Every value is quoted, so a database name cannot add parameters."""
+    if act_as and user != ADMIN:
+        raise ValueError("act_as logs in as the agent, not as another user")
+    return make_conninfo(host=str(socket_dir), user=AGENT if act_as else user, dbname=dbname,
                          application_name=app, connect_timeout=CONNECT_TIMEOUT,
                          options=f"-c role={act_as}" if act_as else ADMIN_OPTIONS)
 
 
 async def connect(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None,
-                  app: str = "pgsni", autocommit: bool = True) -> psycopg.AsyncConnection:
+                  user: str = ADMIN, app: str = "pgsni", autocommit: bool = True) -> psycopg.AsyncConnection:
     """The gateway's own connection to an instance (see `conninfo`)."""
     return await psycopg.AsyncConnection.connect(
-        conninfo(socket_dir, dbname, act_as=act_as, app=app), autocommit=autocommit)
+        conninfo(socket_dir, dbname, act_as=act_as, user=user, app=app), autocommit=autocommit)
 
 
 def tool_args(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None = None) -> list[str]:

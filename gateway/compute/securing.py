@@ -31,7 +31,6 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from storage.osuser import RunAs, clean_env
 
@@ -265,9 +264,7 @@ def _single_user(bindir: Path, pgdata: Path, run_as: RunAs, options: dict[str, s
 
 
 async def _connect(socket_dir: Path, user: str, dbname: str = "postgres") -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(make_conninfo(
-        host=str(socket_dir), user=user, dbname=dbname, application_name="pgsni secure",
-        connect_timeout=dbroles.CONNECT_TIMEOUT, options=dbroles.ADMIN_OPTIONS), autocommit=True)
+    return await dbroles.connect(socket_dir, dbname, user=user, app="pgsni secure")
 
 
 async def _rows(conn: psycopg.AsyncConnection, query, params=None) -> list[tuple]:

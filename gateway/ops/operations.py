@@ -41,7 +41,7 @@ from gateway.errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DAT
 from storage import errors as storage_errors
 from storage.cache import Databases, disk_usage
 from storage.forking import fork_version
-from storage.ids import valid_id
+from storage.ids import ID_RULE, valid_id
 from storage.leases import LeaseHeld
 from storage.local import DatabaseBusy, DatabaseExists, LocalCatalog
 
@@ -90,8 +90,7 @@ def translated():
 
 def check_id(db_id: str) -> str:
     if not valid_id(db_id):
-        raise OperationError("invalid", f"invalid database id {db_id!r}: a database id is 1-63 "
-                             "lowercase letters, digits or inner hyphens")
+        raise OperationError("invalid", f"invalid database id {db_id!r}: a database id is {ID_RULE}")
     return db_id
 
 

@@ -25,6 +25,8 @@ from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgInstall, PgNotInstalled, pgdata_major
 from gateway.compute.postgres import SAFE_SETTINGS, PostgresProcess
 from storage import roles as roles_mod
+from storage.errors import CopyError
+from storage.local import copy_tree
 from storage.osuser import RunAs, clean_env
 
 from .uploads import store_and_swap
@@ -121,10 +123,10 @@ async def _scratch_copy(manager: InstanceManager, old: PgInstall, pgdata: Path, 
     """A copy of the old data directory for pg_upgrade to read (the database's own copy is
     not touched), with the catalog's attribute options that the new major refuses removed."""
     s, scratch = manager.settings, build / "old"
-    done = await asyncio.to_thread(subprocess.run, ["cp", "-a", "--reflink=auto", str(pgdata), str(scratch)],
-                                   capture_output=True, text=True, env=clean_env())
-    if done.returncode != 0:
-        raise UpgradeError(f"cannot copy the database for pg_upgrade: {done.stderr.strip()[-300:]}")
+    try:
+        await asyncio.to_thread(copy_tree, pgdata, scratch)
+    except CopyError as e:
+        raise UpgradeError(f"cannot copy the database for pg_upgrade: {e.stderr[-300:]}") from e
     process = PostgresProcess(old.bindir, scratch, s.socket_path / f"uo-{build.name[-8:]}",
                               build / "postgres.log", run_as, s.postgres_options, maintenance=True)
     await process.start(s.start_timeout)

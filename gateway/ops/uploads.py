@@ -13,7 +13,6 @@ import asyncio
 import re
 import secrets
 import shutil
-import subprocess
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from gateway.compute.pgbins import PgInstall, pgdata_major
 from gateway.compute.postgres import PostgresError, PostgresProcess
 from gateway.wire.scram import scram_verifier
 from storage import roles as roles_mod
-from storage.local import LocalCatalog
-from storage.osuser import clean_env
+from storage.local import LocalCatalog, copy_tree
 
 from . import pgtools, sqlfiles
 
@@ -202,9 +200,7 @@ class _Build:
         else:
             template = await asyncio.to_thread(self.manager.catalog.template, plan.major)
             with self.side.staging("new") as pgdata:
-                await asyncio.to_thread(subprocess.run, ["cp", "-a", "--reflink=auto", str(template),
-                                                         str(pgdata)], check=True, capture_output=True,
-                                        env=clean_env())
+                await asyncio.to_thread(copy_tree, template, pgdata)
 
     async def start(self, plan: Plan) -> None:
         s, catalog, uids = self.settings, self.manager.catalog, self.manager.uids

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.errors import CONNECTION_REJECTED, UNKNOWN_DATABASE, GatewayError
-from storage.ids import valid_id
+from storage.ids import ID_RULE, valid_id
 
 _ENDPOINT = "endpoint="
 
@@ -22,7 +22,7 @@ def check_id(db_id: str) -> str:
     if not valid_id(db_id):
         raise GatewayError(
             UNKNOWN_DATABASE, f"invalid database id {db_id[:80]!r}",
-            hint="A database id is 1-63 lowercase letters, digits or inner hyphens.")
+            hint=f"A database id is {ID_RULE}.")
     return db_id
 
 

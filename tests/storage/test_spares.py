@@ -3,7 +3,14 @@ without one it clones as before; spares never show as databases and are dropped 
 
 from __future__ import annotations
 
-from storage.local import SPARE, LocalCatalog
+import subprocess
+
+import pytest
+
+from storage import local as local_mod
+from storage.errors import CopyError, DiskFull, StorageError
+from storage.local import SPARE, LocalCatalog, copy_tree
+from storage.osuser import clean_env
 
 from ..conftest import template_catalog
 
@@ -44,3 +51,51 @@ def test_a_damaged_spare_is_not_used(data_root):
     (spare / "pgdata" / "global" / "pg_control").unlink()
     pgdata = catalog.create("app1")
     assert (pgdata / "global" / "pg_control").is_file()
+
+
+# --- copy_tree: the one `cp -a` of a data directory (create, spares, db upload, db upgrade) ---
+def test_copy_tree_keeps_modes_and_names_what_failed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir(mode=0o700)
+    (src / "f").write_text("x")
+    (src / "f").chmod(0o600)
+    copy_tree(src, tmp_path / "dst")
+    assert (tmp_path / "dst" / "f").read_text() == "x"
+    assert (tmp_path / "dst").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "dst" / "f").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(CopyError) as e:
+        copy_tree(tmp_path / "missing", tmp_path / "dst2")
+    assert "missing" in str(e.value) and not e.value.disk_full and str(e.value) in e.value.stderr
+
+
+def test_copy_tree_runs_cp_with_a_clean_environment(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(argv, **kw):
+        seen.update(argv=argv, env=kw["env"])
+        return subprocess.CompletedProcess(argv, 1, "", "cp: a\ncp: write error: No space left on device\n")
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-pass")
+    monkeypatch.setattr(local_mod.subprocess, "run", fake_run)
+    with pytest.raises(CopyError) as e:
+        copy_tree(tmp_path / "a", tmp_path / "b")
+    assert seen["argv"][:3] == ["cp", "-a", "--reflink=auto"] and seen["env"] == clean_env()
+    assert e.value.disk_full and str(e.value) == "cp: write error: No space left on device"
+
+
+def _failing(error: CopyError):
+    def copy(src, dst):
+        raise error
+    return copy
+
+
+def test_create_reports_a_full_disk_and_other_copy_failures(data_root, monkeypatch):
+    catalog = _catalog(data_root)
+    monkeypatch.setattr(local_mod, "copy_tree", _failing(
+        CopyError("cp: x: No space left on device", "cp: x: No space left on device", disk_full=True)))
+    with pytest.raises(DiskFull, match='no space left on the data root for creating database "app1"'):
+        catalog.create("app1")
+    monkeypatch.setattr(local_mod, "copy_tree", _failing(CopyError("cp: x: Permission denied")))
+    with pytest.raises(StorageError, match='cannot create database "app1": cp: x: Permission denied'):
+        catalog.create("app1")
+    assert catalog.list() == []
