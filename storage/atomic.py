@@ -5,11 +5,13 @@ whole tree written without fsyncs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -108,3 +110,9 @@ def sync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+async def remove_tree(path: Path) -> None:
+    """Remove a whole directory tree (a database copy, a build) in a thread: thousands of
+    unlinks must not stall the event loop that relays every client. Missing is fine."""
+    await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)

@@ -29,21 +29,6 @@ class Role:
         return until <= now
 
 
-ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
-              "ORDER BY rolname")
-
-
-def from_rows(rows) -> dict[str, Role]:
-    roles = {}
-    for name, password, can_login, valid_until, superuser in rows:
-        verifier = password if password and password.startswith("SCRAM-SHA-256$") else None
-        until = None
-        if valid_until is not None and valid_until != dt.datetime.max.replace(tzinfo=dt.timezone.utc):
-            until = valid_until.isoformat() if valid_until.year < 9999 else None
-        roles[name] = Role(name, verifier, bool(can_login), until, bool(superuser))
-    return roles
-
-
 def save(path: Path, roles: dict[str, Role]) -> None:
     """Write atomically (temp file, fsync, rename) with mode 0600: verifiers are secrets."""
     data = json.dumps({"roles": [asdict(r) for r in roles.values()]}, indent=1, sort_keys=True)

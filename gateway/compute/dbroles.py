@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pwd
 from pathlib import Path
@@ -100,3 +101,24 @@ def tool_args(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None 
     quoted connection string: a bare -d holding "=" would be expanded, and its host= would
     win over -h."""
     return ["-d", conninfo(socket_dir, dbname, act_as=act_as), "--no-password"]
+
+
+ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
+              "ORDER BY rolname")
+
+
+def from_rows(rows) -> dict[str, Role]:
+    """Roles as saved beside a database, from ROLE_QUERY's rows (only SCRAM verifiers kept)."""
+    roles = {}
+    for name, password, can_login, valid_until, superuser in rows:
+        verifier = password if password and password.startswith("SCRAM-SHA-256$") else None
+        until = None
+        if valid_until is not None and valid_until != dt.datetime.max.replace(tzinfo=dt.timezone.utc):
+            until = valid_until.isoformat() if valid_until.year < 9999 else None
+        roles[name] = Role(name, verifier, bool(can_login), until, bool(superuser))
+    return roles
+
+
+async def read_roles(conn: psycopg.AsyncConnection) -> dict[str, Role]:
+    """Every role of the instance `conn` is connected to, with its verifier."""
+    return from_rows(await (await conn.execute(ROLE_QUERY)).fetchall())

@@ -598,7 +598,7 @@ class InstanceManager:
         self.starts += 1
         self.metrics.wake(ok=True)
         self.metrics.wake_phase("start", time.monotonic() - started)
-        inst.reader = RoleReader(lambda: dbroles.connect(process.socket_dir), _read_roles,
+        inst.reader = RoleReader(lambda: dbroles.connect(process.socket_dir), dbroles.read_roles,
                                  timeout=min(10.0, s.handshake_timeout / 2))
         self.instances[db_id] = inst
         inst.watcher = asyncio.create_task(self._watch(inst))
@@ -739,11 +739,6 @@ class InstanceManager:
         if roles != inst.roles:
             await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
             inst.roles = roles
-
-
-async def _read_roles(conn: psycopg.AsyncConnection) -> dict[str, roles_mod.Role]:
-    cur = await conn.execute(roles_mod.ROLE_QUERY)
-    return roles_mod.from_rows(await cur.fetchall())
 
 
 def instance_connections(s: Settings) -> dict[str, str]:

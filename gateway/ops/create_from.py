@@ -12,6 +12,9 @@ from typing import Callable, Iterator
 import click
 
 from gateway.compute.instances import InstanceManager
+from storage.sources import open_source
+
+from .importing import import_archive
 
 
 def check_sha256(source: str | None, value: str) -> str:
@@ -27,9 +30,6 @@ async def create_from(manager: InstanceManager, db_id: str, password: str, spec:
                       sha256: str | None) -> None:
     """Open `spec`, stream it into a new database's PGDATA, then start it, give role postgres
     `password` and read its roles, as for a database made from the template."""
-    from storage.importing import import_archive
-    from storage.sources import open_source
-
     async with open_source(spec, manager.settings) as source:
         if source.warning:
             click.echo(f"warning: {source.warning}", err=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-import shutil
 import time
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.wire.scram import scram_verifier
 from storage import errors as storage_errors
+from storage.atomic import remove_tree
 from storage.local import DatabaseBusy, LocalCatalog
 
 from .results import OperationError, Verified
@@ -161,7 +161,7 @@ async def verify(manager: InstanceManager, db_id: str) -> Verified:
         except storage_errors.StorageError as e:
             problems.append(f"stored version {version} is damaged: {e}")
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            await remove_tree(work)
     elif not problems:
         problems.append("no stored version (it was never saved)")
     started = query_ok = False

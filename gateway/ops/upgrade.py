@@ -25,6 +25,7 @@ from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgInstall, PgNotInstalled, pgdata_major
 from gateway.compute.postgres import SAFE_SETTINGS, PostgresProcess
 from storage import roles as roles_mod
+from storage.atomic import remove_tree
 from storage.errors import CopyError
 from storage.local import copy_tree
 from storage.osuser import RunAs, clean_env
@@ -71,7 +72,7 @@ async def upgrade(manager: InstanceManager, db_id: str, to_major: str) -> Upgrad
                                            note=f"pgsni db upgrade {old.major} -> {new.major}",
                                            before="saved before db upgrade")
         finally:
-            shutil.rmtree(build, ignore_errors=True)
+            await remove_tree(build)
     return Upgraded(db_id, old.major, new.major, version, previous)
 
 
@@ -84,9 +85,8 @@ async def _build(manager: InstanceManager, old: PgInstall, new: PgInstall, pgdat
     target = build / "pgdata"
     source = await _scratch_copy(manager, old, pgdata, build, run_as)
     await asyncio.to_thread(_pg_upgrade, old, new, source, target, work, run_as)
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(source, ignore_errors=True)
-    shutil.rmtree(target / "pg_upgrade_output.d", ignore_errors=True)
+    for scratch in (work, source, target / "pg_upgrade_output.d"):
+        await remove_tree(scratch)
     manager.make_socket_root()
     try:
         await securing.secure(new.bindir, target, run_as, s.socket_path / f"ug-{build.name[-8:]}",
@@ -100,7 +100,7 @@ async def _build(manager: InstanceManager, old: PgInstall, new: PgInstall, pgdat
         async with await dbroles.connect(process.socket_dir) as conn:
             databases = [r[0] for r in await (await conn.execute(
                 "SELECT datname FROM pg_database WHERE datallowconn")).fetchall()]
-            roles = roles_mod.from_rows(await (await conn.execute(roles_mod.ROLE_QUERY)).fetchall())
+            roles = await dbroles.read_roles(conn)
         for dbname in databases:  # planner statistics for the new major
             async with await dbroles.connect(process.socket_dir, dbname) as conn:
                 await conn.execute("ANALYZE")

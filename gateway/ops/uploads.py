@@ -27,9 +27,12 @@ from gateway.compute.pgbins import PgInstall, pgdata_major
 from gateway.compute.postgres import PostgresError, PostgresProcess
 from gateway.wire.scram import scram_verifier
 from storage import roles as roles_mod
+from storage.atomic import remove_tree
 from storage.local import LocalCatalog, copy_tree
+from storage.sources import open_source
 
 from . import pgtools, sqlfiles
+from .importing import import_archive
 
 HEAD = 64 << 10  # bytes read to tell the kind of a file
 PARSE_LIMIT = 64 << 20  # larger SQL scripts are not parse-checked first (psql still stops at an error)
@@ -190,9 +193,6 @@ class _Build:
     async def make_pgdata(self, plan: Plan) -> None:
         self.side.prepare()
         if plan.kind == "pgdata":
-            from storage.importing import import_archive
-            from storage.sources import open_source
-
             async with open_source(plan.file, self.settings) as source:
                 await import_archive(self.side, "new", source, majors=self.manager.installs.by_major,
                                      max_bytes=self.settings.max_restore_mb << 20,
@@ -244,7 +244,7 @@ class _Build:
         try:
             async with await dbroles.connect(self.process.socket_dir) as conn:
                 await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(verifier))
-                roles = roles_mod.from_rows(await (await conn.execute(roles_mod.ROLE_QUERY)).fetchall())
+                roles = await dbroles.read_roles(conn)
         except psycopg.Error as e:
             raise UploadError(f"cannot set up role \"postgres\" in the uploaded data: {_first_line(e)}") from None
         await asyncio.to_thread(roles_mod.save, self.dir / "roles.json", roles)
@@ -260,7 +260,7 @@ class _Build:
 
     async def discard(self) -> None:
         await self.stop()
-        shutil.rmtree(self.side.root, ignore_errors=True)
+        await remove_tree(self.side.root)
 
 
 # --- the whole upload -----------------------------------------------------------------------------
@@ -290,7 +290,7 @@ async def upload(manager: InstanceManager, p: Plan, password: str | None = None)
         if isinstance(e, (PostgresError, pgtools.ToolError, sqlfiles.SqlFileError, OSError)):
             raise UploadError(str(e)) from None
         raise
-    shutil.rmtree(build.side.root, ignore_errors=True)
+    await remove_tree(build.side.root)
     return Uploaded(p, version, password)
 
 

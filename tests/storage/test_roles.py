@@ -3,7 +3,8 @@
 import datetime as dt
 import stat
 
-from storage.roles import Role, from_rows, load, save
+from gateway.compute.dbroles import from_rows
+from storage.roles import Role, load, save
 
 
 def test_save_and_load_round_trip_with_mode_0600(tmp_path):

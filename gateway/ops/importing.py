@@ -14,11 +14,11 @@ import stat
 from pathlib import Path
 from typing import Callable, Collection
 
-from . import archive
-from .errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
-from .local import LocalCatalog
-from .sources import Source
-from .streams import feed_thread
+from storage import archive
+from storage.errors import CorruptArchive, StorageError, UnsafeArchive, disk_full_as
+from storage.local import LocalCatalog
+from storage.sources import Source
+from storage.streams import feed_thread
 
 STALE = ("postmaster.pid", "postmaster.opts")
 
