@@ -228,3 +228,28 @@ def test_changes_storage_moved_past_are_set_aside_logged_and_listed(gateway, tls
     assert len(info.set_aside) == 1 and ".conflict-moved-" in info.set_aside[0]
     said = [r.getMessage() for r in caplog.records if "only in" in r.getMessage()]
     assert len(said) == 1 and info.set_aside[0] in said[0]
+
+
+def test_a_start_cancelled_half_way_leaves_no_postmaster_and_no_lock(gateway, tls, data_root):
+    gateway.create_db("halfway")
+    gw = gateway.gw
+    gateway.call(lambda: gw.instances.stop("halfway"))
+    pgdata = data_root / "halfway" / "pgdata"
+
+    async def cancel_once_the_postmaster_runs():
+        task = asyncio.create_task(gw.instances.acquire("halfway"))
+        while not postmasters(pgdata) and not task.done():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False  # the start won the race: nothing half-way to check
+
+    if not gateway.call(cancel_once_the_postmaster_runs):
+        pytest.skip("the start finished before it could be cancelled")
+    wait_until(lambda: postmasters(pgdata) == [], timeout=10, what="the half-started postmaster gone")
+    assert "halfway" not in gw.instances.instances
+    with psycopg.connect(conninfo(gateway.port, tls["ca"], "halfway")) as conn:  # lock free again
+        assert conn.execute("select 1").fetchone() == (1,)
