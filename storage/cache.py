@@ -56,7 +56,11 @@ class Databases:
             return LocalState()
 
     def save_state(self, db_id: str, state: LocalState) -> None:
-        write_atomic(self._state_file(db_id), json.dumps(asdict(state)).encode())
+        """Durably: after a power loss the state must not go back to an older one (a copy saved
+        as version B but read as "dirty, from A" would be set aside as a conflict)."""
+        path = self._state_file(db_id)
+        write_atomic(path, json.dumps(asdict(state)).encode())
+        fsync_dir(path.parent)
 
     # --- what exists ---------------------------------------------------------------------------
     async def current(self, db_id: str, *, fresh: bool = False) -> Current | None:

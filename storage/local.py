@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from . import roles as roles_mod
-from .atomic import write_atomic, write_temp
+from .atomic import fsync_dir, sync_tree, write_atomic, write_temp
 from .errors import CopyError, DiskFull, StorageError, disk_full_as
 from .ids import valid_id
 from .osuser import RunAs, clean_env
@@ -230,10 +230,14 @@ class LocalCatalog:
         self.run_as.make_dir(work)
         try:
             yield work / "pgdata"
+            # durable before it shows: Postgres syncs only the files it writes, so a cloned
+            # file it never touched could be empty after a power loss
+            sync_tree(work)
             try:
                 os.rename(work, target)
             except OSError:
                 raise DatabaseExists(f'database "{db_id}" already exists') from None
+            fsync_dir(self.root)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)

@@ -541,7 +541,7 @@ class InstanceManager:
     async def _take_over(self, inst: Instance, verifier: str) -> None:
         """Give role postgres of a new database the SCRAM `verifier`, and read its roles."""
         try:
-            async with await self._connect(inst) as conn:
+            async with await dbroles.connect(inst.socket_dir) as conn:
                 # the verifier, not the password, goes to Postgres: the plaintext never leaves here
                 await conn.execute(psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(verifier))
             await self._refresh_roles(inst)
@@ -728,9 +728,6 @@ class InstanceManager:
             except OSError as e:  # the next start finds it marked running: unsaved all the same
                 log.error("recording the crash of %s failed: %s", inst.db_id, e)
         inst.lock.release()
-
-    async def _connect(self, inst: Instance) -> psycopg.AsyncConnection:
-        return await dbroles.connect(inst.socket_dir)
 
     async def _refresh_roles(self, inst: Instance) -> None:
         """Read roles now, saving them beside the database when they changed."""

@@ -91,6 +91,19 @@ async def test_a_restored_copy_is_durable_before_it_is_declared_clean(tmp_path, 
     assert (target / "pgdata" / "base" / "1" / "16384").stat().st_size == 8192
 
 
+async def test_a_state_change_is_durable_once_written(tmp_path, monkeypatch):
+    """The state file's rename is fsynced in its directory: after a power loss a copy just
+    saved must not read as "dirty, from the version before" (its next save would be refused
+    as a conflict and the copy set aside)."""
+    databases = _databases(tmp_path)
+    manifest = await _stored(tmp_path, databases, "st")
+    await databases.install("st", manifest)
+    synced: list[Path] = []
+    monkeypatch.setattr(cache, "fsync_dir", lambda d: synced.append(Path(d)))
+    databases.mark_stopped("st", changed=True)
+    assert databases.catalog.db_dir("st") in synced
+
+
 def test_sync_tree_syncs_every_file_and_directory_without_syncfs(tmp_path, monkeypatch):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "f").write_text("x")
@@ -158,3 +171,22 @@ async def test_eviction_does_not_block_the_loop(tmp_path, monkeypatch):
     stall, removed = await _longest_stall(databases.evict(set(), locked))
     assert stall < 0.3
     assert removed == ["a", "b"] and databases.catalog.list() == []
+
+
+def test_a_new_database_is_durable_before_it_shows(tmp_path, monkeypatch):
+    """A database made in `staging` (template clone, import) is synced before its rename and
+    the rename made durable: Postgres syncs only what it writes itself."""
+    from storage import local
+
+    catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
+    catalog.prepare()
+    calls: list[tuple[str, Path]] = []
+    monkeypatch.setattr(local, "sync_tree", lambda p: calls.append(("sync", Path(p))))
+    monkeypatch.setattr(local, "fsync_dir", lambda p: calls.append(("fsync_dir", Path(p))))
+    with catalog.staging("fresh") as pgdata:
+        pgdata.mkdir()
+        (pgdata / "PG_VERSION").write_text("18\n")
+        assert not catalog.db_dir("fresh").exists()
+    kinds = [k for k, _ in calls]
+    assert kinds == ["sync", "fsync_dir"], calls
+    assert calls[0][1].parent == catalog.root and calls[1][1] == catalog.root
