@@ -49,4 +49,4 @@ async def state_of(manager: InstanceManager, db_id: str) -> State:
         return State.CONFLICT  # until the operator has dealt with them
     if manager.catalog.exists(db_id):
         return State.CHANGED if manager.databases.state(db_id).dirty else State.LOCAL
-    return State.STORED if await manager.databases.current(db_id) is not None else State.ABSENT
+    return State.STORED if await manager.databases.current(db_id, fresh=True) is not None else State.ABSENT
