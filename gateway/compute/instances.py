@@ -394,7 +394,9 @@ class InstanceManager:
         (default: start_timeout from now)."""
         by = by or self._storage_deadline()
         async with self._in_time(db_id, "claiming the database", by):
-            may_create = creating and await self._unknown_to_storage(db_id)
+            # only a database with no local copy may be created here; ask storage before the
+            # claim, which would overwrite an expired lease of another gateway
+            may_create = creating and not self.catalog.exists(db_id) and await self._unknown_to_storage(db_id)
             with storage_failures(db_id):
                 fresh = await self.leases.claim(db_id)
         try:
@@ -692,7 +694,7 @@ class InstanceManager:
         finally:
             if not stopped:
                 inst.process.kill_group()
-            self._drop(inst)
+                self._drop(inst)
             inst.lock.release()
             if inst.watcher and inst.watcher is not asyncio.current_task():
                 inst.watcher.cancel()
@@ -738,16 +740,15 @@ class InstanceManager:
             inst.roles = roles
 
 
+POSTGRES_DEFAULT_CONNECTIONS = 100  # never fewer than Postgres would allow on its own
+
+
 def instance_connections(s: Settings) -> dict[str, str]:
     """Postgres' max_connections sized so that every client the gateway admits to one
     database gets a backend (the gateway's own connections use the superuser reserve)."""
     if s.max_connections_per_db <= 0:
         return {}
     return {"max_connections": str(max(POSTGRES_DEFAULT_CONNECTIONS, s.max_connections_per_db + SUPERUSER_RESERVE))}
-
-
-POSTGRES_DEFAULT_CONNECTIONS = 100  # never fewer than Postgres would allow on its own
-
 
 
 class storage_failures:

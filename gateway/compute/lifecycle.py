@@ -36,8 +36,11 @@ class State(enum.Enum):
     FENCED = "fenced"  # this gateway's heartbeat lapsed: nothing runs until it claims again
 
 
-async def state_of(manager: InstanceManager, db_id: str) -> State:
-    """Where `db_id` is in its life, as seen by this gateway."""
+async def state_of(manager: InstanceManager, db_id: str, *, stored: bool | None = None,
+                   set_aside: list | None = None) -> State:
+    """Where `db_id` is in its life, as seen by this gateway. `stored` (whether storage has a
+    current version) and `set_aside` (its set-aside copies) are read here unless the caller
+    has just read them."""
     inst = manager.instances.get(db_id)
     if inst is not None and inst.alive:
         return State.RUNNING
@@ -45,8 +48,12 @@ async def state_of(manager: InstanceManager, db_id: str) -> State:
         return State.STARTING
     if manager.leases.fencing_needed() and db_id in manager.leases.lapsed:
         return State.FENCED
-    if manager.databases.set_aside_copies(db_id):
+    if set_aside is None:
+        set_aside = manager.databases.set_aside_copies(db_id)
+    if set_aside:
         return State.CONFLICT  # until the operator has dealt with them
     if manager.catalog.exists(db_id):
         return State.CHANGED if manager.databases.state(db_id).dirty else State.LOCAL
-    return State.STORED if await manager.databases.current(db_id, fresh=True) is not None else State.ABSENT
+    if stored is None:
+        stored = await manager.databases.current(db_id, fresh=True) is not None
+    return State.STORED if stored else State.ABSENT

@@ -243,14 +243,16 @@ class Ops:
             if running:
                 last_used = steps.iso_now()
         manifest = cur.manifest if cur else None
+        set_aside = self.databases.set_aside_copies(db_id)
         size = await asyncio.to_thread(disk_usage, self.catalog.db_dir(db_id)) if local else 0
         return Info(db_id, local, cur is not None, running, connections, size,
                     manifest.archive["size"] if manifest else 0,
                     manifest.version if manifest else None, state.version if state else None,
                     bool(state and state.dirty), last_used,
                     manifest.pg_major if manifest else steps.local_pg_major(self.catalog, db_id),
-                    versions, [str(p) for p in self.databases.set_aside_copies(db_id)],
-                    (await lifecycle.state_of(self.manager, db_id)).value)
+                    versions, [str(p) for p in set_aside],
+                    (await lifecycle.state_of(self.manager, db_id, stored=cur is not None,
+                                              set_aside=set_aside)).value)
 
     async def versions(self, db_id: str) -> list[Version]:
         check_id(db_id)
