@@ -1,6 +1,6 @@
 """The local cache of databases: which copies are on this machine, whether they hold changes
 not yet in storage, restoring a copy from storage on first use, saving it when its instance
-stops, and removing the least recently used clean copies beyond a disk budget.
+stops, and which clean copies may be removed to keep a disk budget (the lifecycle removes them).
 
 A local copy that is newer than storage is never removed; saving it is retried."""
 
@@ -254,28 +254,6 @@ class Databases:
                 continue
             out.append((state.last_used, db_id, disk_usage(self.catalog.db_dir(db_id))))
         return sorted(out)
-
-    async def evict(self, running: set[str], locked) -> list[str]:
-        """Remove least recently used clean copies until the stopped ones fit the budget.
-        `locked(id)` is an async context manager holding the database's lock."""
-        if self.budget_bytes <= 0:
-            return []
-        candidates = await asyncio.to_thread(self.evictable, running)
-        total = sum(size for _, _, size in candidates)
-        removed = []
-        for _, db_id, size in candidates:
-            if total <= self.budget_bytes:
-                break
-            async with locked(db_id):
-                state = self.state(db_id)
-                cur = await self.current(db_id, fresh=True)
-                if state.dirty or state.running or cur is None or cur.manifest.version != state.version:
-                    continue  # changed meanwhile, or storage does not hold exactly this copy
-                await asyncio.to_thread(self.catalog.delete, db_id)
-            total -= size
-            removed.append(db_id)
-            log.info("evicted local copy of %s (%d MB) to stay within the cache budget", db_id, size >> 20)
-        return removed
 
 
 def disk_usage(path: Path) -> int:

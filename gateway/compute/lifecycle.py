@@ -1,28 +1,65 @@
-"""The life of one database, as states and the transitions between them. InstanceManager
-(gateway/compute/instances.py) is the only code that moves a database from one state to
-another (tests/test_lifecycle_owner.py fails on any other caller of the transitions); the CLI,
-the admin API, uploads, forks and upgrades ask it, inside `stopped(id)` where they change the
-copy or storage.
+"""The life of one database on this gateway: one `Database` object per id, its states as an
+explicit enum, and one method per transition. A `Database` is the only code that starts, stops,
+saves, restores, evicts, replaces, deletes or fences its database (tests/test_lifecycle_owner.py
+fails on any other caller); the instance manager (gateway/compute/instances.py) keeps one per
+id and runs the background loops, and the CLI, the admin API, uploads, forks and upgrades ask
+it — inside `held()` where they change the copy or storage.
 
-    ABSENT ──create──▶ RUNNING
-    STORED ──claim lease, restore (fresh pointer), fsync──▶ LOCAL ──start──▶ RUNNING
+    ABSENT ──create──▶ STARTING
+    STORED ──claim lease, restore (fresh pointer), fsync──▶ LOCAL ──start──▶ STARTING
+    STARTING ──ready──▶ RUNNING;  STARTING ──failed──▶ LOCAL | CHANGED | ABSENT (a creation)
     RUNNING ──stop: idle, evicted, requested, shutdown──▶ (pg_control: written since start?)
         ├─ no  ──▶ LOCAL (clean: equals its stored version) ──evict──▶ STORED
         └─ yes ──▶ CHANGED ──save──▶ LOCAL            (saved: lease released at once)
+    RUNNING ──postmaster died──▶ CHANGED               (may hold WAL not in storage)
     CHANGED ──save fails (storage down)──▶ CHANGED    (retried by `maintain`)
     RUNNING ──heartbeat lapsed──▶ FENCED: every instance stopped at once, no save;
-        the copy stays CHANGED and is saved only under a fresh lease
+        FENCED ──lease claimed again──▶ CHANGED (then saved) or STARTING
     CHANGED ──storage moved past it (another gateway took over)──▶ CONFLICT:
         set aside in <data_root>/.conflict-<id>-<time>-<hex>; the stored version is used
+    LOCAL | CHANGED | STORED ──delete──▶ ABSENT;  held: roll back, replace ──▶ LOCAL
 
+What must survive a crash is written before the transition returns: the copy's state.json
+(running, dirty, the version it descends from; storage/cache.py), the version pointer and the
+lease in storage. The states only this process can know (STARTING, RUNNING, FENCED) live in
+the object; at start-up a copy an earlier gateway left marked running counts as CHANGED.
 Saving and restoring happen with the database's lock held; a start holds its lease, its file
 lock and a slot under max_instances (reserved before it starts)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
 
-from .instances import InstanceManager
+import psycopg
+
+from gateway import errors
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.rates import TokenBucket
+from storage import errors as storage_errors
+from storage import roles as roles_mod
+from storage.cache import Databases, roll_back
+from storage.errors import StorageError
+from storage.forking import fork_version
+from storage.leases import LeaseHeld, Leases
+from storage.osuser import OSUserError
+from storage.snapshots import Manifest
+
+from . import dbroles, securing
+from .postgres import PostgresError
+from .running import Instance, Launcher
+
+log = logging.getLogger("pgsni.instances")
+
+Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a new database
 
 
 class State(enum.Enum):
@@ -36,24 +73,711 @@ class State(enum.Enum):
     FENCED = "fenced"  # this gateway's heartbeat lapsed: nothing runs until it claims again
 
 
-async def state_of(manager: InstanceManager, db_id: str, *, stored: bool | None = None,
-                   set_aside: list | None = None) -> State:
-    """Where `db_id` is in its life, as seen by this gateway. `stored` (whether storage has a
-    current version) and `set_aside` (its set-aside copies) are read here unless the caller
-    has just read them."""
-    inst = manager.instances.get(db_id)
-    if inst is not None and inst.alive:
-        return State.RUNNING
-    if db_id in manager.starting:
-        return State.STARTING
-    if manager.leases.fencing_needed() and db_id in manager.leases.lapsed:
-        return State.FENCED
-    if set_aside is None:
-        set_aside = manager.databases.set_aside_copies(db_id)
-    if set_aside:
-        return State.CONFLICT  # until the operator has dealt with them
-    if manager.catalog.exists(db_id):
-        return State.CHANGED if manager.databases.state(db_id).dirty else State.LOCAL
-    if stored is None:
-        stored = await manager.databases.current(db_id, fresh=True) is not None
-    return State.STORED if stored else State.ABSENT
+S = State
+# The diagram above as data: every move a Database makes is checked against it.
+EDGES: dict[State, frozenset[State]] = {
+    S.ABSENT: frozenset({S.STARTING, S.LOCAL, S.STORED}),  # create; upload or fork
+    S.STORED: frozenset({S.LOCAL, S.ABSENT, S.STORED}),  # restore; delete; a newer version
+    S.LOCAL: frozenset({S.STARTING, S.STORED, S.ABSENT, S.LOCAL, S.CHANGED}),
+    S.STARTING: frozenset({S.RUNNING, S.LOCAL, S.CHANGED, S.ABSENT}),
+    S.RUNNING: frozenset({S.LOCAL, S.CHANGED, S.FENCED, S.ABSENT}),
+    S.CHANGED: frozenset({S.LOCAL, S.CONFLICT, S.STARTING, S.ABSENT, S.CHANGED}),
+    S.CONFLICT: frozenset({S.STORED, S.LOCAL, S.STARTING, S.ABSENT}),
+    S.FENCED: frozenset({S.CHANGED, S.LOCAL, S.STARTING, S.CONFLICT}),
+}
+
+
+@dataclass
+class Shared:
+    """What the databases of one gateway share: storage, leases, the launcher, the instance
+    cap and the wake rate."""
+    settings: Settings
+    databases: Databases
+    leases: Leases
+    launcher: Launcher
+    metrics: Metrics
+    wakes: TokenBucket
+    lives: dict[str, "Database"] = field(default_factory=dict)
+    slots: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises decisions about the cap
+    starting: set[str] = field(default_factory=set)  # slots reserved by starts in progress
+    closing: bool = False  # set at shutdown: nothing is started any more
+    starts: int = 0  # postmasters started (tests, metrics)
+    after_create: Callable[[], None] | None = None  # the gateway refills spare clones
+    unexpected: int = 0  # moves against EDGES (a test fails on any)
+
+    def life(self, db_id: str) -> "Database":
+        db = self.lives.get(db_id)
+        if db is None:
+            db = self.lives[db_id] = Database(db_id, self)
+        return db
+
+    def running(self) -> dict[str, Instance]:
+        return {i: d.instance for i, d in self.lives.items() if d.instance is not None}
+
+
+class Database:
+    """One database's life on this gateway (see the module docstring)."""
+
+    def __init__(self, db_id: str, shared: Shared) -> None:
+        self.id = db_id
+        self.s = shared
+        self.lock = asyncio.Lock()  # held by every transition
+        self.instance: Instance | None = None
+        self.phase: State | None = None  # the last state moved to (None: not touched yet)
+        self.history: collections.deque[tuple[float, State, str]] = collections.deque(maxlen=20)
+        self._creating: asyncio.Event | None = None  # logins wait for a creation in progress
+        self._conflict_told = False
+
+    @property
+    def databases(self) -> Databases:
+        return self.s.databases
+
+    @property
+    def catalog(self):
+        return self.s.databases.catalog
+
+    @property
+    def leases(self) -> Leases:
+        return self.s.leases
+
+    @property
+    def launcher(self) -> Launcher:
+        return self.s.launcher
+
+    # --- the state ---------------------------------------------------------------------------
+    def _move(self, to: State, why: str) -> None:
+        """Record a transition; one the diagram does not have is logged and counted."""
+        if self.phase is not None and to not in EDGES[self.phase]:
+            self.s.unexpected += 1
+            log.error("database %s moved from %s to %s (%s), which the lifecycle does not allow",
+                      self.id, self.phase.value, to.value, why)
+        self.phase = to
+        self.history.append((time.time(), to, why))
+
+    def _move_stopped(self, why: str) -> None:
+        """To LOCAL or CHANGED as the copy's state.json says (or ABSENT without a copy)."""
+        if not self.catalog.exists(self.id):
+            self._move(State.ABSENT, why)
+        else:
+            self._move(State.CHANGED if self.databases.state(self.id).dirty else State.LOCAL, why)
+
+    async def state(self, *, stored: bool | None = None, set_aside: list | None = None) -> State:
+        """Where the database is in its life: what only this process knows from the object,
+        the rest from the copy's state.json and storage. `stored` (whether storage has a
+        current version) and `set_aside` are read here unless the caller has just read them."""
+        inst = self.instance
+        if inst is not None and inst.alive:
+            return State.RUNNING
+        if self.id in self.s.starting:
+            return State.STARTING
+        if self.leases.fencing_needed() and self.id in self.leases.lapsed:
+            return State.FENCED
+        if set_aside is None:
+            set_aside = self.databases.set_aside_copies(self.id)
+        if set_aside:
+            return State.CONFLICT  # until the operator has dealt with them
+        if self.catalog.exists(self.id):
+            return State.CHANGED if self.databases.state(self.id).dirty else State.LOCAL
+        if stored is None:
+            stored = await self.databases.current(self.id, fresh=True) is not None
+        return State.STORED if stored else State.ABSENT
+
+    # --- waking: a running instance for clients ----------------------------------------------
+    async def wake(self, create_verifier: str | None = None) -> Instance:
+        """A running instance with one more client. With `create_verifier`, a database that
+        does not exist yet is created first (role postgres gets that SCRAM verifier: the very
+        one the client was authenticated against, so that its keys open the instance too)."""
+        async with self.lock:
+            inst = self.instance
+            if inst is not None and not inst.alive:
+                # its postmaster died and the watcher has not run yet: retire it here, or the
+                # start below would find this database's file lock still held by it
+                self._crashed(inst)
+            inst = self.instance
+            if inst is None:
+                if self.s.closing:  # a client that waited through shutdown starts nothing
+                    raise errors.shutting_down()
+                await self._wake_turn()
+                by = self._storage_deadline()  # one deadline for claim, catch-up and restore
+                async with self._claimed(create_verifier is not None, by) as may_create:
+                    if not self.catalog.exists(self.id) and await self._restore(by) is None:
+                        if create_verifier is None:
+                            raise errors.unknown_database(self.id)
+                        if not may_create:
+                            raise errors.known_elsewhere(self.id)
+                        inst = await self._create(create_verifier)
+                    else:
+                        self._require_secured()
+                        inst = await self._start()
+            return hold(inst)
+
+    async def running_now(self) -> Instance | None:
+        """Like `wake`, for an instance running now; None instead of starting one."""
+        async with self.lock:
+            inst = self.instance
+            return hold(inst) if inst is not None and inst.alive else None
+
+    async def roles(self) -> dict[str, roles_mod.Role] | None:
+        """Roles and verifiers: read fresh from the running instance (as Postgres would check
+        them), else the metadata saved beside the database (it cannot change while stopped).
+        None if the database does not exist. A login that arrives while the database is being
+        created (development mode) waits for it: its roles are not there before."""
+        if self._creating is not None:
+            await self._creating.wait()
+        inst = self.instance
+        if inst is not None and inst.alive:
+            try:
+                await self.launcher.refresh_roles(inst)
+                return inst.roles
+            except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
+                log.warning("reading roles from running %s failed (%s); using saved metadata", self.id, e)
+        with storage_failures(self.id):
+            return await self.databases.roles(self.id)
+
+    async def _wake_turn(self) -> None:
+        """Wait for a token to start an instance (wake_rate), at most start_timeout."""
+        wait = self.s.wakes.reserve(self.s.settings.start_timeout)
+        if wait is None:
+            raise errors.too_many_starting()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # --- creating ----------------------------------------------------------------------------
+    async def create(self, verifier: str, place: Placer | None = None, major: str | None = None) -> Instance:
+        """Create the database and leave it running (idle); for the CLI and the admin surface.
+        `place(id)` makes its PGDATA (atomically; default: a copy of the template)."""
+        async with self.lock:
+            if not await self._unknown_to_storage():
+                raise errors.known_elsewhere(self.id)
+            async with self._claimed():
+                return await self._create(verifier, place, major)
+
+    async def _create(self, verifier: str, place: Placer | None = None, major: str | None = None) -> Instance:
+        done = self._creating = asyncio.Event()
+        try:
+            return await self._create_now(verifier, place, major)
+        finally:
+            done.set()
+            if self._creating is done:
+                self._creating = None
+
+    async def _unknown_to_storage(self) -> bool:
+        """Whether storage holds nothing at all under the id (no version, no lease of another
+        gateway, which may hold acknowledged changes not saved yet): only then may it be made
+        anew."""
+        with storage_failures(self.id):
+            found = await self.databases.stored_keys(self.id)
+        if self.id in self.leases.held:
+            found = [k for k in found if not k.endswith("/lease.json")]
+        return not found
+
+    async def _create_now(self, verifier: str, place: Placer | None, major: str | None) -> Instance:
+        db_id = self.id
+        with storage_failures(db_id):
+            if await self.databases.current(db_id) is not None:
+                raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{db_id}" already exists in storage')
+        try:
+            if place is None:
+                await asyncio.to_thread(self.catalog.create, db_id, major)
+            else:
+                await place(db_id)
+        except storage_errors.DiskFull as e:
+            raise errors.disk_full(db_id, str(e)) from e
+        except StorageError as e:
+            raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
+        try:
+            if place is not None:  # an archive from elsewhere: its roles are not ours yet
+                await self._secure_new()
+            inst = await self._start()
+            await self.launcher.take_over(inst, verifier)
+        except BaseException:
+            # a half-made database must not stay behind looking real, nor reach storage
+            if self.instance is not None:
+                await self._stop(self.instance, "creation failed", discard=True)
+            await asyncio.to_thread(self.catalog.delete, db_id)
+            self._move(State.ABSENT, "creation failed")
+            raise
+        log.info("created database %s", db_id)
+        if self.s.after_create is not None:
+            self.s.after_create()
+        return inst
+
+    async def _secure_new(self) -> None:
+        try:
+            await self.launcher.secure_copy(self.id)
+        except securing.SecureError as e:
+            raise errors.GatewayError(errors.INTERNAL_ERROR, f'database "{self.id}" cannot be '
+                                      f"served safely: {e}") from None
+
+    async def fork_from(self, source: Manifest) -> Manifest:
+        """Make `source` (a version of another database) this new database's first version,
+        copied inside storage; refused if the id is taken meanwhile."""
+        async with self.lock:
+            forked = await fork_version(self.databases.store, source, self.id)
+            self.databases.forget(self.id)
+            self._move(State.STORED, f"forked from {source.db_id}")
+            return forked
+
+    # --- securing a database saved by an older pgsni -----------------------------------------
+    async def secure(self, *, drop_untrusted: bool = False) -> securing.Report | None:
+        """Bring a database saved by an older pgsni to the roles layout (gateway/compute/securing.py)
+        and store the result as a new version; None if it already was. Whatever the local
+        copy held is saved first, and on failure the stored version is put back: nothing is
+        lost either way, and the version before stays in storage."""
+        async with self.lock, self._claimed():
+            inst = self.instance
+            if inst is not None and inst.alive:
+                return None  # only a secured database is started
+            if not self.catalog.exists(self.id) and await self._restore() is None:
+                raise errors.unknown_database(self.id)
+            if dbroles.secured(self.catalog.roles(self.id)):
+                return None
+            with storage_failures(self.id):
+                await self.databases.save(self.id, note="saved before db secure")
+            report = await self._secure_copy(drop_untrusted)
+            self.databases.mark_stopped(self.id, changed=True)
+            self._move(State.CHANGED, "secured")
+            await self._stop(await self._start(), "secured")  # reads its roles, saves it
+            if self.databases.state(self.id).dirty:
+                raise errors.storage_unavailable(self.id)  # kept locally; saved when storage is back
+            return report
+
+    async def _secure_copy(self, drop_untrusted: bool = False) -> securing.Report:
+        """Secure the stopped local copy; on failure, a copy that came from storage is
+        replaced by the stored version again."""
+        try:
+            return await self.launcher.secure_copy(self.id, drop_untrusted)
+        except BaseException:
+            cur = await self.databases.current(self.id, fresh=True)
+            if cur is not None:
+                with contextlib.suppress(StorageError):
+                    await self.databases.install(self.id, cur.manifest)
+            raise
+
+    def _require_secured(self) -> None:
+        if not dbroles.secured(self.catalog.roles(self.id)):
+            raise errors.not_secured(self.id)
+
+    # --- starting ----------------------------------------------------------------------------
+    async def _start(self) -> Instance:
+        """Start the postmaster in a slot reserved under the instance cap."""
+        await self._make_room()
+        try:
+            return await self._start_in_slot()
+        finally:
+            self.s.starting.discard(self.id)  # counted as running from here, or not at all
+
+    async def _start_in_slot(self) -> Instance:
+        db_id, metrics = self.id, self.s.metrics
+        self._move(State.STARTING, "start")
+        inst = await self._prepare()
+        try:
+            await asyncio.to_thread(self.databases.mark_running, db_id)
+            began = time.monotonic()
+            await self.launcher.launch(inst)
+        except BaseException as e:
+            inst.process.kill_group()
+            await self._after_failed_start(inst)
+            self.launcher.abandon(inst)
+            self._move_stopped("start failed")
+            if not isinstance(e, (PostgresError, OSError, OSUserError)):
+                raise  # cancelled: nothing is left running, and the lock is free
+            metrics.wake(ok=False)
+            log.error("starting %s failed: %s", db_id, e)
+            raise errors.startup_failed(db_id, str(e)) from e
+        self.s.starts += 1
+        metrics.wake(ok=True)
+        metrics.wake_phase("start", time.monotonic() - began)
+        self.instance = inst
+        self._move(State.RUNNING, "ready")
+        inst.watcher = asyncio.create_task(self._watch(inst))
+        try:
+            await self.launcher.refresh_roles(inst)
+        except (psycopg.Error, OSError) as e:
+            log.warning("could not read roles of %s after start: %s", db_id, e)
+        log.info("started %s (pid %d) in %.0f ms", db_id, inst.process.pid, (time.monotonic() - began) * 1000)
+        return inst
+
+    async def _prepare(self) -> Instance:
+        try:
+            return await self.launcher.prepare(self.id)
+        except errors.GatewayError:
+            self._move_stopped("start refused")
+            raise
+        except (OSError, OSUserError) as e:
+            self._move_stopped("start failed")
+            self.s.metrics.wake(ok=False)
+            log.error("starting %s failed: %s", self.id, e)
+            raise errors.startup_failed(self.id, str(e)) from e
+        except BaseException:
+            self._move_stopped("start cancelled")
+            raise
+
+    async def _after_failed_start(self, inst: Instance) -> None:
+        """A start that failed or was cancelled may have been marked running; mark it stopped
+        (changed if its postmaster wrote anything)."""
+        if not self.databases.state(self.id).running:
+            return
+        try:
+            changed = await asyncio.shield(self.launcher.written(inst))
+            self.databases.mark_stopped(self.id, changed=changed)
+        except (OSError, asyncio.CancelledError) as e:
+            log.error("recording the failed start of %s failed: %r", self.id, e)
+
+    async def _make_room(self) -> None:
+        """Reserve a slot under `max_instances`, stopping the least recently used idle instance
+        if none is free. Only the decision is serialised: the victim's stop (and save) runs
+        outside it, so other cold starts are not queued behind it; the victim keeps its slot
+        until its postmaster has exited."""
+        s = self.s
+        deadline = time.monotonic() + s.settings.start_timeout
+        while True:
+            async with s.slots:
+                others = [d for d in s.lives.values() if d.instance is not None and d is not self]
+                if len(others) + len(s.starting - {self.id}) < s.settings.max_instances:
+                    s.starting.add(self.id)
+                    return
+                # only idle instances whose lock is free: one being started or stopped right
+                # now is not a candidate, and taking its lock could deadlock with its own start
+                idle = sorted((d for d in others if d.instance.clients == 0 and not d.lock.locked()),
+                              key=lambda d: d.instance.last_used)
+                if not idle or time.monotonic() > deadline:
+                    raise errors.too_many_instances(s.settings.max_instances)
+                victim = idle[0]
+            await victim.evict_instance(f"to make room for {self.id}")
+
+    # --- stopping ----------------------------------------------------------------------------
+    async def stop(self, reason: str = "requested") -> bool:
+        async with self.lock:
+            if self.instance is None:
+                return False
+            await self._stop(self.instance, reason)
+            return True
+
+    async def stop_if_idle(self, idle_timeout: float) -> None:
+        inst = self.instance
+        if inst is None or inst.clients or time.monotonic() - inst.last_used < idle_timeout:
+            return
+        async with self.lock:
+            if inst.clients == 0 and self.instance is inst:
+                await self._stop(inst, "idle")
+
+    async def evict_instance(self, why: str) -> None:
+        """Stop the instance if it is still idle (the instance cap needs its slot)."""
+        inst = self.instance
+        async with self.lock:
+            if inst is not None and self.instance is inst and inst.clients == 0:
+                log.info("evicting %s %s", self.id, why)
+                await self._stop(inst, "evicted (instance cap)")
+
+    async def _stop(self, inst: Instance, reason: str, *, discard: bool = False, save: bool = True,
+                    fencing: bool = False) -> None:
+        """Stop an instance and save its changes to storage; with `discard`, its files are
+        about to be deleted: nothing is read from it or saved; without `save`, changes stay
+        local (marked unsaved, retried later); `fencing`: no save, and the state is FENCED. Whatever fails on the way (a full disk writing
+        the state, say), the instance is forgotten and its file lock released: nothing is
+        left that keeps the database from starting again."""
+        stopped = False
+        try:
+            await self.launcher.halt(inst, read_roles=not discard)
+            stopped = True
+            self._drop(inst)
+            changed = not discard and await self.launcher.written(inst)
+            state = await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=changed)
+            self._move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,
+                       f"stopped: {reason}")
+            if state.dirty and save and not discard and not fencing:
+                await self._save()
+        finally:
+            if not stopped:
+                self._drop(inst)
+            inst.lock.release()
+            if inst.watcher and inst.watcher is not asyncio.current_task():
+                inst.watcher.cancel()
+        if not discard:
+            await self._release_if_saved()
+        log.info("stopped %s (%s)", self.id, reason)
+
+    def _drop(self, inst: Instance) -> None:
+        if self.instance is inst:
+            self.instance = None
+
+    async def _watch(self, inst: Instance) -> None:
+        proc = inst.process.proc
+        assert proc is not None
+        code = await proc.wait()
+        if inst.process.stopping:
+            return
+        log.error("postgres for %s exited unexpectedly (code %s); it restarts on the next connection",
+                  self.id, code)
+        self._crashed(inst)
+
+    def _crashed(self, inst: Instance) -> None:
+        """Drop an instance whose postmaster exited on its own: end its orphaned backends, mark
+        the copy changed (it may hold unsaved WAL) and free the file lock. Safe to call twice,
+        and it leaves alone a newer instance of the same database."""
+        inst.process.kill_group()
+        if inst.reader is not None:  # its connection died with the postmaster
+            asyncio.ensure_future(inst.reader.close())
+        if self.instance is inst:
+            self.instance = None
+            self._move(State.CHANGED, "postmaster exited")
+            try:
+                self.databases.mark_stopped(self.id, changed=True)
+            except OSError as e:  # the next start finds it marked running: unsaved all the same
+                log.error("recording the crash of %s failed: %s", self.id, e)
+        inst.lock.release()
+
+    async def fence(self) -> None:
+        """This gateway's heartbeat lapsed: stop the instance at once without saving (storage
+        is what failed; the save is retried under a fresh lease). Takes no lock: a stop holding
+        it may itself be stuck on the store."""
+        inst = self.instance
+        if inst is None or inst.process.stopping:
+            return
+        await self._stop(inst, "lease heartbeat expired", fencing=True)
+
+    # --- saving, restoring, evicting ---------------------------------------------------------
+    async def retry_save(self) -> None:
+        """Retry the save of a stopped copy whose save failed: needs the lease (another gateway
+        may have taken the database over meanwhile; then this copy is kept, unsaved, for the
+        operator)."""
+        async with self.lock:
+            if self.instance is not None:
+                return
+            try:
+                await self.leases.claim(self.id)
+            except LeaseHeld as e:
+                if not self._conflict_told:
+                    self._conflict_told = True
+                    log.error("unsaved local copy of %s is not saved: %s took the database over; the "
+                              "copy stays in %s for the operator", self.id, e.holder, self.catalog.db_dir(self.id))
+                return
+            except StorageError as e:
+                log.warning("cannot save %s yet: %s", self.id, e)
+                return
+            if self.phase is State.FENCED:
+                self._move(State.CHANGED, "lease claimed again")
+            await self._save()
+            await self._release_if_saved()
+
+    async def _save(self) -> None:
+        if self.leases.enabled and not self.leases.valid():
+            log.warning("not saving %s now: this gateway's lease heartbeat lapsed (retried once "
+                        "the lease is claimed again)", self.id)
+            return
+        try:
+            saved = await self.databases.save(self.id)
+        except storage_errors.PreconditionFailed as e:
+            # storage moved past this copy (another writer): keep it aside, retrying cannot help
+            kept = self.databases.set_aside(self.id)
+            self._move(State.CONFLICT, "storage moved past the copy")
+            log.error("saving %s conflicts with storage (%s); the local copy was moved to %s for "
+                      "the operator", self.id, e, kept)
+        except StorageError as e:
+            log.error("saving %s to storage failed; the local copy is kept and will be retried: %s",
+                      self.id, e)
+        else:
+            if saved is not None:
+                self._move(State.LOCAL, f"saved as {saved.version}")
+
+    async def _restore(self, by: float | None = None):
+        """Bring a database that is only in storage onto local disk; None if it is nowhere."""
+        began = time.monotonic()
+        self.databases.forget(self.id)  # a pointer read during authentication may be stale by now
+        with storage_failures(self.id):
+            try:
+                async with in_time(self.id, "restoring the database", by or self._storage_deadline()):
+                    restored = await self.databases.ensure_local(self.id)
+            except storage_errors.NotFound:
+                return None
+            except storage_errors.CorruptArchive as e:
+                # found by the extraction's checks, which the storage backend's counter never sees
+                self.s.metrics.storage_error(e)
+                raise
+        if restored is not None:
+            self._move(State.LOCAL, f"restored {restored.version}")
+            self.s.metrics.wake_phase("restore", time.monotonic() - began)
+        return restored
+
+    async def evict_copy(self) -> bool:
+        """Remove the stopped local copy if storage holds exactly it (the cache budget)."""
+        async with self.lock:
+            state = self.databases.state(self.id)
+            if self.instance is not None or state.dirty or state.running or not self.catalog.exists(self.id):
+                return False
+            cur = await self.databases.current(self.id, fresh=True)
+            if cur is None or cur.manifest.version != state.version:
+                return False  # storage does not hold exactly this copy
+            await asyncio.to_thread(self.catalog.delete, self.id)
+            self._move(State.STORED, "evicted from the local cache")
+            return True
+
+    # --- leases ------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _claimed(self, creating: bool = False, by: float | None = None):
+        """Hold the lease for what follows, with the local copy caught up with storage (and,
+        `creating`, yielding whether storage knows nothing of the id); give the lease back if
+        nothing came of it. Storage must have answered by loop time `by` (default:
+        start_timeout from now)."""
+        by = by or self._storage_deadline()
+        async with in_time(self.id, "claiming the database", by):
+            # only a database with no local copy may be created here; ask storage before the
+            # claim, which would overwrite an expired lease of another gateway
+            may_create = creating and not self.catalog.exists(self.id) and await self._unknown_to_storage()
+            with storage_failures(self.id):
+                fresh = await self.leases.claim(self.id)
+        try:
+            if fresh:
+                async with in_time(self.id, "reading its newest version", by):
+                    with storage_failures(self.id):
+                        await self._catch_up()
+            yield may_create
+        except BaseException:
+            await self._release_if_saved()
+            raise
+
+    async def _catch_up(self) -> None:
+        """After a fresh claim: a clean copy older than storage is replaced by the stored
+        version; an unsaved one storage moved past is set aside."""
+        before = bool(self.databases.set_aside_copies(self.id))
+        await self.databases.catch_up(self.id)
+        if not before and self.databases.set_aside_copies(self.id):
+            self._move(State.CONFLICT, "storage moved past the copy")
+        elif self.phase is State.FENCED:
+            self._move_stopped("lease claimed again")
+
+    def _storage_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.s.settings.start_timeout
+
+    async def _release_if_saved(self) -> None:
+        """Give up the lease once nothing runs on the local copy and storage has all of it."""
+        if self.instance is not None:
+            return
+        if not self.catalog.exists(self.id):
+            await self.leases.release(self.id)
+        elif not self.databases.state(self.id).dirty:
+            self.leases.release_later(self.id)
+
+    # --- held stopped, for operations ----------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def held(self, reason: str = "requested", *, save: bool = True):
+        """Hold the database stopped for the block (delete, restore, snapshot, upload, upgrade):
+        stop its instance if one runs (saving its changes, unless not `save`: its files are
+        about to go), claim its lease and keep clients from starting it until the block ends.
+        Yields a `Held`, whose methods are the transitions such operations make."""
+        async with self.lock:
+            inst = self.instance
+            if inst is not None:
+                await self._stop(inst, reason, discard=not save)
+            # the operation changes storage or the copy: no other gateway may run it meanwhile
+            fresh = await self.leases.claim(self.id)
+            try:
+                if fresh and save:
+                    await self._catch_up()
+                yield Held(self, inst is not None)
+            finally:
+                await self._release_if_saved()
+
+
+class Held:
+    """A database held stopped by `Database.held`, with its lock and lease: the transitions an
+    operation makes on it."""
+
+    def __init__(self, db: Database, stopped: bool) -> None:
+        self.db = db
+        self.stopped = stopped  # whether an instance was stopped for the block
+
+    async def save_now(self, note: str) -> Manifest | None:
+        """Save the stopped local copy as a new version if it holds changes (`db snapshot`,
+        and before an upgrade); the new manifest, or None if there was nothing to save."""
+        saved = await self.db.databases.save(self.db.id, note=note)
+        if saved is not None:
+            self.db._move(State.LOCAL, f"saved as {saved.version}")
+        return saved
+
+    async def restore_local(self) -> None:
+        """Make sure the database has a local copy (restored from storage)."""
+        restored = await self.db.databases.ensure_local(self.db.id)
+        if restored is not None:
+            self.db._move(State.LOCAL, f"restored {restored.version}")
+
+    async def roll_back(self, version: str) -> tuple[Manifest | None, Manifest]:
+        """Make stored `version` current again and the local copy that version (unsaved local
+        changes are saved first): (the version saved before, the target's manifest)."""
+        saved, target = await roll_back(self.db.databases, self.db.id, version)
+        self.db._move(State.LOCAL, f"rolled back to {target.version}")
+        return saved, target
+
+    async def replace(self, built: Path, roles, *, expect, note: str) -> str:
+        """Store `built` (a database directory beside the data root) as the new current
+        version, written only if storage still holds `expect` (the current version the caller
+        read), and rename it into place of the local copy. The version it replaces stays in
+        storage. Returns the new version."""
+        db_id, databases = self.db.id, self.db.databases
+        manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=expect, note=note)
+        databases.forget(db_id)
+        await databases.put_in_place(db_id, built, manifest.version)
+        self.db._move(State.LOCAL, f"replaced by {manifest.version}")
+        return manifest.version
+
+    async def remove(self, *, everywhere: bool = False) -> None:
+        """Delete the local copy (takes its file lock: refused while another process runs it);
+        `everywhere`: every object of the database in storage too."""
+        db_id, databases = self.db.id, self.db.databases
+        if databases.catalog.db_dir(db_id).exists():
+            await asyncio.to_thread(databases.catalog.delete, db_id)
+        databases.forget(db_id)
+        if everywhere:
+            await databases.store.delete_database(db_id)
+            databases.forget(db_id)
+        self.db._move(State.ABSENT if everywhere else State.STORED, "deleted" if everywhere
+                      else "local copy removed")
+
+
+def hold(inst: Instance) -> Instance:
+    """Count one more client of a running instance."""
+    inst.clients += 1
+    inst.last_used = time.monotonic()
+    return inst
+
+
+@contextlib.asynccontextmanager
+async def in_time(db_id: str, doing: str, by: float):
+    """Bound storage work by loop time `by`: a store that hangs is told to the client as
+    such (57P03 with the reason), in bounded time, not as a handshake that ran out."""
+    try:
+        async with asyncio.timeout_at(by):
+            yield
+    except TimeoutError:
+        raise errors.storage_unavailable(db_id, f"storage did not answer in time ({doing})") from None
+
+
+class storage_failures:
+    """Turn storage errors into what a client should read (context manager)."""
+
+    def __init__(self, db_id: str) -> None:
+        self.db_id = db_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None or not isinstance(exc, StorageError):
+            return
+        log.error("storage error for %s: %s", self.db_id, exc)
+        if isinstance(exc, LeaseHeld):
+            raise errors.GatewayError(errors.CANNOT_CONNECT_NOW, str(exc), hint=(
+                "Connect through that gateway, or retry once it has stopped the database "
+                "(after idle_timeout).")) from exc
+        if isinstance(exc, storage_errors.StorageUnavailable):
+            raise errors.storage_unavailable(self.db_id) from exc
+        if isinstance(exc, storage_errors.DiskFull):
+            raise errors.disk_full(self.db_id, str(exc)) from exc
+        if isinstance(exc, storage_errors.CorruptArchive):
+            raise errors.GatewayError(errors.DATA_CORRUPTED,
+                                      f'the stored snapshot of database "{self.db_id}" is damaged',
+                                      detail=str(exc), hint="The operator can roll back with "
+                                      "`pgsni db restore ID --version V`.") from exc
+        raise errors.GatewayError(errors.INTERNAL_ERROR, f'storage error for database "{self.db_id}"',
+                                  detail=str(exc)) from exc

@@ -33,14 +33,13 @@ import contextlib
 import logging
 from typing import Sequence
 
-from gateway.compute import dbroles, lifecycle, securing
+from gateway.compute import dbroles, securing
 from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgNotInstalled
 from gateway.config import Settings
 from gateway.errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DATABASE, GatewayError
 from storage import errors as storage_errors
 from storage.cache import Databases, disk_usage
-from storage.forking import fork_version
 from storage.ids import ID_RULE, valid_id
 from storage.leases import LeaseHeld
 from storage.local import DatabaseBusy, DatabaseExists, LocalCatalog
@@ -135,13 +134,13 @@ class Ops:
     @contextlib.asynccontextmanager
     async def _held(self, db_id: str, reason: str, *, save: bool = True, flock: bool = True):
         """The database stopped (here, through the manager) and locked against other
-        processes for the block; yields whether an instance was stopped."""
+        processes for the block; yields its lifecycle's `Held` (the transitions allowed)."""
         with translated():
-            async with self.manager.stopped(db_id, reason, save=save) as stopped:
+            async with self.manager.stopped(db_id, reason, save=save) as held:
                 lock = self.catalog.lock(db_id) if flock and self.catalog.exists(db_id) \
                     else contextlib.nullcontext()
                 with lock:
-                    yield stopped
+                    yield held
 
     # --- create --------------------------------------------------------------------------------
     async def create(self, db_id: str, password: str | None = None, source: str | None = None,
@@ -179,10 +178,9 @@ class Ops:
                 await steps.refresh_roles(self.manager, db_id)
             except BaseException:
                 # a database whose init failed is not left behind, here or in storage
-                async with self.manager.stopped(db_id, "init failed", save=False):
-                    await self.manager.remove_local(db_id)
-                    if await self.databases.current(db_id, fresh=True) is None:
-                        await self.store.delete_database(db_id)  # e.g. its lease
+                async with self.manager.stopped(db_id, "init failed", save=False) as held:
+                    # with no version stored, its other objects (e.g. its lease) go too
+                    await held.remove(everywhere=await self.databases.current(db_id, fresh=True) is None)
                 raise
             await self.manager.stop(db_id, "created")
         version = self.databases.state(db_id).version
@@ -251,7 +249,7 @@ class Ops:
                     bool(state and state.dirty), last_used,
                     manifest.pg_major if manifest else steps.local_pg_major(self.catalog, db_id),
                     versions, [str(p) for p in set_aside],
-                    (await lifecycle.state_of(self.manager, db_id, stored=cur is not None,
+                    (await self.manager.database(db_id).state(stored=cur is not None,
                                               set_aside=set_aside)).value)
 
     async def versions(self, db_id: str) -> list[Version]:
@@ -273,12 +271,9 @@ class Ops:
                 changes.append(f"remove the local copy {self.catalog.db_dir(db_id)}")
             changes.append(f"remove {len(objects)} object(s) under dbs/{db_id}/ from {self.store.backend.describe()}")
             return Plan("delete", db_id, changes)
-        async with self._held(db_id, "deleted", save=False, flock=False) as stopped:
-            if self.catalog.db_dir(db_id).exists():
-                await self.manager.remove_local(db_id)
-            await self.store.delete_database(db_id)
-            self.databases.forget(db_id)
-        return Deleted(db_id, local, len(objects), stopped)
+        async with self._held(db_id, "deleted", save=False, flock=False) as held:
+            await held.remove(everywhere=True)
+        return Deleted(db_id, local, len(objects), held.stopped)
 
     # --- fork ----------------------------------------------------------------------------------
     async def fork(self, src: str, new: str, version: str | None = None, *,
@@ -314,8 +309,7 @@ class Ops:
                             f"inside {self.store.backend.describe()}",
                             f"make it the first version of {new} (same roles and passwords as {src})"]
                 return Plan("fork", new, changes)
-            forked = await fork_version(self.store, manifest, new)
-            self.databases.forget(new)
+            forked = await self.manager.fork(new, manifest)
         return Forked(new, src, manifest.version, forked.version, manifest.archive["size"], saved)
 
     def _unsaved(self, db_id: str) -> bool:
@@ -339,13 +333,13 @@ class Ops:
                 (["save the local copy as a new version"] if dirty or running else [])
             return Plan("snapshot", db_id, changes or ["nothing: no changes since the stored version"])
         before = self.databases.state(db_id).version  # before the stop, which may save it
-        async with self._held(db_id, "snapshot") as stopped:
-            manifest = await self.manager.save_now(db_id, note="pgsni db snapshot")
+        async with self._held(db_id, "snapshot") as held:
+            manifest = await held.save_now(note="pgsni db snapshot")
             after = self.databases.state(db_id).version
         if manifest is not None:
-            return Snapshot(db_id, manifest.version, True, stopped)
+            return Snapshot(db_id, manifest.version, True, held.stopped)
         # the manager's stop may already have saved it
-        return Snapshot(db_id, after if after != before else None, after != before, stopped)
+        return Snapshot(db_id, after if after != before else None, after != before, held.stopped)
 
     async def restore(self, db_id: str, version: str, *, force: bool = False,
                       dry_run: bool = False) -> Restored | Plan:
@@ -359,9 +353,9 @@ class Ops:
                 [f"replace the local copy with version {target.version}",
                  f"make {target.version} the current version"]
             return Plan("restore", db_id, changes)
-        async with self._held(db_id, f"restoring {version}") as stopped:
-            saved, target = await self.manager.roll_back(db_id, version)
-        return Restored(db_id, target.version, saved.version if saved else None, stopped)
+        async with self._held(db_id, f"restoring {version}") as held:
+            saved, target = await held.roll_back(version)
+        return Restored(db_id, target.version, saved.version if saved else None, held.stopped)
 
     # --- verify and passwords ------------------------------------------------------------------
     async def verify(self, db_id: str, *, dry_run: bool = False) -> Verified | Plan:

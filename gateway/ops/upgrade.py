@@ -52,11 +52,11 @@ async def upgrade(manager: InstanceManager, db_id: str, to_major: str) -> Upgrad
         new = installs.get(to_major)
     except PgNotInstalled as e:
         raise UpgradeError(str(e)) from None
-    async with manager.stopped(db_id, f"upgrading to Postgres {to_major}"):
+    async with manager.stopped(db_id, f"upgrading to Postgres {to_major}") as held:
         catalog, databases = manager.catalog, manager.databases
         if not catalog.exists(db_id):
-            await manager.restore_local(db_id)
-        await manager.save_now(db_id, note=f"saved before the upgrade to Postgres {to_major}")
+            await held.restore_local()
+        await held.save_now(note=f"saved before the upgrade to Postgres {to_major}")
         pgdata = catalog.pgdata(db_id)
         old = installs.get(pgdata_major(pgdata))
         if int(new.major) <= int(old.major):
@@ -68,7 +68,7 @@ async def upgrade(manager: InstanceManager, db_id: str, to_major: str) -> Upgrad
         build = catalog.root / f".upgrade-{secrets.token_hex(4)}"
         try:
             roles = await _build(manager, old, new, pgdata, build, run_as)
-            version = await store_and_swap(manager, db_id, build, roles, replace=True,
+            version = await store_and_swap(held, build, roles, replace=True,
                                            note=f"pgsni db upgrade {old.major} -> {new.major}",
                                            before="saved before db upgrade")
         finally:

@@ -23,6 +23,7 @@ import zstandard
 
 from gateway.compute import dbroles, extensions, securing
 from gateway.compute.instances import InstanceManager
+from gateway.compute.lifecycle import Held
 from gateway.compute.pgbins import PgInstall, pgdata_major
 from gateway.compute.postgres import PostgresError, PostgresProcess
 from gateway.wire.scram import scram_verifier
@@ -301,33 +302,27 @@ def _first_line(e: Exception) -> str:
 
 async def _commit(manager: InstanceManager, p: Plan, built: Path, roles) -> str:
     """Store the built copy as the new current version of `p.id`, then put it in place locally."""
-    async with manager.stopped(p.id, "replaced by db upload"):
-        return await store_and_swap(manager, p.id, built, roles, replace=p.replace,
+    async with manager.stopped(p.id, "replaced by db upload") as held:
+        return await store_and_swap(held, built, roles, replace=p.replace,
                                     note=f"pgsni db upload ({p.kind})", before="saved before db upload")
 
 
-async def store_and_swap(manager: InstanceManager, db_id: str, built: Path, roles, *, replace: bool,
-                         note: str, before: str) -> str:
+async def store_and_swap(held: Held, built: Path, roles, *, replace: bool, note: str, before: str) -> str:
     """With the database held stopped (`manager.stopped`): save what its local copy holds
     (`before` is that version's note), store `built` (a database directory beside the data
     root) as the new current version, and rename it into place. The version it replaces stays
     in storage. Returns the new version."""
-    databases, catalog = manager.databases, manager.catalog
-    await manager.leases.claim(db_id)  # held while storage changes (several gateways)
+    db_id, databases = held.db.id, held.db.databases
+    catalog = databases.catalog
+    lock = catalog.lock(db_id).acquire() if catalog.db_dir(db_id).exists() else None
     try:
-        lock = catalog.lock(db_id).acquire() if catalog.db_dir(db_id).exists() else None
-        try:
-            if catalog.exists(db_id):
-                await manager.save_now(db_id, note=before)
-            cur = await databases.current(db_id, fresh=True)
-            if replace != (cur is not None or catalog.exists(db_id)):
-                raise UploadError(f'database "{db_id}" was {"deleted" if replace else "created"} '
-                                  "meanwhile; nothing was changed")
-            manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=cur, note=note)
-            await manager.replace_local(db_id, built, manifest.version)
-        finally:
-            if lock is not None:
-                lock.release()
+        if catalog.exists(db_id):
+            await held.save_now(note=before)
+        cur = await databases.current(db_id, fresh=True)
+        if replace != (cur is not None or catalog.exists(db_id)):
+            raise UploadError(f'database "{db_id}" was {"deleted" if replace else "created"} '
+                              "meanwhile; nothing was changed")
+        return await held.replace(built, roles, expect=cur, note=note)
     finally:
-        await manager.leases.release(db_id)
-    return manifest.version
+        if lock is not None:
+            lock.release()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.app import open_databases
 from gateway.compute.instances import InstanceManager
-from gateway.compute.lifecycle import State, state_of
+from gateway.compute.lifecycle import State
 from gateway.config import Settings
 from storage.local import LocalCatalog
 from storage.localdir import LocalDirBackend
@@ -24,18 +24,18 @@ def _manager(tmp_path: Path) -> InstanceManager:
 
 async def test_states_of_a_stopped_database(tmp_path):
     m = _manager(tmp_path)
-    assert await state_of(m, "x") is State.ABSENT
+    assert await m.database("x").state() is State.ABSENT
     src = tmp_path / "src" / "pgdata"
     src.mkdir(parents=True)
     (src / "PG_VERSION").write_text("18\n")
     manifest = await m.databases.store.snapshot("x", src, {}, expect=None)
-    assert await state_of(m, "x") is State.STORED
+    assert await m.database("x").state() is State.STORED
     await m.databases.install("x", manifest)
-    assert await state_of(m, "x") is State.LOCAL
+    assert await m.database("x").state() is State.LOCAL
     m.databases.mark_running("x")
     m.databases.mark_stopped("x", changed=True)
-    assert await state_of(m, "x") is State.CHANGED
+    assert await m.database("x").state() is State.CHANGED
     m.databases.set_aside("x")
-    assert await state_of(m, "x") is State.CONFLICT  # until the operator deals with the copy
-    m._starting.add("y")
-    assert await state_of(m, "y") is State.STARTING
+    assert await m.database("x").state() is State.CONFLICT  # until the operator deals with the copy
+    m.shared.starting.add("y")
+    assert await m.database("y").state() is State.STARTING

@@ -144,12 +144,12 @@ def test_wake_rate_spaces_starts(start_gateway, tls):
     ids = _stopped_dbs(gw, 4)
     manager = gw.gw.instances
     starts: list[float] = []
-    real_start = manager._start
+    real_launch = manager.launcher.launch
 
-    async def timed_start(db_id):
+    async def timed_launch(inst):
         starts.append(time.monotonic())
-        return await real_start(db_id)
-    manager._start = timed_start
+        return await real_launch(inst)
+    manager.launcher.launch = timed_launch
     time.sleep(1.0)  # the bucket is full again (burst 1)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda d: attempt(gw.port, tls["ca"], d), ids))
