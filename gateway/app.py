@@ -161,7 +161,8 @@ class Gateway:
 
     def _refill_spares(self) -> None:
         """Keep `spare_clones` copies of the template ready (in a thread, one refill at a time),
-        so that creating a database is a rename instead of a copy of ~1000 files."""
+        so that creating a database is a rename instead of a copy of ~1000 files and a sync of
+        them (a spare is synced as it is made, here, off the create's path)."""
         if self.settings.spare_clones > 0 and (self._spare_task is None or self._spare_task.done()):
             self._spare_task = asyncio.ensure_future(asyncio.to_thread(self._fill_spares))
 

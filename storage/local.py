@@ -39,6 +39,10 @@ class DatabaseExists(StorageError):
     pass
 
 
+def _already_exists(db_id: str) -> DatabaseExists:
+    return DatabaseExists(f'database "{db_id}" already exists')
+
+
 class DatabaseBusy(StorageError):
     pass
 
@@ -161,9 +165,9 @@ class LocalCatalog:
         """Clone the template of Postgres `major` (default: the maker's) into
         `<root>/<id>/pgdata`; atomic: a half-made copy never shows."""
         major = major or self._maker().default_major
+        if self._take_spare(db_id, major):
+            return self.pgdata(db_id)
         with disk_full_as(f'creating database "{db_id}"'), self.staging(db_id) as pgdata:
-            if self._take_spare(pgdata, major):
-                return self.pgdata(db_id)
             try:
                 copy_tree(self.template(major), pgdata)
             except CopyError as e:
@@ -173,22 +177,32 @@ class LocalCatalog:
         return self.pgdata(db_id)
 
     # --- spare clones: with a copy of the template waiting, creating is one rename ----------
-    # (cloning ~1000 files takes 0.2-1 s on a busy disk; a running gateway refills in a thread)
+    # (cloning ~1000 files and syncing them takes 0.2-1 s on a busy disk; a running gateway
+    # refills in a thread)
     def _spares(self, major: str) -> list[Path]:
         if not self.root.is_dir():
             return []
         return sorted(self.root.glob(f"{SPARE}{major}-*"))
 
-    def _take_spare(self, pgdata: Path, major: str) -> bool:
+    def _take_spare(self, db_id: str, major: str) -> bool:
+        """Make a spare `<root>/<id>` with one rename (a spare has the layout of a database
+        directory), durable with one fsync of the data root: fill_spares synced its files
+        before it made it ready, so a create does no sync of the tree itself."""
+        target = self.db_dir(db_id)
         for spare in self._spares(major):
+            if target.exists():  # checked first: a rename would replace an empty directory
+                raise _already_exists(db_id)
+            if not _whole(spare / "pgdata"):
+                shutil.rmtree(spare, ignore_errors=True)  # damaged (tampered with?): clone instead
+                continue
             try:
-                os.rename(spare / "pgdata", pgdata)
-            except OSError:
+                os.rename(spare, target)
+            except FileNotFoundError:
                 continue  # a concurrent create took it
-            shutil.rmtree(spare, ignore_errors=True)
-            if (pgdata / "global" / "pg_control").is_file() and (pgdata / "PG_VERSION").is_file():
-                return True
-            shutil.rmtree(pgdata, ignore_errors=True)  # damaged (tampered with?): clone instead
+            except OSError:  # a concurrent create of this id made it first
+                raise _already_exists(db_id) from None
+            fsync_dir(self.root)
+            return True
         return False
 
     def fill_spares(self, count: int) -> int:
@@ -204,7 +218,12 @@ class LocalCatalog:
                     copy_tree(self.template(major), work / "pgdata")
                 except CopyError:
                     return made
+                # durable before it is ready, here in the background: a create that takes it
+                # (_take_spare) then only renames it and syncs the data root, and a cloned file
+                # Postgres never writes cannot be empty after a power loss
+                sync_tree(work)
                 os.rename(work, self.root / f"{SPARE}{major}-{token}")
+                fsync_dir(self.root)
                 made += 1
             finally:
                 if work.exists():
@@ -224,7 +243,7 @@ class LocalCatalog:
         is removed: a half-made database never shows, and nothing is left behind."""
         target = self.db_dir(db_id)
         if target.exists():
-            raise DatabaseExists(f'database "{db_id}" already exists')
+            raise _already_exists(db_id)
         self.prepare()
         work = self.root / f".new-{db_id}-{secrets.token_hex(4)}"
         self.run_as.make_dir(work)
@@ -236,7 +255,7 @@ class LocalCatalog:
             try:
                 os.rename(work, target)
             except OSError:
-                raise DatabaseExists(f'database "{db_id}" already exists') from None
+                raise _already_exists(db_id) from None
             fsync_dir(self.root)
         finally:
             if work.exists():
@@ -259,6 +278,10 @@ class LocalCatalog:
 
     def _flock(self, path: Path, blocking: bool = True, busy: str = "") -> "_Flock":
         return _Flock(path, blocking, busy)
+
+
+def _whole(pgdata: Path) -> bool:
+    return (pgdata / "global" / "pg_control").is_file() and (pgdata / "PG_VERSION").is_file()
 
 
 class _Flock:

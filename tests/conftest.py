@@ -84,10 +84,16 @@ def template_pgdata() -> Path:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def seed_template(root: Path, template_pgdata: Path) -> None:
+    """Copy the session's template into data root `root` under the name its catalog looks
+    for (`_template-<major>`), so a gateway on it does not make one of its own (a second)."""
+    copy_tree(template_pgdata.parent, root / template_pgdata.parent.name)
+
+
 @pytest.fixture
 def data_root(template_pgdata) -> Path:
     root = reachable_tmpdir("pgsni-data-")
-    copy_tree(template_pgdata.parent, root / template_pgdata.parent.name)
+    seed_template(root, template_pgdata)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

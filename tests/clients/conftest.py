@@ -17,7 +17,7 @@ import pytest
 
 from gateway.config import Settings
 
-from ..conftest import PG_OPTIONS, no_session_crashes, reachable_tmpdir
+from ..conftest import PG_OPTIONS, no_session_crashes, reachable_tmpdir, seed_template
 from ..support.harness import DOMAIN, TEST_PASSWORD, GatewayThread
 from .contract import script_env
 
@@ -57,9 +57,7 @@ def client_gateway(tls, template_pgdata):
     """A gateway shared by every client module (a database each): starting one per test
     would cost a template copy and a Postgres start every time."""
     root = reachable_tmpdir("pgsni-clients-")
-    # as tests/conftest.py's data_root does, at session scope
-    template = template_pgdata.parent
-    subprocess.run(["cp", "-a", str(template), str(root / template.name)], check=True)
+    seed_template(root, template_pgdata)  # as tests/conftest.py's data_root does, at session scope
     settings = Settings(
         listen_host="127.0.0.1", listen_port=0, domains=[DOMAIN], tls_cert=str(tls["cert"]),
         tls_key=str(tls["key"]), data_root=str(root), storage_path=str(root / "_storage"),

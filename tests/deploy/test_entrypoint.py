@@ -23,9 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.local import TEMPLATE
-
-from ..conftest import PG_OPTIONS, reachable_tmpdir
+from ..conftest import PG_OPTIONS, reachable_tmpdir, seed_template
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)
 from ..support.harness import DOMAIN, postmasters, psql, wait_until
 from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY, free_port
@@ -291,7 +289,7 @@ def run_entrypoint(moto_server, tmp_path, template_pgdata):
             PGSNI_POSTGRES_OPTIONS=",".join(f"{k}={v}" for k, v in PG_OPTIONS.items()), **extra)
         root = work / data_root
         root.mkdir()
-        subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / TEMPLATE)], check=True)
+        seed_template(root, template_pgdata)
         ep = Entrypoint(env, tmp_path / f"gateway-{len(started)}.log", port)
         ep.admin_port = admin
         started.append(ep)

@@ -6,7 +6,6 @@ in development mode, the only one that allows superusers without per-database ui
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import psycopg
@@ -14,6 +13,7 @@ import pytest
 
 from gateway.config import ConfigError, Settings
 from gateway.compute.pgbins import PgInstalls
+from storage.local import copy_tree
 
 from ..support.harness import connect_sqlstate, conninfo
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
@@ -84,7 +84,7 @@ def test_a_copy_of_a_database_gets_a_uid_of_its_own(start_gateway, tls):
     gt.call(lambda: gt.gw.instances.stop("app1"))
     catalog = gt.gw.catalog
     # a copy that keeps its source's owner, as a fork's copy does
-    subprocess.run(["cp", "-a", str(catalog.db_dir("app1")), str(catalog.db_dir("app3"))], check=True)
+    copy_tree(catalog.db_dir("app1"), catalog.db_dir("app3"))
     assert catalog.pgdata("app3").stat().st_uid == uid1
     with _connect(gt, tls, "app3") as three, _connect(gt, tls, "app1") as one:
         uid3 = _uid_of_backend(three)
@@ -155,7 +155,7 @@ def test_a_uid_the_machine_cannot_give_is_a_clear_startup_error(start_gateway, t
     gt.call(lambda: gt.gw.instances.stop("app1"))
     catalog = gt.gw.catalog
     # a copy with app1's uid needs one of its own
-    subprocess.run(["cp", "-a", str(catalog.db_dir("app1")), str(catalog.db_dir("app3"))], check=True)
+    copy_tree(catalog.db_dir("app1"), catalog.db_dir("app3"))
     owner = catalog.pgdata("app3").stat().st_uid
     monkeypatch.setattr(RunAs, "chown_tree", unmapped)
     with pytest.raises(psycopg.OperationalError, match="instance_uid_base and instance_uid_count inside"):

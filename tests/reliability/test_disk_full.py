@@ -15,9 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from storage.local import TEMPLATE
-
-from ..conftest import reachable_tmpdir
+from ..conftest import reachable_tmpdir, seed_template
 from ..support.harness import connect_sqlstate, conninfo, psql
 
 MB = 1 << 20
@@ -59,7 +57,7 @@ def small_disk(template_pgdata):
         shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {mounted.stderr.strip()}")
     try:
-        subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / TEMPLATE)], check=True)
+        seed_template(root, template_pgdata)
         yield SmallDisk(base)
     finally:
         subprocess.run(["umount", "-l", str(root)], capture_output=True)

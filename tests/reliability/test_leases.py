@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from gateway.config import Settings
-from storage.local import TEMPLATE
 from storage.localdir import LocalDirBackend
 
-from ..conftest import reachable_tmpdir
+from ..conftest import reachable_tmpdir, seed_template
 from ..support.harness import GatewayThread, conninfo, connect_sqlstate, psql, wait_until
 
 
@@ -24,7 +22,7 @@ from ..support.harness import GatewayThread, conninfo, connect_sqlstate, psql, w
 def second_gateway(make_settings, template_pgdata):
     """A gateway with its own data root, sharing the first one's storage."""
     root = reachable_tmpdir("pgsni-data-b-")
-    subprocess.run(["cp", "-a", str(template_pgdata.parent), str(root / TEMPLATE)], check=True)
+    seed_template(root, template_pgdata)
     started: list[GatewayThread] = []
 
     def start(**kw) -> GatewayThread:

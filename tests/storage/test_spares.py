@@ -4,12 +4,13 @@ without one it clones as before; spares never show as databases and are dropped 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from storage import local as local_mod
 from storage.errors import CopyError, DiskFull, StorageError
-from storage.local import SPARE, LocalCatalog, copy_tree
+from storage.local import SPARE, DatabaseExists, LocalCatalog, copy_tree
 from storage.osuser import clean_env
 
 from ..conftest import template_catalog
@@ -33,6 +34,32 @@ def test_create_takes_a_spare_then_clones(data_root):
     assert (pgdata2 / "PG_VERSION").is_file() and not (pgdata2 / "spare-marker").exists()
     assert pgdata2.stat().st_mode & 0o077 == 0 and (pgdata2.stat().st_uid == pgdata.stat().st_uid)
     assert catalog.list() == ["app1", "app2"]
+
+
+def test_a_spare_is_synced_when_made_so_taking_it_syncs_only_the_data_root(data_root, monkeypatch):
+    """The durability work is the filler's: a spare's files are synced before it is ready,
+    and a create that takes it renames it and syncs the data root, nothing more."""
+    catalog = _catalog(data_root)
+    calls: list[tuple[str, Path]] = []
+    monkeypatch.setattr(local_mod, "sync_tree", lambda p: calls.append(("sync_tree", Path(p))))
+    monkeypatch.setattr(local_mod, "fsync_dir", lambda p: calls.append(("fsync_dir", Path(p))))
+    assert catalog.fill_spares(1) == 1
+    (spare,) = [p for p in data_root.iterdir() if p.name.startswith(SPARE)]
+    token = spare.name.rsplit("-", 1)[1]
+    assert calls == [("sync_tree", data_root / f"{SPARE}tmp-{token}"), ("fsync_dir", data_root)]
+    calls.clear()
+    pgdata = catalog.create("app1")
+    assert calls == [("fsync_dir", data_root)]
+    assert (pgdata / "PG_VERSION").is_file() and not spare.exists()
+
+
+def test_a_spare_never_takes_the_place_of_an_existing_database(data_root):
+    catalog = _catalog(data_root)
+    catalog.fill_spares(1)
+    catalog.db_dir("app1").mkdir()  # even an empty directory, which a rename would replace
+    with pytest.raises(DatabaseExists, match='database "app1" already exists'):
+        catalog.create("app1")
+    assert len([p for p in data_root.iterdir() if p.name.startswith(SPARE)]) == 1
 
 
 def test_drop_spares_removes_ready_and_half_made(data_root):
