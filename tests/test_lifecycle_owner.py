@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OWNER = "gateway/compute/lifecycle.py"
+OWNERS = {"gateway/compute/lifecycle.py", "gateway/compute/held.py"}  # Database, and Held for operations
 
 # storage/cache.py's transitions of a local copy (`recover` at start-up stays the manager's:
 # nothing runs yet), the catalog's delete, the stored versions' writes, the leases' claims
@@ -43,7 +43,7 @@ def test_only_the_lifecycle_moves_a_database_between_states():
     for package in ("gateway", "certs"):
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel != OWNER and (found := violations(path.read_text())):
+            if rel not in OWNERS and (found := violations(path.read_text())):
                 offenders[rel] = found
     assert not offenders, ("state transitions outside the lifecycle (ask its Database instead, "
                            f"inside `held()`): {offenders}")

@@ -31,11 +31,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import psycopg
@@ -46,7 +44,7 @@ from gateway.metrics import Metrics
 from gateway.rates import TokenBucket
 from storage import errors as storage_errors
 from storage import roles as roles_mod
-from storage.cache import Databases, roll_back
+from storage.cache import Databases
 from storage.errors import StorageError
 from storage.forking import fork_version
 from storage.leases import LeaseHeld, Leases
@@ -54,37 +52,15 @@ from storage.osuser import OSUserError
 from storage.snapshots import Manifest
 
 from . import dbroles, securing
+from .failures import in_time, storage_failures
+from .held import Held
 from .postgres import PostgresError
 from .running import Instance, Launcher
+from .states import EDGES, State
 
 log = logging.getLogger("pgsni.instances")
 
 Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a new database
-
-
-class State(enum.Enum):
-    ABSENT = "absent"  # nowhere: neither here nor in storage
-    STORED = "stored"  # only in storage
-    LOCAL = "local"  # a local copy equal to its stored version, stopped
-    STARTING = "starting"  # a postmaster is being started (slot, lock and lease held)
-    RUNNING = "running"
-    CHANGED = "changed"  # stopped, with changes not yet in storage
-    CONFLICT = "conflict"  # copies set aside: changes storage moved past (see db info)
-    FENCED = "fenced"  # this gateway's heartbeat lapsed: nothing runs until it claims again
-
-
-S = State
-# The diagram above as data: every move a Database makes is checked against it.
-EDGES: dict[State, frozenset[State]] = {
-    S.ABSENT: frozenset({S.STARTING, S.LOCAL, S.STORED}),  # create; upload or fork
-    S.STORED: frozenset({S.LOCAL, S.ABSENT, S.STORED}),  # restore; delete; a newer version
-    S.LOCAL: frozenset({S.STARTING, S.STORED, S.ABSENT, S.LOCAL, S.CHANGED}),
-    S.STARTING: frozenset({S.RUNNING, S.LOCAL, S.CHANGED, S.ABSENT}),
-    S.RUNNING: frozenset({S.LOCAL, S.CHANGED, S.FENCED, S.ABSENT}),
-    S.CHANGED: frozenset({S.LOCAL, S.CONFLICT, S.STARTING, S.ABSENT, S.CHANGED}),
-    S.CONFLICT: frozenset({S.STORED, S.LOCAL, S.STARTING, S.ABSENT}),
-    S.FENCED: frozenset({S.CHANGED, S.LOCAL, S.STARTING, S.CONFLICT}),
-}
 
 
 @dataclass
@@ -145,7 +121,7 @@ class Database:
         return self.s.launcher
 
     # --- the state ---------------------------------------------------------------------------
-    def _move(self, to: State, why: str) -> None:
+    def move(self, to: State, why: str) -> None:
         """Record a transition; one the diagram does not have is logged and counted."""
         if self.phase is not None and to not in EDGES[self.phase]:
             self.s.unexpected += 1
@@ -157,9 +133,9 @@ class Database:
     def _move_stopped(self, why: str) -> None:
         """To LOCAL or CHANGED as the copy's state.json says (or ABSENT without a copy)."""
         if not self.catalog.exists(self.id):
-            self._move(State.ABSENT, why)
+            self.move(State.ABSENT, why)
         else:
-            self._move(State.CHANGED if self.databases.state(self.id).dirty else State.LOCAL, why)
+            self.move(State.CHANGED if self.databases.state(self.id).dirty else State.LOCAL, why)
 
     async def state(self, *, stored: bool | None = None, set_aside: list | None = None) -> State:
         """Where the database is in its life: what only this process knows from the object,
@@ -295,7 +271,7 @@ class Database:
             if self.instance is not None:
                 await self._stop(self.instance, "creation failed", discard=True)
             await asyncio.to_thread(self.catalog.delete, db_id)
-            self._move(State.ABSENT, "creation failed")
+            self.move(State.ABSENT, "creation failed")
             raise
         log.info("created database %s", db_id)
         if self.s.after_create is not None:
@@ -315,7 +291,7 @@ class Database:
         async with self.lock:
             forked = await fork_version(self.databases.store, source, self.id)
             self.databases.forget(self.id)
-            self._move(State.STORED, f"forked from {source.db_id}")
+            self.move(State.STORED, f"forked from {source.db_id}")
             return forked
 
     # --- securing a database saved by an older pgsni -----------------------------------------
@@ -336,7 +312,7 @@ class Database:
                 await self.databases.save(self.id, note="saved before db secure")
             report = await self._secure_copy(drop_untrusted)
             self.databases.mark_stopped(self.id, changed=True)
-            self._move(State.CHANGED, "secured")
+            self.move(State.CHANGED, "secured")
             await self._stop(await self._start(), "secured")  # reads its roles, saves it
             if self.databases.state(self.id).dirty:
                 raise errors.storage_unavailable(self.id)  # kept locally; saved when storage is back
@@ -369,7 +345,7 @@ class Database:
 
     async def _start_in_slot(self) -> Instance:
         db_id, metrics = self.id, self.s.metrics
-        self._move(State.STARTING, "start")
+        self.move(State.STARTING, "start")
         inst = await self._prepare()
         try:
             await asyncio.to_thread(self.databases.mark_running, db_id)
@@ -389,7 +365,7 @@ class Database:
         metrics.wake(ok=True)
         metrics.wake_phase("start", time.monotonic() - began)
         self.instance = inst
-        self._move(State.RUNNING, "ready")
+        self.move(State.RUNNING, "ready")
         inst.watcher = asyncio.create_task(self._watch(inst))
         try:
             await self.launcher.refresh_roles(inst)
@@ -484,7 +460,7 @@ class Database:
             self._drop(inst)
             changed = not discard and await self.launcher.written(inst)
             state = await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=changed)
-            self._move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,
+            self.move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,
                        f"stopped: {reason}")
             if state.dirty and save and not discard and not fencing:
                 await self._save()
@@ -521,7 +497,7 @@ class Database:
             asyncio.ensure_future(inst.reader.close())
         if self.instance is inst:
             self.instance = None
-            self._move(State.CHANGED, "postmaster exited")
+            self.move(State.CHANGED, "postmaster exited")
             try:
                 self.databases.mark_stopped(self.id, changed=True)
             except OSError as e:  # the next start finds it marked running: unsaved all the same
@@ -557,7 +533,7 @@ class Database:
                 log.warning("cannot save %s yet: %s", self.id, e)
                 return
             if self.phase is State.FENCED:
-                self._move(State.CHANGED, "lease claimed again")
+                self.move(State.CHANGED, "lease claimed again")
             await self._save()
             await self._release_if_saved()
 
@@ -571,7 +547,7 @@ class Database:
         except storage_errors.PreconditionFailed as e:
             # storage moved past this copy (another writer): keep it aside, retrying cannot help
             kept = self.databases.set_aside(self.id)
-            self._move(State.CONFLICT, "storage moved past the copy")
+            self.move(State.CONFLICT, "storage moved past the copy")
             log.error("saving %s conflicts with storage (%s); the local copy was moved to %s for "
                       "the operator", self.id, e, kept)
         except StorageError as e:
@@ -579,7 +555,7 @@ class Database:
                       self.id, e)
         else:
             if saved is not None:
-                self._move(State.LOCAL, f"saved as {saved.version}")
+                self.move(State.LOCAL, f"saved as {saved.version}")
 
     async def _restore(self, by: float | None = None):
         """Bring a database that is only in storage onto local disk; None if it is nowhere."""
@@ -596,7 +572,7 @@ class Database:
                 self.s.metrics.storage_error(e)
                 raise
         if restored is not None:
-            self._move(State.LOCAL, f"restored {restored.version}")
+            self.move(State.LOCAL, f"restored {restored.version}")
             self.s.metrics.wake_phase("restore", time.monotonic() - began)
         return restored
 
@@ -610,7 +586,7 @@ class Database:
             if cur is None or cur.manifest.version != state.version:
                 return False  # storage does not hold exactly this copy
             await asyncio.to_thread(self.catalog.delete, self.id)
-            self._move(State.STORED, "evicted from the local cache")
+            self.move(State.STORED, "evicted from the local cache")
             return True
 
     # --- leases ------------------------------------------------------------------------------
@@ -643,7 +619,7 @@ class Database:
         before = bool(self.databases.set_aside_copies(self.id))
         await self.databases.catch_up(self.id)
         if not before and self.databases.set_aside_copies(self.id):
-            self._move(State.CONFLICT, "storage moved past the copy")
+            self.move(State.CONFLICT, "storage moved past the copy")
         elif self.phase is State.FENCED:
             self._move_stopped("lease claimed again")
 
@@ -680,104 +656,8 @@ class Database:
                 await self._release_if_saved()
 
 
-class Held:
-    """A database held stopped by `Database.held`, with its lock and lease: the transitions an
-    operation makes on it."""
-
-    def __init__(self, db: Database, stopped: bool) -> None:
-        self.db = db
-        self.stopped = stopped  # whether an instance was stopped for the block
-
-    async def save_now(self, note: str) -> Manifest | None:
-        """Save the stopped local copy as a new version if it holds changes (`db snapshot`,
-        and before an upgrade); the new manifest, or None if there was nothing to save."""
-        saved = await self.db.databases.save(self.db.id, note=note)
-        if saved is not None:
-            self.db._move(State.LOCAL, f"saved as {saved.version}")
-        return saved
-
-    async def restore_local(self) -> None:
-        """Make sure the database has a local copy (restored from storage)."""
-        restored = await self.db.databases.ensure_local(self.db.id)
-        if restored is not None:
-            self.db._move(State.LOCAL, f"restored {restored.version}")
-
-    async def roll_back(self, version: str) -> tuple[Manifest | None, Manifest]:
-        """Make stored `version` current again and the local copy that version (unsaved local
-        changes are saved first): (the version saved before, the target's manifest)."""
-        saved, target = await roll_back(self.db.databases, self.db.id, version)
-        self.db._move(State.LOCAL, f"rolled back to {target.version}")
-        return saved, target
-
-    async def replace(self, built: Path, roles, *, expect, note: str) -> str:
-        """Store `built` (a database directory beside the data root) as the new current
-        version, written only if storage still holds `expect` (the current version the caller
-        read), and rename it into place of the local copy. The version it replaces stays in
-        storage. Returns the new version."""
-        db_id, databases = self.db.id, self.db.databases
-        manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=expect, note=note)
-        databases.forget(db_id)
-        await databases.put_in_place(db_id, built, manifest.version)
-        self.db._move(State.LOCAL, f"replaced by {manifest.version}")
-        return manifest.version
-
-    async def remove(self, *, everywhere: bool = False) -> None:
-        """Delete the local copy (takes its file lock: refused while another process runs it);
-        `everywhere`: every object of the database in storage too."""
-        db_id, databases = self.db.id, self.db.databases
-        if databases.catalog.db_dir(db_id).exists():
-            await asyncio.to_thread(databases.catalog.delete, db_id)
-        databases.forget(db_id)
-        if everywhere:
-            await databases.store.delete_database(db_id)
-            databases.forget(db_id)
-        self.db._move(State.ABSENT if everywhere else State.STORED, "deleted" if everywhere
-                      else "local copy removed")
-
-
 def hold(inst: Instance) -> Instance:
     """Count one more client of a running instance."""
     inst.clients += 1
     inst.last_used = time.monotonic()
     return inst
-
-
-@contextlib.asynccontextmanager
-async def in_time(db_id: str, doing: str, by: float):
-    """Bound storage work by loop time `by`: a store that hangs is told to the client as
-    such (57P03 with the reason), in bounded time, not as a handshake that ran out."""
-    try:
-        async with asyncio.timeout_at(by):
-            yield
-    except TimeoutError:
-        raise errors.storage_unavailable(db_id, f"storage did not answer in time ({doing})") from None
-
-
-class storage_failures:
-    """Turn storage errors into what a client should read (context manager)."""
-
-    def __init__(self, db_id: str) -> None:
-        self.db_id = db_id
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None or not isinstance(exc, StorageError):
-            return
-        log.error("storage error for %s: %s", self.db_id, exc)
-        if isinstance(exc, LeaseHeld):
-            raise errors.GatewayError(errors.CANNOT_CONNECT_NOW, str(exc), hint=(
-                "Connect through that gateway, or retry once it has stopped the database "
-                "(after idle_timeout).")) from exc
-        if isinstance(exc, storage_errors.StorageUnavailable):
-            raise errors.storage_unavailable(self.db_id) from exc
-        if isinstance(exc, storage_errors.DiskFull):
-            raise errors.disk_full(self.db_id, str(exc)) from exc
-        if isinstance(exc, storage_errors.CorruptArchive):
-            raise errors.GatewayError(errors.DATA_CORRUPTED,
-                                      f'the stored snapshot of database "{self.db_id}" is damaged',
-                                      detail=str(exc), hint="The operator can roll back with "
-                                      "`pgsni db restore ID --version V`.") from exc
-        raise errors.GatewayError(errors.INTERNAL_ERROR, f'storage error for database "{self.db_id}"',
-                                  detail=str(exc)) from exc

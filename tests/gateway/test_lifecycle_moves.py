@@ -99,8 +99,8 @@ async def test_operations_move_a_held_database(manager):
 
 async def test_a_move_the_diagram_does_not_have_is_caught(manager, caplog):
     db = manager.database("db1")
-    db._move(S.STORED, "test")
-    db._move(S.RUNNING, "test: a stored database cannot run before it is restored and started")
+    db.move(S.STORED, "test")
+    db.move(S.RUNNING, "test: a stored database cannot run before it is restored and started")
     assert manager.shared.unexpected == 1
     assert "does not allow" in caplog.text
 

@@ -1,0 +1,76 @@
+"""A database held stopped for an operation (`Database.held` in gateway/compute/lifecycle.py):
+the transitions an operation such as a snapshot, a roll-back, an upload, an upgrade or a
+delete makes on it, with its lock and lease held."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Protocol
+
+from storage.cache import Databases, roll_back
+from storage.snapshots import Manifest
+
+from .states import State
+
+class Owner(Protocol):
+    """What Held needs of its database's lifecycle (gateway/compute/lifecycle.py Database)."""
+    id: str
+    databases: Databases
+
+    def move(self, to: State, why: str) -> None: ...
+
+
+class Held:
+    """A database held stopped by `Database.held`, with its lock and lease: the transitions an
+    operation makes on it."""
+
+    def __init__(self, db: Owner, stopped: bool) -> None:
+        self.db = db
+        self.stopped = stopped  # whether an instance was stopped for the block
+
+    async def save_now(self, note: str) -> Manifest | None:
+        """Save the stopped local copy as a new version if it holds changes (`db snapshot`,
+        and before an upgrade); the new manifest, or None if there was nothing to save."""
+        saved = await self.db.databases.save(self.db.id, note=note)
+        if saved is not None:
+            self.db.move(State.LOCAL, f"saved as {saved.version}")
+        return saved
+
+    async def restore_local(self) -> None:
+        """Make sure the database has a local copy (restored from storage)."""
+        restored = await self.db.databases.ensure_local(self.db.id)
+        if restored is not None:
+            self.db.move(State.LOCAL, f"restored {restored.version}")
+
+    async def roll_back(self, version: str) -> tuple[Manifest | None, Manifest]:
+        """Make stored `version` current again and the local copy that version (unsaved local
+        changes are saved first): (the version saved before, the target's manifest)."""
+        saved, target = await roll_back(self.db.databases, self.db.id, version)
+        self.db.move(State.LOCAL, f"rolled back to {target.version}")
+        return saved, target
+
+    async def replace(self, built: Path, roles, *, expect, note: str) -> str:
+        """Store `built` (a database directory beside the data root) as the new current
+        version, written only if storage still holds `expect` (the current version the caller
+        read), and rename it into place of the local copy. The version it replaces stays in
+        storage. Returns the new version."""
+        db_id, databases = self.db.id, self.db.databases
+        manifest = await databases.store.snapshot(db_id, built / "pgdata", roles, expect=expect, note=note)
+        databases.forget(db_id)
+        await databases.put_in_place(db_id, built, manifest.version)
+        self.db.move(State.LOCAL, f"replaced by {manifest.version}")
+        return manifest.version
+
+    async def remove(self, *, everywhere: bool = False) -> None:
+        """Delete the local copy (takes its file lock: refused while another process runs it);
+        `everywhere`: every object of the database in storage too."""
+        db_id, databases = self.db.id, self.db.databases
+        if databases.catalog.db_dir(db_id).exists():
+            await asyncio.to_thread(databases.catalog.delete, db_id)
+        databases.forget(db_id)
+        if everywhere:
+            await databases.store.delete_database(db_id)
+            databases.forget(db_id)
+        self.db.move(State.ABSENT if everywhere else State.STORED, "deleted" if everywhere
+                      else "local copy removed")
