@@ -73,9 +73,10 @@ class FakeInstall:
     bindir = Path("/nonexistent")
 
 
-def fake_manager(tmp_path: Path, monkeypatch, *, databases: int = 20, **settings) -> instances_mod.InstanceManager:
-    """An instance manager on local-directory storage whose Postgres is FakeProcess, with
-    `databases` secured local copies db0, db1, ... (stopped, never saved)."""
+def fake_manager(tmp_path: Path, monkeypatch, *, databases: int = 20, backend=None,
+                 **settings) -> instances_mod.InstanceManager:
+    """An instance manager whose Postgres is FakeProcess, on `backend` (default: a local
+    directory), with `databases` secured local copies db0, db1, ... (stopped, never saved)."""
     FakeProcess.running = FakeProcess.most = 0
     monkeypatch.setattr(running_mod, "PostgresProcess", FakeProcess)
     monkeypatch.setattr(running_mod, "RoleReader", FakeReader)
@@ -88,7 +89,7 @@ def fake_manager(tmp_path: Path, monkeypatch, *, databases: int = 20, **settings
                  socket_dir=str(tmp_path / "sock"), **settings)
     catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
     catalog.prepare()
-    m = instances_mod.InstanceManager(s, open_databases(s, catalog, LocalDirBackend(tmp_path / "store")))
+    m = instances_mod.InstanceManager(s, open_databases(s, catalog, backend or LocalDirBackend(tmp_path / "store")))
     monkeypatch.setattr(m.installs, "for_pgdata", lambda pgdata: FakeInstall())
 
     async def no_control(inst):

@@ -1,0 +1,76 @@
+"""Faults on the lifecycle's seams, with fake Postgres processes and an in-memory store that
+can hang (tests/storage/fake_store.py): a hanging store, a stop that cannot record its state,
+and a version pointer another gateway moved (a rolling restart). The same defects are also
+tested end to end with real Postgres (tests/e2e/test_lifecycle_seams.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+
+import pytest
+
+from gateway import errors
+from gateway.compute.states import State
+
+from ..storage.fake_store import FakeBackend, Store
+from .fake_postgres import FakeProcess, fake_manager
+
+
+async def _used(manager, db_id: str) -> None:
+    manager.release(await manager.acquire(db_id))
+
+
+async def test_a_hanging_store_is_told_as_57P03_within_start_timeout(tmp_path, monkeypatch):
+    backend = FakeBackend(Store(time.time))
+    m = fake_manager(tmp_path, monkeypatch, databases=1, backend=backend, start_timeout=1.0)
+    await _used(m, "db0")
+    await m.stop("db0")  # saved
+    assert await m.database("db0").evict_copy()  # only in storage now
+    backend.partition(hang=True)  # accepts the request, never answers
+    began = time.monotonic()
+    with pytest.raises(errors.GatewayError) as e:
+        await m.acquire("db0")
+    assert e.value.code == errors.CANNOT_CONNECT_NOW and "storage" in e.value.message
+    assert time.monotonic() - began < 3.0
+    backend.heal()
+    await _used(m, "db0")  # storage is back: the next client is served
+
+
+async def test_a_stop_that_cannot_record_its_state_frees_the_database(tmp_path, monkeypatch):
+    m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
+    await _used(m, "db0")
+    real = m.databases.mark_stopped
+
+    def disk_full(db_id, *, changed):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(m.databases, "mark_stopped", disk_full)
+    with pytest.raises(OSError):
+        await m.reap_idle()  # the gateway's supervisor logs it and runs the next round
+    assert m.instances == {} and FakeProcess.running == 0
+    monkeypatch.setattr(m.databases, "mark_stopped", real)
+    await _used(m, "db0")  # its file lock was released: it starts again
+    assert await m.database("db0").state() is State.RUNNING
+
+
+async def test_a_wake_restores_the_version_another_gateway_saved_meanwhile(tmp_path, monkeypatch):
+    store = Store(time.time)
+    a = fake_manager(tmp_path / "a", monkeypatch, databases=1, backend=FakeBackend(store))
+    await _used(a, "db0")
+    await a.stop("db0")
+    assert await a.database("db0").evict_copy()
+    assert await a.roles("db0")  # authentication reads (and caches) the pointer: version 1
+    b = fake_manager(tmp_path / "b", monkeypatch, databases=0, backend=FakeBackend(store))
+    await _used(b, "db0")  # a rolling restart: the other gateway serves it and saves version 2
+    await b.stop("db0")
+    newest = b.databases.state("db0").version
+    assert newest != a.databases.state("db0").version
+    await _used(a, "db0")
+    assert a.databases.state("db0").version == newest
+
+
+async def test_many_wakes_of_one_database_start_one_postmaster(tmp_path, monkeypatch):
+    m = fake_manager(tmp_path, monkeypatch, databases=1)
+    insts = await asyncio.gather(*(m.acquire("db0") for _ in range(12)))
+    assert len({id(i) for i in insts}) == 1 and m.starts == 1 and FakeProcess.running == 1
