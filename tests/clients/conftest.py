@@ -17,7 +17,7 @@ import pytest
 
 from gateway.config import Settings
 
-from ..conftest import PG_OPTIONS, no_session_crashes, reachable_tmpdir, seed_template
+from ..conftest import PG_OPTIONS, no_session_crashes, pg_bindir, reachable_tmpdir, seed_template
 from ..support.harness import DOMAIN, TEST_PASSWORD, GatewayThread
 from .contract import script_env
 
@@ -62,7 +62,8 @@ def client_gateway(tls, template_pgdata):
         listen_host="127.0.0.1", listen_port=0, domains=[DOMAIN], tls_cert=str(tls["cert"]),
         tls_key=str(tls["key"]), data_root=str(root), storage_path=str(root / "_storage"),
         socket_dir=f"/tmp/pgsni-s-{root.name[-8:]}", postgres_options=dict(PG_OPTIONS),
-        handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0, admin_port=0, spare_clones=0)
+        handshake_timeout=10.0, idle_timeout=300.0, shutdown_grace=2.0, admin_port=0, spare_clones=0,
+        pg_bindir=pg_bindir())  # an install the Postgres OS user can reach (tests/conftest.py)
     gt = GatewayThread(settings).start()
     yield gt
     gt.stop()
