@@ -242,17 +242,20 @@ class WalStore:
         return parse_history((await self.read(stored.histories[timeline])).decode())
 
     async def fetch(self, dest: Path, *, start_lsn: int, timeline: int | None = None,
-                    until_lsn: int | None = None) -> Fetched:
+                    until_lsn: int | None = None, base_timeline: int | None = None) -> Fetched:
         """Write the stored WAL a replay from `start_lsn` needs into directory `dest`: every
         history file, and the segments along `timeline`'s history (default: the newest) from
         the one holding `start_lsn` up to the one holding `until_lsn` (default: all there
         is), partial ones padded with zeros. WalGap if one is missing before later WAL or
-        before `until_lsn`."""
+        before `until_lsn`, or if the base (on `base_timeline` at `start_lsn`) is not on that
+        history."""
         stored = await self.listing()
         newest = stored.newest()
         if timeline is None:
             timeline = max([newest[0] if newest else 1, *stored.histories])
         path = self._timeline_path(timeline, await self.history(timeline, stored))
+        if base_timeline is not None:
+            self._check_on_path(path, base_timeline, start_lsn)
         files = [await self._write(dest, name, key, pad=False)
                  for name, key in ((history_name(t), k) for t, k in sorted(stored.histories.items()))]
         segno, end = start_lsn // self.segment_size, start_lsn
@@ -283,6 +286,12 @@ class WalStore:
             path.append((tli, begin))
             begin = switch
         return path + [(timeline, begin)]
+
+    def _check_on_path(self, path: list[tuple[int, int]], base_timeline: int, start_lsn: int) -> None:
+        ends = {tli: end for (tli, _), (_, end) in zip(path, path[1:])}
+        if base_timeline not in {tli for tli, _ in path} or ends.get(base_timeline, start_lsn) < start_lsn:
+            raise WalGap(f"the base (timeline {base_timeline} at {format_lsn(start_lsn)}) is not on "
+                         f"the history of timeline {path[-1][0]}")
 
     def _check_no_later(self, stored: StoredWal, tli: int, segno: int, until_lsn: int | None) -> None:
         missing = f"WAL segment {segment_name(tli, segno, self.segment_size)} is not in storage"

@@ -108,6 +108,10 @@ async def test_fetch_follows_the_timeline_history(store, tmp_path):
     old = await store.fetch(tmp_path / "b", start_lsn=SEG, timeline=1)
     assert old.files == [history_name(2), seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 4)]
 
+    with pytest.raises(WalGap, match="not on the history"):  # a base past the fork on timeline 1
+        await store.fetch(tmp_path / "b", start_lsn=4 * SEG, base_timeline=1)
+    await store.fetch(tmp_path / "b", start_lsn=2 * SEG, base_timeline=1)  # before it: fine
+
     await store.backend.delete([store.prefix + history_name(2)])
     with pytest.raises(WalGap, match="history"):
         await store.fetch(tmp_path / "b", start_lsn=SEG)
