@@ -98,7 +98,8 @@ class WalShipper:
         self.stored: tuple[int, int] | None = None  # (timeline, LSN) storage holds up to
         self.flushed: int | None = None  # the instance's flushed WAL, when last asked
         self.confirmed: int | None = None  # what the receiver confirmed to it
-        self.upload_errors = 0
+        self.upload_errors = 0  # failed rounds in all
+        self._failing = 0  # in a row: the retry backs off
         self.last_error: str | None = None
         self.failed: WalConflict | None = None  # fatal: someone else writes this history
         self.paused = False  # receiver stopped for the spool budget
@@ -109,6 +110,7 @@ class WalShipper:
         self._backlogs: list[Path] = []  # spools of earlier runs, uploaded first
         self._partials: dict[Path, str] = {}  # spool dir -> key of the partial it last stored
         self._partial_at = 0.0
+        self._asked_at = 0.0
         self._retry_at = 0.0
         self._conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task | None = None
@@ -189,6 +191,9 @@ class WalShipper:
             try:
                 if time.monotonic() >= self._retry_at:
                     await self._round(final=False)
+                elif time.monotonic() - self._asked_at >= self.partial_every:
+                    await self._ask_position()  # lag keeps growing while storage is down
+                await asyncio.to_thread(self._budget)
                 self._keep_receiving()
             except Exception as e:  # noqa: BLE001 -- a bug must not end shipping for good
                 log.exception("WAL shipping of %s failed a round", self.db_id)
@@ -209,6 +214,7 @@ class WalShipper:
                 self._partial_at = now
                 await self._ask_position()  # before the partial is read: it holds at least this
             empty = await self._ship(self.spool, with_partial=partial_due)
+            self._failing = 0
         except WalConflict as e:
             self.failed = e
             log.error("WAL shipping of %s stopped: %s", self.db_id, e)
@@ -217,13 +223,13 @@ class WalShipper:
         except (StorageError, OSError) as e:
             self._failed_round(e)
             return False
-        await asyncio.to_thread(self._budget)
         return empty and not self._backlogs
 
     def _failed_round(self, e: Exception) -> None:
         self.upload_errors += 1
+        self._failing += 1
         self.last_error = str(e)
-        self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** min(self.upload_errors, 5))
+        self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** min(self._failing, 5))
         log.warning("WAL of %s not uploaded (lag %s bytes): %s", self.db_id, self.lag_bytes, e)
 
     async def _ship(self, spool: Path, *, with_partial: bool) -> bool:
@@ -374,6 +380,7 @@ class WalShipper:
         return self._conn
 
     async def _ask_position(self) -> None:
+        self._asked_at = time.monotonic()
         try:
             conn = await self._connect()
             row = await (await conn.execute(

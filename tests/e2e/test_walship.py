@@ -25,7 +25,7 @@ from storage.local import copy_tree
 from storage.localdir import LocalDirBackend
 from storage.osuser import RunAs, clean_env
 from storage.s3 import S3Backend
-from storage.wal import WalConflict, WalStore, parse_lsn
+from storage.wal import WalConflict, WalGap, WalStore, parse_lsn
 
 from ..conftest import PG_OPTIONS, pg_bindir, reachable_tmpdir, template_catalog
 from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY
@@ -47,9 +47,9 @@ class Instance:
     """One Postgres 15 data directory of the gateway's layout (from the template) and its
     postmaster on a private socket, with the shipper's settings."""
 
-    def __init__(self, root: Path, template: Path) -> None:
+    def __init__(self, root: Path, source: Path) -> None:
         self.root, self.pgdata = root, root / "pgdata"
-        copy_tree(template, self.pgdata)
+        copy_tree(source, self.pgdata)
         self.bindir = PgInstalls(pg_bindir()).get(MAJOR).bindir
         self.run_as = RunAs.resolve("postgres")
         self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
@@ -93,8 +93,9 @@ class Instance:
 async def instances(template15):
     made: list[Instance] = []
 
-    def make() -> Instance:
-        inst = Instance(reachable_tmpdir("pgsni-walp-"), template15)
+    def make(source: Path | None = None) -> Instance:
+        """A new instance from the template, or from a copy of a stopped one's data directory."""
+        inst = Instance(reachable_tmpdir("pgsni-walp-"), source or template15)
         made.append(inst)
         return inst
     yield make
@@ -184,3 +185,148 @@ async def test_commits_reach_storage_within_the_rpo_and_survive_losing_the_insta
     await inst.restore(base, store)
     await inst.start()
     assert await ids(inst) == committed
+
+
+async def started_with_table(inst: Instance) -> Path:
+    """Start `inst` with an empty table t; returns the base copy taken before any row."""
+    await inst.start()
+    await inst.sql("CREATE TABLE public.t (id int PRIMARY KEY, pad text)")
+    await inst.stop()
+    base = inst.base()
+    await inst.start()
+    return base
+
+
+async def test_restore_to_a_time_or_an_lsn_gives_exactly_what_was_committed_before(instances, local_backend):
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    await commit(inst, *range(1, 6))
+    await asyncio.sleep(0.2)
+    (target_time,), = await inst.sql("SELECT clock_timestamp()")
+    await asyncio.sleep(0.2)
+    target_lsn = await commit(inst, *range(6, 11))  # the end of row 10's commit
+    last = await commit(inst, *range(11, 16))
+    await stored_within(ship, last, 5.0)
+    assert await ship.stop()
+    await inst.stop()
+    store = WalStore(local_backend, DB)
+
+    await inst.restore(base, store, target_time=target_time)
+    await inst.start()
+    assert await ids(inst) == list(range(1, 6))
+    await inst.stop()
+
+    await inst.restore(base, store, target_lsn=target_lsn)
+    await inst.start()
+    assert await ids(inst) == list(range(1, 11))
+    await inst.stop()
+
+    with pytest.raises(WalGap):  # past what storage holds: refused before Postgres starts
+        await inst.restore(base, store, target_lsn=last + (64 << 20))
+
+
+async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3_backend, s3_proxy):
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, s3_backend, spool_budget=40 << 20)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1, 2, 3), 5.0)
+    stored = ship.stored_lsn
+
+    s3_proxy.cut()
+    n = 1000
+    for _ in range(3):  # about 60 MB of WAL: over the spool's budget
+        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s, %s) g",
+                       (n, n + 80000))
+        await commit(inst, n + 90000)  # clients see no error
+        n += 100000
+    deadline = time.monotonic() + 30
+    while not ship.paused and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert ship.paused, f"the receiver was not paused (spool {ship.spooled_bytes()} bytes)"
+    assert ship.spooled_bytes() <= (40 << 20) + (32 << 20)  # the budget, and what was on its way
+    assert ship.stored_lsn == stored and ship.upload_errors > 0 and ship.last_error
+    assert ship.lag_bytes > 40 << 20
+    print(f"during the outage: lag {ship.lag_bytes >> 20} MiB, {ship.upload_errors} failed rounds, "
+          f"spool {ship.spooled_bytes() >> 20} MiB")
+
+    s3_proxy.restore()
+    last = await commit(inst, 7)
+    caught_up = await stored_within(ship, last, 60.0)
+    print(f"caught up {caught_up:.1f} s after storage came back")
+    assert not ship.paused
+    committed = await ids(inst)
+    await inst.stop()
+    assert await ship.stop()
+    shutil.rmtree(inst.pgdata)
+    await inst.restore(base, WalStore(s3_backend, DB))
+    await inst.start()
+    assert await ids(inst) == committed
+
+
+async def test_a_second_history_under_the_same_name_is_refused(instances, local_backend):
+    """Two copies of one database running at once (what leases prevent) ship to the same
+    name: the second history's first completed segment is refused, nothing is overwritten."""
+    first = instances()
+    await started_with_table(first)
+    await first.stop()
+    second = instances(first.pgdata)
+    await first.start()
+    await second.start()
+    ships = [shipper(first, local_backend), shipper(second, local_backend)]
+    for ship in ships:
+        await ship.start()
+    await commit(first, 1, 2)
+    (segment,), = await first.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    await first.sql("SELECT pg_switch_wal()")
+    await stored_within(ships[0], await commit(first, 101), 5.0)
+    await commit(second, 3, 4)
+    await second.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 10
+    while ships[1].failed is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert isinstance(ships[1].failed, WalConflict), ships[1].last_error
+    store = WalStore(local_backend, DB)
+    assert await store.read(store.segment_key(segment)) == (first.pgdata / "pg_wal" / segment).read_bytes()
+    for ship in ships:
+        await ship.stop(timeout=2)
+
+
+async def test_tenants_gain_no_replication_rights(instances, local_backend, tmp_path):
+    inst = instances()
+    await inst.start()
+    await inst.sql("ALTER ROLE postgres PASSWORD 'tenant-pw'")
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    tenant = f"host={inst.socket_dir} user=postgres password=tenant-pw dbname=postgres"
+
+    def receive_as_tenant() -> subprocess.CompletedProcess:
+        return subprocess.run([str(inst.bindir / "pg_receivewal"), "-d", tenant, "-D", str(tmp_path),
+                               "--no-loop"], capture_output=True, text=True, env=clean_env(), timeout=30)
+
+    refused = receive_as_tenant()
+    assert refused.returncode != 0 and "no pg_hba.conf entry for replication connection" in refused.stderr
+    await inst.sql("ALTER ROLE postgres REPLICATION")  # even with the attribute (it cannot get it)
+    refused = receive_as_tenant()
+    assert refused.returncode != 0 and "no pg_hba.conf entry for replication connection" in refused.stderr
+    await inst.sql("ALTER ROLE postgres NOREPLICATION")
+
+    async with await psycopg.AsyncConnection.connect(tenant, autocommit=True) as conn:
+        assert (await (await conn.execute("SELECT rolreplication, rolsuper FROM pg_roles WHERE "
+                                          "rolname = current_user")).fetchone()) == (False, False)
+        for attempt in ("SELECT pg_drop_replication_slot('pgsni_walship')",
+                        "SELECT pg_replication_slot_advance('pgsni_walship', '0/0')",
+                        "SELECT pg_create_physical_replication_slot('mine', true)",
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication"):
+            with pytest.raises(psycopg.Error) as e:
+                await conn.execute(attempt)
+            assert e.value.sqlstate == "42501", attempt
+    await stored_within(ship, await commit_any(inst), 5.0)  # shipping goes on
+    await ship.stop(timeout=5)
+
+
+async def commit_any(inst: Instance) -> int:
+    await inst.sql("CREATE TABLE IF NOT EXISTS public.t (id int PRIMARY KEY, pad text)")
+    return await commit(inst, 1)
