@@ -111,6 +111,7 @@ class WalShipper:
         self._partials: dict[Path, str] = {}  # spool dir -> key of the partial it last stored
         self._partial_at = 0.0
         self._asked_at = 0.0
+        self._caught_up_at = time.monotonic()
         self._retry_at = 0.0
         self._conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task | None = None
@@ -128,6 +129,13 @@ class WalShipper:
         return max(0, self.flushed - (self.stored_lsn or 0))
 
     @property
+    def lag_seconds(self) -> float:
+        """How long storage has been behind the instance's flushed WAL (0: caught up when
+        last asked)."""
+        lag = self.lag_bytes
+        return 0.0 if not lag else time.monotonic() - self._caught_up_at
+
+    @property
     def log_path(self) -> Path:
         return self.spool.with_name(self.spool.name + ".log")
 
@@ -136,6 +144,15 @@ class WalShipper:
         """Check the instance, make the slot, take over what an earlier run left in the spool,
         start the receiver and the upload loop. Raises if the instance cannot stream."""
         await asyncio.to_thread(self._prepare_spool)
+        try:
+            await self._begin()
+        except BaseException:
+            await self._close_conn()
+            raise
+        self._start_receiver()
+        self._task = asyncio.create_task(self._loop(), name=f"walship-{self.db_id}")
+
+    async def _begin(self) -> None:
         conn = await self._connect()
         row = await (await conn.execute(
             "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int, "
@@ -151,8 +168,6 @@ class WalShipper:
             self.stored = await self.store.newest()
         except StorageError as e:
             self._failed_round(e)
-        self._start_receiver()
-        self._task = asyncio.create_task(self._loop(), name=f"walship-{self.db_id}")
 
     async def stop(self, timeout: float = 30.0) -> bool:
         """Take in what the instance has flushed (if it still runs), stop the receiver, and
@@ -391,6 +406,8 @@ class WalShipper:
                 "LIMIT 1)", (APP,))).fetchone()
             self.flushed = parse_lsn(row[0])
             self.confirmed = parse_lsn(row[1]) if row[1] else None
+            if (self.stored_lsn or 0) >= self.flushed:
+                self._caught_up_at = time.monotonic()
         except (psycopg.Error, OSError):
             await self._close_conn()  # the instance is stopping, or restarting: ask again later
 

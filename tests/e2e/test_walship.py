@@ -21,6 +21,7 @@ import pytest
 from gateway.compute import dbroles, walrestore, walship
 from gateway.compute.pgbins import PgInstalls
 from gateway.compute.postgres import PostgresProcess
+from storage.errors import StorageError
 from storage.local import copy_tree
 from storage.localdir import LocalDirBackend
 from storage.osuser import RunAs, clean_env
@@ -31,26 +32,29 @@ from ..conftest import PG_OPTIONS, pg_bindir, reachable_tmpdir, template_catalog
 from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY
 
 MAJOR = "15"
+MAJORS = sorted(PgInstalls().by_major, key=int)  # each with its own pg_receivewal
 RPO = 1.0
 DB = "walt"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def template15():
+def templates():
+    """The template data directory of a major, made once per module."""
     root = reachable_tmpdir("pgsni-walt-")
-    yield template_catalog(root).template(MAJOR)
+    catalog = template_catalog(root)
+    yield catalog.template
     shutil.rmtree(root, ignore_errors=True)
 
 
 class Instance:
-    """One Postgres 15 data directory of the gateway's layout (from the template) and its
-    postmaster on a private socket, with the shipper's settings."""
+    """One data directory of the gateway's layout (from the template) and its postmaster on a
+    private socket, with the shipper's settings."""
 
-    def __init__(self, root: Path, source: Path) -> None:
+    def __init__(self, root: Path, source: Path, major: str) -> None:
         self.root, self.pgdata = root, root / "pgdata"
         copy_tree(source, self.pgdata)
-        self.bindir = PgInstalls(pg_bindir()).get(MAJOR).bindir
+        self.bindir = PgInstalls(pg_bindir()).get(major).bindir
         self.run_as = RunAs.resolve("postgres")
         self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
         self.options = {**PG_OPTIONS, **walship.instance_options()}
@@ -90,12 +94,12 @@ class Instance:
 
 
 @pytest.fixture
-async def instances(template15):
+async def instances(templates):
     made: list[Instance] = []
 
-    def make(source: Path | None = None) -> Instance:
+    def make(source: Path | None = None, major: str = MAJOR) -> Instance:
         """A new instance from the template, or from a copy of a stopped one's data directory."""
-        inst = Instance(reachable_tmpdir("pgsni-walp-"), source or template15)
+        inst = Instance(reachable_tmpdir("pgsni-walp-"), source or templates(major), major)
         made.append(inst)
         return inst
     yield make
@@ -197,8 +201,9 @@ async def started_with_table(inst: Instance) -> Path:
     return base
 
 
-async def test_restore_to_a_time_or_an_lsn_gives_exactly_what_was_committed_before(instances, local_backend):
-    inst = instances()
+@pytest.mark.parametrize("major", MAJORS)
+async def test_restore_to_a_time_or_an_lsn_gives_exactly_what_was_committed_before(instances, local_backend, major):
+    inst = instances(major=major)
     base = await started_with_table(inst)
     ship = shipper(inst, local_backend)
     await ship.start()
@@ -248,7 +253,7 @@ async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3
     assert ship.paused, f"the receiver was not paused (spool {ship.spooled_bytes()} bytes)"
     assert ship.spooled_bytes() <= (40 << 20) + (32 << 20)  # the budget, and what was on its way
     assert ship.stored_lsn == stored and ship.upload_errors > 0 and ship.last_error
-    assert ship.lag_bytes > 40 << 20
+    assert ship.lag_bytes > 40 << 20 and ship.lag_seconds > 1.0
     print(f"during the outage: lag {ship.lag_bytes >> 20} MiB, {ship.upload_errors} failed rounds, "
           f"spool {ship.spooled_bytes() >> 20} MiB")
 
@@ -330,3 +335,40 @@ async def test_tenants_gain_no_replication_rights(instances, local_backend, tmp_
 async def commit_any(inst: Instance) -> int:
     await inst.sql("CREATE TABLE IF NOT EXISTS public.t (id int PRIMARY KEY, pad text)")
     return await commit(inst, 1)
+
+
+async def test_a_restored_database_ships_on_its_new_timeline(instances, local_backend):
+    """After a restore to a point (promoted to timeline 2) the database runs on and ships
+    again: its new WAL and the new timeline's history land beside the old timeline's, and
+    the newest history is what a later restore follows, from the copy the replay left."""
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    target = await commit(inst, 1, 2, 3)
+    await stored_within(ship, await commit(inst, 4, 5), 5.0)  # 4 and 5: the branch not taken
+    await inst.stop()
+    assert await ship.stop()
+    store = WalStore(local_backend, DB)
+    await inst.restore(base, store, target_lsn=target)
+    replayed = inst.base()  # the stopped, promoted copy: the new base the lifecycle would save
+
+    await inst.start()
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 6, 7), 5.0)
+    assert ship.stored[0] == 2
+    await inst.stop()
+    assert await ship.stop()
+    assert set((await store.listing()).histories) == {2}
+
+    await inst.restore(replayed, store)
+    await inst.start()
+    assert await ids(inst) == [1, 2, 3, 6, 7]
+
+
+async def test_an_instance_that_cannot_stream_is_refused_at_start(instances, local_backend):
+    inst = instances()
+    await inst.start({"wal_level": "minimal", "max_wal_senders": "0"})
+    with pytest.raises(StorageError, match="wal_level=minimal"):
+        await shipper(inst, local_backend).start()
