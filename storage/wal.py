@@ -46,7 +46,7 @@ from .errors import PreconditionFailed, StorageError
 
 DEFAULT_SEGMENT_SIZE = 16 << 20
 MAX_SEGMENT_SIZE = 64 << 20  # a segment is compressed and uploaded from memory
-LEVEL = 3
+LEVEL = 1  # WAL is shipped while commits wait for it: speed over ratio
 
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
 _HISTORY = re.compile(r"([0-9A-F]{8})\.history")

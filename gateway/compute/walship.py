@@ -114,7 +114,7 @@ class WalShipper:
         self._caught_up_at = time.monotonic()
         self._retry_at = 0.0
         self._conn: psycopg.AsyncConnection | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
     # --- what the lifecycle reads ----------------------------------------------------------------
@@ -150,7 +150,8 @@ class WalShipper:
             await self._close_conn()
             raise
         self._start_receiver()
-        self._task = asyncio.create_task(self._loop(), name=f"walship-{self.db_id}")
+        self._tasks = [asyncio.create_task(self._upload_loop(), name=f"walship-{self.db_id}"),
+                       asyncio.create_task(self._watch(), name=f"walship-watch-{self.db_id}")]
 
     async def _begin(self) -> None:
         conn = await self._connect()
@@ -175,10 +176,10 @@ class WalShipper:
         holds all the WAL received. What is left stays in the spool for the next run."""
         self._stopping = True
         deadline = time.monotonic() + timeout
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self._drain(min(5.0, timeout / 3))
         await self._stop_receiver()
         done = False
@@ -201,20 +202,29 @@ class WalShipper:
         os.chmod(self.spool, 0o700)
 
     # --- the loop --------------------------------------------------------------------------------
-    async def _loop(self) -> None:
+    async def _upload_loop(self) -> None:
         while self.failed is None:
             try:
                 if time.monotonic() >= self._retry_at:
                     await self._round(final=False)
-                elif time.monotonic() - self._asked_at >= self.partial_every:
-                    await self._ask_position()  # lag keeps growing while storage is down
-                await asyncio.to_thread(self._budget)
-                self._keep_receiving()
             except Exception as e:  # noqa: BLE001 -- a bug must not end shipping for good
                 log.exception("WAL shipping of %s failed a round", self.db_id)
                 self._failed_round(e)
             partial_in = self._partial_at + self.partial_every - time.monotonic()
             await asyncio.sleep(max(0.01, min(self.poll, partial_in)))
+
+    async def _watch(self) -> None:
+        """The receiver, the spool budget and the instance's position, on their own beat: an
+        upload that hangs on storage for its whole retry budget does not hold them up."""
+        while self.failed is None:
+            try:
+                await asyncio.to_thread(self._budget)
+                self._keep_receiving()
+                if time.monotonic() - self._asked_at >= self.partial_every:
+                    await self._ask_position()  # lag keeps growing while storage is down
+            except Exception:  # noqa: BLE001
+                log.exception("watching the WAL receiver of %s failed", self.db_id)
+            await asyncio.sleep(self.poll)
 
     async def _round(self, *, final: bool) -> bool:
         """One pass: backlogs, then the live spool. True if nothing is left to upload."""
@@ -266,14 +276,17 @@ class WalShipper:
         start = segno * self.store.segment_size
         confirmed = self.confirmed if spool == self.spool else None
         at_least = confirmed - start if confirmed is not None and confirmed >= start else 0
-        data = await asyncio.to_thread(_written_part, path, min(at_least, self.store.segment_size))
+        try:
+            data = await asyncio.to_thread(_written_part, path, min(at_least, self.store.segment_size))
+        except FileNotFoundError:
+            return False  # completed and renamed meanwhile: the next round ships it whole
         end = start + len(data)
         if data and (tli, end) > (self.stored or (0, 0)):
             key = await self.store.put_partial(path.name[:-len(PARTIAL_SUFFIX)], data)
             self._advance(tli, end)
             await self._forget_partial(spool)
             self._partials[spool] = key
-        if spool != self.spool or self._receiver is None:  # nobody writes it any more
+        if spool != self.spool or self._stopping:  # nobody writes it any more
             await asyncio.to_thread(path.unlink)
             self._partials.pop(spool, None)
             return True
