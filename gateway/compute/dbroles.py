@@ -50,9 +50,13 @@ def hba(*, maintenance: bool = False) -> str:
     is being secured, only the gateway's roles at all."""
     ours = f"{SETUP},{ADMIN}" if maintenance else f"{ADMIN},{AGENT}"
     rest = "reject" if maintenance else "scram-sha-256"
+    # `all` never matches a replication connection: only the admin's WAL shipper
+    # (gateway/compute/walship.py) may open one, whatever role attributes a tenant gets
+    shipper = "" if maintenance else f"local replication {ADMIN} peer map={IDENT_MAP}\n"
     return ("# written by pgsni at every start: the gateway's roles log in by peer (only the\n"
             "# gateway's OS user), every other role with its SCRAM password\n"
             f"local all {ours} peer map={IDENT_MAP}\n"
+            f"{shipper}"
             f"local all all {rest}\n")
 
 

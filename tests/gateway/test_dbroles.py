@@ -14,6 +14,7 @@ from storage.roles import Role
 def test_hba_admits_the_gateways_roles_by_peer_and_everyone_else_by_scram():
     rules = [line.split() for line in dbroles.hba().splitlines() if line and not line.startswith("#")]
     assert rules == [["local", "all", "pgsni_admin,pgsni_agent", "peer", "map=pgsni"],
+                     ["local", "replication", "pgsni_admin", "peer", "map=pgsni"],
                      ["local", "all", "all", "scram-sha-256"]]
     assert "trust" not in dbroles.hba() and "host" not in dbroles.hba()
 
@@ -23,6 +24,7 @@ def test_maintenance_hba_admits_only_the_gateways_roles():
              if line and not line.startswith("#")]
     assert rules[-1] == ["local", "all", "all", "reject"]
     assert "pgsni_agent" not in dbroles.hba(maintenance=True)
+    assert "replication" not in dbroles.hba(maintenance=True)
 
 
 def test_ident_maps_only_the_gateways_os_user():

@@ -131,6 +131,7 @@ def test_instances_listen_only_on_their_private_socket(gateway, tls):
     rules = gateway.admin_sql("app1", "select type, user_name, auth_method from pg_hba_file_rules "
                                       "order by line_number")
     assert rules == [("local", ["pgsni_admin", "pgsni_agent"], "peer"),
+                     ("local", ["pgsni_admin"], "peer"),  # replication: the WAL shipper's
                      ("local", ["all"], "scram-sha-256")]
     # what a superuser may have left in postgresql.auto.conf (an archive, or a tenant from when
     # tenants were superusers): TCP, a wide socket, a program run for every WAL segment

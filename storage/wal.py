@@ -1,0 +1,338 @@
+"""WAL of a running database in storage, written by the gateway's WAL shipper and read back to
+replay a restore up to a point. Storage knows WAL file names and LSNs, never Postgres itself.
+
+Layout, under the database's prefix (every object is immutable, created only if absent):
+
+    dbs/<id>/wal/<TTTTTTTTXXXXXXXXYYYYYYYY>.zst           a completed segment, zstd
+    dbs/<id>/wal/<TTTTTTTTXXXXXXXXYYYYYYYY>.<OOOOOOOO>.partial.zst
+                                                          the first 0xOOOOOOOO bytes of a
+                                                          segment still being written, zstd
+    dbs/<id>/wal/<TTTTTTTT>.history                       a timeline's history, as Postgres
+                                                          writes it (plain text)
+
+A segment name is Postgres' own: timeline, then the segment number split in two (the log and
+the segment within it, for the database's segment size, 16 MiB unless initdb said otherwise).
+A partial object holds exactly the bytes written so far: its name says how many, so a later
+upload (more bytes) has another name and supersedes it, and a restore pads it with zeros to a
+whole segment (which is what the unwritten rest of the segment holds). A superseded partial,
+and every partial of a segment stored complete, is garbage: the shipper deletes the one it
+replaced, `remove_superseded` what crashed runs left.
+
+Immutability: each object is written with If-None-Match (`put(if_none_match=True)`). If the
+name exists, the stored content is compared: the same bytes are a retry or a restarted
+shipper and count as success; other bytes mean that two writers produced different WAL under
+one name (two gateways running one database, or a copy restored elsewhere that kept going on
+the same timeline), and WalConflict is raised: nothing stored is ever replaced.
+
+A restore (`fetch`) follows the timeline history of the newest (or a given) timeline, as
+Postgres' recovery will, from the base's start LSN onward, and refuses a hole: if a segment
+the replay needs is missing while later WAL exists, WalGap is raised instead of replaying
+less than storage holds. Retention (`remove_before`) deletes segments that end before a point
+(the oldest base that is kept); history files are tiny and kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from .backend import Backend
+from .errors import PreconditionFailed, StorageError
+
+DEFAULT_SEGMENT_SIZE = 16 << 20
+MAX_SEGMENT_SIZE = 64 << 20  # a segment is compressed and uploaded from memory
+LEVEL = 1  # WAL is shipped while commits wait for it: speed over ratio
+
+_SEGMENT = re.compile(r"[0-9A-F]{24}")
+_HISTORY = re.compile(r"([0-9A-F]{8})\.history")
+_OBJECT = re.compile(r"(?P<seg>[0-9A-F]{24})(?:\.(?P<off>[0-9A-F]{8})\.partial)?\.zst")
+
+
+class WalConflict(PreconditionFailed):
+    """Storage already holds other bytes under this WAL file's name: another writer's history."""
+
+
+class WalGap(StorageError):
+    """The WAL a restore needs is not all in storage (a segment or a history is missing)."""
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    hi, lo = text.strip().split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def segment_name(timeline: int, segno: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    per_log = 0x1_0000_0000 // segment_size
+    return f"{timeline:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+
+def parse_segment_name(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> tuple[int, int] | None:
+    """(timeline, segment number) of a WAL segment file name, or None for anything else."""
+    if not _SEGMENT.fullmatch(name):
+        return None
+    per_log = 0x1_0000_0000 // segment_size
+    return int(name[:8], 16), int(name[8:16], 16) * per_log + int(name[16:], 16)
+
+
+def history_name(timeline: int) -> str:
+    return f"{timeline:08X}.history"
+
+
+def parse_history(text: str) -> list[tuple[int, int]]:
+    """A timeline history file's entries: (ancestor timeline, LSN where it was left)."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        entries.append((int(fields[0]), parse_lsn(fields[1])))
+    return entries
+
+
+@dataclass
+class StoredWal:
+    """What storage holds of one database's WAL (`WalStore.listing`)."""
+    segment_size: int
+    segments: dict[tuple[int, int], str] = field(default_factory=dict)  # (tli, segno) -> key
+    partials: dict[tuple[int, int], list[tuple[int, str]]] = field(default_factory=dict)  # sorted (length, key)
+    histories: dict[int, str] = field(default_factory=dict)
+
+    def end(self, timeline: int, segno: int) -> int | None:
+        """Where the stored WAL of one segment ends (an LSN), or None if none is stored."""
+        if (timeline, segno) in self.segments:
+            return (segno + 1) * self.segment_size
+        if (timeline, segno) in self.partials:
+            return segno * self.segment_size + self.partials[timeline, segno][-1][0]
+        return None
+
+    def newest(self) -> tuple[int, int] | None:
+        """(timeline, LSN) of the newest stored WAL: the highest timeline, then the end of its
+        highest segment."""
+        ids = sorted(set(self.segments) | set(self.partials))
+        if not ids:
+            return None
+        tli, segno = ids[-1]
+        return tli, self.end(tli, segno)
+
+    def superseded(self) -> list[str]:
+        """Partials replaced by a longer one or by the complete segment."""
+        keys = []
+        for seg, found in self.partials.items():
+            keep = 0 if seg in self.segments else 1
+            keys += [key for _, key in found[:len(found) - keep]]
+        return keys
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What `fetch` wrote: WAL from `start` to `end` (LSNs) along `timeline`'s history."""
+    timeline: int
+    start: int
+    end: int
+    files: list[str]
+
+
+class WalStore:
+    def __init__(self, backend: Backend, db_id: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
+                 level: int = LEVEL) -> None:
+        if segment_size > MAX_SEGMENT_SIZE or segment_size & (segment_size - 1):
+            raise StorageError(f"unsupported WAL segment size {segment_size}")
+        self.backend, self.db_id, self.segment_size, self.level = backend, db_id, segment_size, level
+        self.prefix = f"dbs/{db_id}/wal/"
+
+    def segment_key(self, name: str) -> str:
+        return f"{self.prefix}{name}.zst"
+
+    def partial_key(self, name: str, length: int) -> str:
+        return f"{self.prefix}{name}.{length:08X}.partial.zst"
+
+    # --- writes --------------------------------------------------------------------------------
+    async def put_segment(self, name: str, data: bytes) -> str:
+        """Store a completed segment (its whole content). Returns its key."""
+        self._check_segment(name)
+        if len(data) != self.segment_size:
+            raise StorageError(f"WAL segment {name} has {len(data)} bytes, not {self.segment_size}")
+        key = self.segment_key(name)
+        await self._put_once(key, data, compress=True)
+        return key
+
+    async def put_partial(self, name: str, data: bytes) -> str:
+        """Store the first `len(data)` bytes of a segment still being written. Returns its key."""
+        self._check_segment(name)
+        if not 0 < len(data) <= self.segment_size:
+            raise StorageError(f"a partial WAL segment {name} of {len(data)} bytes")
+        key = self.partial_key(name, len(data))
+        await self._put_once(key, data, compress=True)
+        return key
+
+    async def put_history(self, name: str, data: bytes) -> str:
+        if not _HISTORY.fullmatch(name):
+            raise StorageError(f"not a timeline history file name: {name!r}")
+        key = self.prefix + name
+        await self._put_once(key, data, compress=False)
+        return key
+
+    def _check_segment(self, name: str) -> None:
+        if parse_segment_name(name, self.segment_size) is None:
+            raise StorageError(f"not a WAL segment name: {name!r}")
+
+    async def _put_once(self, key: str, raw: bytes, *, compress: bool) -> None:
+        """Create `key` (immutable). An existing object with the same content is success."""
+        blob = await asyncio.to_thread(self._compress, raw) if compress else raw
+        try:
+            await self.backend.put(key, blob, if_none_match=True)
+        except PreconditionFailed:
+            if await self.read(key) != raw:
+                raise WalConflict(f"{key} already holds other WAL in {self.backend.describe()}: "
+                                  f"another writer went on with this database's history") from None
+
+    def _compress(self, raw: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=self.level, write_checksum=True).compress(raw)
+
+    async def read(self, key: str) -> bytes:
+        """The content of one stored WAL object (a segment's bytes, uncompressed)."""
+        blob = b"".join([chunk async for chunk in self.backend.download(key)])
+        if not key.endswith(".zst"):
+            return blob
+        return await asyncio.to_thread(self._decompress, key, blob)
+
+    def _decompress(self, key: str, blob: bytes) -> bytes:
+        try:
+            return zstandard.ZstdDecompressor().decompress(blob, max_output_size=self.segment_size)
+        except zstandard.ZstdError as e:
+            raise StorageError(f"WAL object {key} is damaged: {e}") from e
+
+    # --- reads ---------------------------------------------------------------------------------
+    async def listing(self) -> StoredWal:
+        stored = StoredWal(self.segment_size)
+        for info in await self.backend.list(self.prefix):
+            name = info.key[len(self.prefix):]
+            if m := _HISTORY.fullmatch(name):
+                stored.histories[int(m.group(1), 16)] = info.key
+            elif m := _OBJECT.fullmatch(name):
+                seg = parse_segment_name(m.group("seg"), self.segment_size)
+                if m.group("off") is None:
+                    stored.segments[seg] = info.key
+                else:
+                    stored.partials.setdefault(seg, []).append((int(m.group("off"), 16), info.key))
+        for found in stored.partials.values():
+            found.sort()
+        return stored
+
+    async def newest(self) -> tuple[int, int] | None:
+        """(timeline, LSN) up to which WAL is stored, or None if there is none."""
+        return (await self.listing()).newest()
+
+    async def history(self, timeline: int, stored: StoredWal | None = None) -> list[tuple[int, int]]:
+        """The ancestors of `timeline` with their switch points (empty for timeline 1)."""
+        if timeline == 1:
+            return []
+        stored = stored or await self.listing()
+        if timeline not in stored.histories:
+            raise WalGap(f"the history of WAL timeline {timeline} is not in storage")
+        return parse_history((await self.read(stored.histories[timeline])).decode())
+
+    async def fetch(self, dest: Path, *, start_lsn: int, timeline: int | None = None,
+                    until_lsn: int | None = None, base_timeline: int | None = None) -> Fetched:
+        """Write the stored WAL a replay from `start_lsn` needs into directory `dest`: every
+        history file, and the segments along `timeline`'s history (default: the newest) from
+        the one holding `start_lsn` up to the one holding `until_lsn` (default: all there
+        is), partial ones padded with zeros. WalGap if one is missing before later WAL or
+        before `until_lsn`, or if the base (on `base_timeline` at `start_lsn`) is not on that
+        history."""
+        stored = await self.listing()
+        newest = stored.newest()
+        if timeline is None:
+            timeline = max([newest[0] if newest else 1, *stored.histories])
+        path = self._timeline_path(timeline, await self.history(timeline, stored))
+        if base_timeline is not None:
+            self._check_on_path(path, base_timeline, start_lsn)
+        files = [await self._write(dest, name, key, pad=False)
+                 for name, key in ((history_name(t), k) for t, k in sorted(stored.histories.items()))]
+        segno, end = start_lsn // self.segment_size, start_lsn
+        last = None if until_lsn is None else until_lsn // self.segment_size
+        while last is None or segno <= last:
+            tli = next(t for t, begin in reversed(path) if begin // self.segment_size <= segno)
+            seg_end = stored.end(tli, segno)
+            if seg_end is None:
+                self._check_no_later(stored, tli, segno, until_lsn)
+                break
+            complete = (tli, segno) in stored.segments
+            key = stored.segments[tli, segno] if complete else stored.partials[tli, segno][-1][1]
+            files.append(await self._write(dest, segment_name(tli, segno, self.segment_size), key,
+                                           pad=not complete))
+            end = seg_end
+            if not complete:
+                self._check_no_later(stored, tli, segno + 1, until_lsn)
+                break
+            segno += 1
+        if until_lsn is not None and end < until_lsn:
+            raise WalGap(f"the stored WAL ends at {format_lsn(end)}, before {format_lsn(until_lsn)}")
+        return Fetched(timeline, start_lsn, end, files)
+
+    def _timeline_path(self, timeline: int, ancestors: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """[(timeline, LSN where it begins)], oldest first, ending with `timeline`."""
+        path, begin = [], 0
+        for tli, switch in ancestors:
+            path.append((tli, begin))
+            begin = switch
+        return path + [(timeline, begin)]
+
+    def _check_on_path(self, path: list[tuple[int, int]], base_timeline: int, start_lsn: int) -> None:
+        ends = {tli: end for (tli, _), (_, end) in zip(path, path[1:])}
+        if base_timeline not in {tli for tli, _ in path} or ends.get(base_timeline, start_lsn) < start_lsn:
+            raise WalGap(f"the base (timeline {base_timeline} at {format_lsn(start_lsn)}) is not on "
+                         f"the history of timeline {path[-1][0]}")
+
+    def _check_no_later(self, stored: StoredWal, tli: int, segno: int, until_lsn: int | None) -> None:
+        missing = f"WAL segment {segment_name(tli, segno, self.segment_size)} is not in storage"
+        if until_lsn is not None and segno * self.segment_size <= until_lsn:
+            raise WalGap(f"{missing}, and the restore needs WAL up to {format_lsn(until_lsn)}")
+        later = [s for s in (*stored.segments, *stored.partials) if s[0] == tli and s[1] > segno]
+        if later:
+            raise WalGap(f"{missing}, but later WAL is: a hole in the stored WAL")
+
+    async def _write(self, dest: Path, name: str, key: str, *, pad: bool) -> str:
+        data = await self.read(key)
+        if key.endswith(".zst") and not pad and len(data) != self.segment_size:
+            raise StorageError(f"WAL object {key} holds {len(data)} bytes, not a whole segment")
+
+        def write() -> None:
+            tmp = dest / f".{name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if pad:
+                    f.truncate(self.segment_size)  # the unwritten rest of a segment is zeros
+            os.replace(tmp, dest / name)
+
+        await asyncio.to_thread(write)
+        return name
+
+    # --- removal -------------------------------------------------------------------------------
+    async def remove_superseded(self) -> int:
+        """Delete partials replaced by longer ones or by their complete segment."""
+        keys = (await self.listing()).superseded()
+        await self.backend.delete(keys)
+        return len(keys)
+
+    async def remove_before(self, lsn: int) -> int:
+        """Delete the WAL that ends at or before `lsn` on every timeline (retention: `lsn` is
+        where the replay from the oldest kept base starts). Returns how many objects went."""
+        stored = await self.listing()
+        keys = [key for (_, segno), key in stored.segments.items()
+                if (segno + 1) * self.segment_size <= lsn]
+        for (_, segno), found in stored.partials.items():
+            keys += [key for length, key in found if segno * self.segment_size + length <= lsn]
+        keys = sorted(set(keys) | set(stored.superseded()))
+        await self.backend.delete(keys)
+        return len(keys)
+

@@ -1,0 +1,377 @@
+"""Continuous WAL shipping and restore to a point (gateway/compute/walship.py, walrestore.py,
+storage/wal.py) end to end: real Postgres 15 instances of the gateway's layout on private
+sockets, a real pg_receivewal, storage on moto (through a proxy that can cut it) or a local
+directory. No gateway: these are the blocks the lifecycle will call."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.compute import dbroles, walrestore, walship
+from gateway.compute.pgbins import PgInstalls
+from gateway.compute.postgres import PostgresProcess
+from storage.errors import StorageError
+from storage.local import copy_tree
+from storage.localdir import LocalDirBackend
+from storage.osuser import RunAs, clean_env
+from storage.s3 import S3Backend
+from storage.wal import WalConflict, WalGap, WalStore, parse_lsn
+
+from ..conftest import PG_OPTIONS, pg_bindir, reachable_tmpdir, template_catalog
+from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY
+
+MAJOR = "15"
+MAJORS = sorted(PgInstalls().by_major, key=int)  # each with its own pg_receivewal
+RPO = 1.0
+DB = "walt"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def templates():
+    """The template data directory of a major, made once per module."""
+    root = reachable_tmpdir("pgsni-walt-")
+    catalog = template_catalog(root)
+    yield catalog.template
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Instance:
+    """One data directory of the gateway's layout (from the template) and its postmaster on a
+    private socket, with the shipper's settings."""
+
+    def __init__(self, root: Path, source: Path, major: str) -> None:
+        self.root, self.pgdata = root, root / "pgdata"
+        copy_tree(source, self.pgdata)
+        self.bindir = PgInstalls(pg_bindir()).get(major).bindir
+        self.run_as = RunAs.resolve("postgres")
+        self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
+        self.options = {**PG_OPTIONS, **walship.instance_options()}
+        self.process: PostgresProcess | None = None
+
+    async def start(self, extra: dict[str, str] | None = None) -> None:
+        self.process = PostgresProcess(self.bindir, self.pgdata, self.socket_dir, self.root / "pg.log",
+                                       self.run_as, {**self.options, **(extra or {})})
+        await self.process.start(60.0)
+
+    async def stop(self) -> None:
+        await self.process.stop(30.0)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every backend at once: a lost machine, as Postgres sees it."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def sql(self, query: str, params=None):
+        async with await dbroles.connect(self.socket_dir) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall() if cur.description else None
+
+    def base(self) -> Path:
+        """A copy of the stopped data directory, as a snapshot holds it."""
+        base = self.root / f"base-{secrets.token_hex(3)}"
+        copy_tree(self.pgdata, base)
+        return base
+
+    async def restore(self, base: Path, store: WalStore, **target) -> None:
+        """Replace the data directory by `base` plus the stored WAL up to `target`, replayed."""
+        shutil.rmtree(self.pgdata, ignore_errors=True)
+        copy_tree(base, self.pgdata)
+        recovery = await walrestore.prepare(self.pgdata, store, self.root / "restore-wal", self.bindir,
+                                            self.run_as, **target)
+        await walrestore.replay(recovery, self.bindir, self.pgdata, self.socket_dir,
+                                self.root / "pg.log", self.run_as, self.options)
+
+
+@pytest.fixture
+async def instances(templates):
+    made: list[Instance] = []
+
+    def make(source: Path | None = None, major: str = MAJOR) -> Instance:
+        """A new instance from the template, or from a copy of a stopped one's data directory."""
+        inst = Instance(reachable_tmpdir("pgsni-walp-"), source or templates(major), major)
+        made.append(inst)
+        return inst
+    yield make
+    for inst in made:
+        if inst.process is not None:
+            await inst.process.stop(5.0)
+        shutil.rmtree(inst.root, ignore_errors=True)
+        shutil.rmtree(inst.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_backend(tmp_path):
+    return LocalDirBackend(tmp_path / "store", "pfx")
+
+
+@pytest.fixture
+async def s3_backend(moto_server, s3_proxy):
+    b = S3Backend(moto_server.create_bucket(), "pfx", endpoint_url=s3_proxy.url, region=REGION,
+                  access_key=ACCESS_KEY, secret_key=SECRET_KEY, attempts=2, timeout=2)
+    yield b
+    await b.close()
+
+
+def shipper(inst: Instance, backend, **kw) -> walship.WalShipper:
+    return walship.WalShipper(backend, DB, inst.bindir, inst.socket_dir, inst.root / "spool",
+                              rpo_seconds=RPO, **kw)
+
+
+async def commit(inst: Instance, *ids: int) -> int:
+    """Insert rows `ids`, one autocommit transaction each; the WAL position after the last."""
+    async with await dbroles.connect(inst.socket_dir) as conn:
+        for i in ids:
+            await conn.execute("INSERT INTO public.t (id) VALUES (%s)", (i,))
+        return parse_lsn((await (await conn.execute("SELECT pg_current_wal_flush_lsn()::text")).fetchone())[0])
+
+
+async def stored_within(ship: walship.WalShipper, lsn: int, seconds: float) -> float:
+    """Seconds until storage itself (not the shipper's counter) holds WAL up to `lsn`."""
+    started = time.monotonic()
+    while True:
+        newest = await ship.store.newest()
+        if newest is not None and newest[1] >= lsn:
+            return time.monotonic() - started
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"WAL up to {lsn:X} not in storage after {seconds} s "
+                                 f"(stored {newest}, shipper: {ship.last_error})")
+        await asyncio.sleep(0.05)
+
+
+async def ids(inst: Instance) -> list[int]:
+    return [r[0] for r in await inst.sql("SELECT id FROM public.t ORDER BY id")]
+
+
+async def test_commits_reach_storage_within_the_rpo_and_survive_losing_the_instance(instances, s3_backend):
+    inst = instances()
+    await inst.start()
+    await inst.sql("CREATE TABLE public.t (id int PRIMARY KEY, pad text)")
+    await inst.stop()
+    base = inst.base()  # the snapshot taken before the writes
+    await inst.start()
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    spool = os.stat(inst.root / "spool")
+    assert spool.st_uid == os.geteuid() and spool.st_mode & 0o077 == 0  # not the instance's to read
+
+    waited, n = [], 0
+    for burst in range(8):
+        lsn = await commit(inst, *range(n, n + 5))
+        n += 5
+        waited.append(await stored_within(ship, lsn, RPO + 1.0))
+        if burst == 3:  # more than a segment, so that completed segments are shipped too;
+            # the RPO holds while the shipper keeps up: a burst of WAL takes its upload time
+            await inst.sql("INSERT INTO public.t SELECT g, repeat('x', 500) FROM generate_series(100000, 180000) g")
+            burst_lsn = await commit(inst, 99999)
+            print(f"a burst of 40 MB of WAL stored in {await stored_within(ship, burst_lsn, 30.0):.2f} s")
+    last = await commit(inst, 999999)
+    waited.append(await stored_within(ship, last, RPO + 1.0))
+    print(f"seconds until in storage: max {max(waited):.2f}, each {[round(w, 2) for w in waited]}")
+    assert max(waited) <= RPO
+    assert ship.lag_bytes is not None and ship.upload_errors == 0, ship.last_error
+    committed = await ids(inst)
+
+    inst.kill()
+    await ship.stop(timeout=10)
+    shutil.rmtree(inst.pgdata)
+    shutil.rmtree(inst.root / "spool")  # the whole machine is gone: only storage is left
+    store = WalStore(s3_backend, DB)
+    listing = await store.listing()
+    assert len(listing.segments) >= 2 and listing.superseded() == []  # each partial replaced its last
+    await inst.restore(base, store)
+    await inst.start()
+    assert await ids(inst) == committed
+
+
+async def started_with_table(inst: Instance) -> Path:
+    """Start `inst` with an empty table t; returns the base copy taken before any row."""
+    await inst.start()
+    await inst.sql("CREATE TABLE public.t (id int PRIMARY KEY, pad text)")
+    await inst.stop()
+    base = inst.base()
+    await inst.start()
+    return base
+
+
+@pytest.mark.parametrize("major", MAJORS)
+async def test_restore_to_a_time_or_an_lsn_gives_exactly_what_was_committed_before(instances, local_backend, major):
+    inst = instances(major=major)
+    base = await started_with_table(inst)
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    await commit(inst, *range(1, 6))
+    await asyncio.sleep(0.2)
+    (target_time,), = await inst.sql("SELECT clock_timestamp()")
+    await asyncio.sleep(0.2)
+    target_lsn = await commit(inst, *range(6, 11))  # the end of row 10's commit
+    last = await commit(inst, *range(11, 16))
+    await stored_within(ship, last, 5.0)
+    assert await ship.stop()
+    await inst.stop()
+    store = WalStore(local_backend, DB)
+
+    await inst.restore(base, store, target_time=target_time)
+    await inst.start()
+    assert await ids(inst) == list(range(1, 6))
+    await inst.stop()
+
+    await inst.restore(base, store, target_lsn=target_lsn)
+    await inst.start()
+    assert await ids(inst) == list(range(1, 11))
+    await inst.stop()
+
+    with pytest.raises(WalGap):  # past what storage holds: refused before Postgres starts
+        await inst.restore(base, store, target_lsn=last + (64 << 20))
+
+
+async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3_backend, s3_proxy):
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, s3_backend, spool_budget=40 << 20)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1, 2, 3), 5.0)
+    stored = ship.stored_lsn
+
+    s3_proxy.cut()
+    n = 1000
+    for _ in range(3):  # about 60 MB of WAL: over the spool's budget
+        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s, %s) g",
+                       (n, n + 80000))
+        await commit(inst, n + 90000)  # clients see no error
+        n += 100000
+    deadline = time.monotonic() + 30
+    while not ship.paused and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert ship.paused, f"the receiver was not paused (spool {ship.spooled_bytes()} bytes)"
+    assert ship.spooled_bytes() <= (40 << 20) + (32 << 20)  # the budget, and what was on its way
+    assert ship.stored_lsn == stored and ship.upload_errors > 0 and ship.last_error
+    assert ship.lag_bytes > 40 << 20 and ship.lag_seconds > 1.0
+    print(f"during the outage: lag {ship.lag_bytes >> 20} MiB, {ship.upload_errors} failed rounds, "
+          f"spool {ship.spooled_bytes() >> 20} MiB")
+
+    s3_proxy.restore()
+    last = await commit(inst, 7)
+    caught_up = await stored_within(ship, last, 60.0)
+    print(f"caught up {caught_up:.1f} s after storage came back")
+    assert not ship.paused
+    committed = await ids(inst)
+    await inst.stop()
+    assert await ship.stop()
+    shutil.rmtree(inst.pgdata)
+    await inst.restore(base, WalStore(s3_backend, DB))
+    await inst.start()
+    assert await ids(inst) == committed
+
+
+async def test_a_second_history_under_the_same_name_is_refused(instances, local_backend):
+    """Two copies of one database running at once (what leases prevent) ship to the same
+    name: the second history's first completed segment is refused, nothing is overwritten."""
+    first = instances()
+    await started_with_table(first)
+    await first.stop()
+    second = instances(first.pgdata)
+    await first.start()
+    await second.start()
+    ships = [shipper(first, local_backend), shipper(second, local_backend)]
+    for ship in ships:
+        await ship.start()
+    await commit(first, 1, 2)
+    (segment,), = await first.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    await first.sql("SELECT pg_switch_wal()")
+    await stored_within(ships[0], await commit(first, 101), 5.0)
+    await commit(second, 3, 4)
+    await second.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 10
+    while ships[1].failed is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert isinstance(ships[1].failed, WalConflict), ships[1].last_error
+    store = WalStore(local_backend, DB)
+    assert await store.read(store.segment_key(segment)) == (first.pgdata / "pg_wal" / segment).read_bytes()
+    for ship in ships:
+        await ship.stop(timeout=2)
+
+
+async def test_tenants_gain_no_replication_rights(instances, local_backend, tmp_path):
+    inst = instances()
+    await inst.start()
+    await inst.sql("ALTER ROLE postgres PASSWORD 'tenant-pw'")
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    tenant = f"host={inst.socket_dir} user=postgres password=tenant-pw dbname=postgres"
+
+    def receive_as_tenant() -> subprocess.CompletedProcess:
+        return subprocess.run([str(inst.bindir / "pg_receivewal"), "-d", tenant, "-D", str(tmp_path),
+                               "--no-loop"], capture_output=True, text=True, env=clean_env(), timeout=30)
+
+    refused = receive_as_tenant()
+    assert refused.returncode != 0 and "no pg_hba.conf entry for replication connection" in refused.stderr
+    await inst.sql("ALTER ROLE postgres REPLICATION")  # even with the attribute (it cannot get it)
+    refused = receive_as_tenant()
+    assert refused.returncode != 0 and "no pg_hba.conf entry for replication connection" in refused.stderr
+    await inst.sql("ALTER ROLE postgres NOREPLICATION")
+
+    async with await psycopg.AsyncConnection.connect(tenant, autocommit=True) as conn:
+        assert (await (await conn.execute("SELECT rolreplication, rolsuper FROM pg_roles WHERE "
+                                          "rolname = current_user")).fetchone()) == (False, False)
+        for attempt in ("SELECT pg_drop_replication_slot('pgsni_walship')",
+                        "SELECT pg_replication_slot_advance('pgsni_walship', '0/0')",
+                        "SELECT pg_create_physical_replication_slot('mine', true)",
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication"):
+            with pytest.raises(psycopg.Error) as e:
+                await conn.execute(attempt)
+            assert e.value.sqlstate == "42501", attempt
+    await stored_within(ship, await commit_any(inst), 5.0)  # shipping goes on
+    await ship.stop(timeout=5)
+
+
+async def commit_any(inst: Instance) -> int:
+    await inst.sql("CREATE TABLE IF NOT EXISTS public.t (id int PRIMARY KEY, pad text)")
+    return await commit(inst, 1)
+
+
+async def test_a_restored_database_ships_on_its_new_timeline(instances, local_backend):
+    """After a restore to a point (promoted to timeline 2) the database runs on and ships
+    again: its new WAL and the new timeline's history land beside the old timeline's, and
+    the newest history is what a later restore follows, from the copy the replay left."""
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    target = await commit(inst, 1, 2, 3)
+    await stored_within(ship, await commit(inst, 4, 5), 5.0)  # 4 and 5: the branch not taken
+    await inst.stop()
+    assert await ship.stop()
+    store = WalStore(local_backend, DB)
+    await inst.restore(base, store, target_lsn=target)
+    replayed = inst.base()  # the stopped, promoted copy: the new base the lifecycle would save
+
+    await inst.start()
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 6, 7), 5.0)
+    assert ship.stored[0] == 2
+    await inst.stop()
+    assert await ship.stop()
+    assert set((await store.listing()).histories) == {2}
+
+    await inst.restore(replayed, store)
+    await inst.start()
+    assert await ids(inst) == [1, 2, 3, 6, 7]
+
+
+async def test_an_instance_that_cannot_stream_is_refused_at_start(instances, local_backend):
+    inst = instances()
+    await inst.start({"wal_level": "minimal", "max_wal_senders": "0"})
+    with pytest.raises(StorageError, match="wal_level=minimal"):
+        await shipper(inst, local_backend).start()

@@ -1,0 +1,132 @@
+"""WAL objects in storage (storage/wal.py), on a local directory and on S3 (moto): immutable
+uploads, partial segments superseded by longer ones, what a restore fetches along the timeline
+history, holes refused, retention."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from storage.wal import (StoredWal, WalConflict, WalGap, WalStore, format_lsn, history_name,
+                         parse_lsn, parse_segment_name, segment_name)
+
+from .test_backends import backend  # noqa: F401  (the fixture: local directory and S3)
+
+SEG = 1 << 20  # Postgres' smallest segment size keeps these tests small
+
+
+def seg(tli: int, segno: int) -> str:
+    return segment_name(tli, segno, SEG)
+
+
+def content(tag: int) -> bytes:
+    return bytes([tag]) * 100 + os.urandom(1000) + bytes(SEG - 1100)
+
+
+@pytest.fixture
+def store(backend):  # noqa: F811
+    return WalStore(backend, "db1", segment_size=SEG)
+
+
+def test_names_and_lsns():
+    assert segment_name(1, 0x100 + 0xFF, 16 << 20) == "0000000100000001000000FF"
+    assert parse_segment_name("0000000200000001000000FF", 16 << 20) == (2, 0x1FF)
+    assert parse_segment_name("000000010000000100000001.partial") is None
+    assert parse_lsn("1/2A0") == (1 << 32) | 0x2A0 and format_lsn((1 << 32) | 0x2A0) == "1/2A0"
+    assert history_name(3) == "00000003.history"
+
+
+async def test_segments_round_trip_and_are_immutable(store, tmp_path):
+    first = content(1)
+    key = await store.put_segment(seg(1, 1), first)
+    assert key == f"dbs/db1/wal/{seg(1, 1)}.zst"
+    assert await store.read(key) == first
+    await store.put_segment(seg(1, 1), first)  # a retry, or a restarted shipper: the same bytes
+    with pytest.raises(WalConflict):
+        await store.put_segment(seg(1, 1), content(2))
+    assert await store.read(key) == first  # never replaced
+    assert await store.newest() == (1, 2 * SEG)
+    fetched = await store.fetch(tmp_path, start_lsn=SEG + 10)
+    assert fetched.files == [seg(1, 1)] and fetched.end == 2 * SEG
+    assert (tmp_path / seg(1, 1)).read_bytes() == first
+
+
+async def test_partials_are_superseded_and_padded(store, tmp_path):
+    whole = content(3)
+    await store.put_segment(seg(1, 1), content(4))
+    short = await store.put_partial(seg(1, 2), whole[:5000])
+    await store.put_partial(seg(1, 2), whole[:5000])  # the same again: fine
+    with pytest.raises(WalConflict):
+        await store.put_partial(seg(1, 2), whole[:4999] + b"x")
+    longer = await store.put_partial(seg(1, 2), whole[:9000])
+    listing = await store.listing()
+    assert listing.newest() == (1, 2 * SEG + 9000)
+    assert listing.superseded() == [short]
+
+    fetched = await store.fetch(tmp_path, start_lsn=SEG)
+    assert fetched.files == [seg(1, 1), seg(1, 2)] and fetched.end == 2 * SEG + 9000
+    assert (tmp_path / seg(1, 2)).read_bytes() == whole[:9000] + bytes(SEG - 9000)
+
+    await store.put_segment(seg(1, 2), whole)
+    assert sorted((await store.listing()).superseded()) == sorted([short, longer])
+    assert await store.remove_superseded() == 2
+    assert await store.newest() == (1, 3 * SEG)
+
+
+async def test_a_hole_is_refused(store, tmp_path):
+    for n in (1, 2, 4):
+        await store.put_segment(seg(1, n), content(n))
+    with pytest.raises(WalGap, match="hole"):
+        await store.fetch(tmp_path, start_lsn=SEG)
+    fetched = await store.fetch(tmp_path, start_lsn=SEG, until_lsn=2 * SEG + 100)
+    assert fetched.files == [seg(1, 1), seg(1, 2)]
+    with pytest.raises(WalGap, match="up to"):
+        await store.fetch(tmp_path, start_lsn=SEG, until_lsn=3 * SEG + 100)
+    await store.put_partial(seg(1, 5), b"\x01" * 100)
+    with pytest.raises(WalGap, match="before"):  # the target lies past the stored end
+        await store.fetch(tmp_path, start_lsn=4 * SEG, until_lsn=5 * SEG + 500)
+
+
+async def test_fetch_follows_the_timeline_history(store, tmp_path):
+    """Timeline 2 left timeline 1 inside segment 3: a replay reads 1 and 2 from timeline 1 and
+    3 and 4 from timeline 2; timeline 1's own segment 3 and 4 (written on after the fork) are
+    not what the newest history needs."""
+    for n in (1, 2, 3, 4):
+        await store.put_segment(seg(1, n), content(10 + n))
+    for n in (3, 4):
+        await store.put_segment(seg(2, n), content(20 + n))
+    switch = 3 * SEG + 0x1234
+    await store.put_history(history_name(2), f"1\t{format_lsn(switch)}\tbefore 2000-01-01\n".encode())
+    (tmp_path / "a").mkdir()
+    fetched = await store.fetch(tmp_path / "a", start_lsn=SEG)
+    assert fetched.timeline == 2 and fetched.end == 5 * SEG
+    assert fetched.files == [history_name(2), seg(1, 1), seg(1, 2), seg(2, 3), seg(2, 4)]
+    assert (tmp_path / "a" / seg(2, 3)).read_bytes()[:100] == bytes([23]) * 100
+
+    (tmp_path / "b").mkdir()
+    old = await store.fetch(tmp_path / "b", start_lsn=SEG, timeline=1)
+    assert old.files == [history_name(2), seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 4)]
+
+    with pytest.raises(WalGap, match="not on the history"):  # a base past the fork on timeline 1
+        await store.fetch(tmp_path / "b", start_lsn=4 * SEG, base_timeline=1)
+    await store.fetch(tmp_path / "b", start_lsn=2 * SEG, base_timeline=1)  # before it: fine
+
+    await store.backend.delete([store.prefix + history_name(2)])
+    with pytest.raises(WalGap, match="history"):
+        await store.fetch(tmp_path / "b", start_lsn=SEG)
+
+
+async def test_retention_removes_what_ends_before_a_point(store):
+    for n in (1, 2, 3):
+        await store.put_segment(seg(1, n), content(n))
+    await store.put_partial(seg(1, 4), b"\x01" * 100)
+    await store.put_partial(seg(1, 4), b"\x01" * 200)
+    assert await store.remove_before(3 * SEG) == 3  # segments 1 and 2, the shorter partial
+    listing = await store.listing()
+    assert set(listing.segments) == {(1, 3)} and [n for n, _ in listing.partials[1, 4]] == [200]
+    assert listing.newest() == (1, 4 * SEG + 200)
+
+
+def test_an_empty_listing():
+    assert StoredWal(SEG).newest() is None
