@@ -77,6 +77,10 @@ class Settings:
     cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
     lease_seconds: float = _opt(60.0, "Lifetime of this gateway's heartbeat in storage. A gateway holds a lease on each database it runs, so gateways sharing a bucket never run one database twice; if the heartbeat cannot be renewed for this long (storage down), its databases are stopped. 0: no leases (only one gateway per bucket).")
     gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
+    durability: str = _opt("async", "When a commit reaches storage. snapshot: when its database stops (idle, evicted, shutdown) only; async: within rpo_seconds while it runs, its WAL streamed to storage by the gateway (docs/storage.md). sync is not available yet.")
+    rpo_seconds: float = _opt(1.0, "durability=async: the longest a commit's WAL waits before it is sent to storage.")
+    wal_spool_mb: int = _opt(1024, "durability=async: WAL received but not yet in storage (storage down) kept per database before the receiver pauses and the instance keeps it instead.")
+    wal_keep_mb: int = _opt(4096, "durability=async: most WAL an instance keeps for a paused receiver (max_slot_wal_keep_size); past it, WAL not yet in storage is lost to continuous shipping (the stop-time snapshot still has it).")
     max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
     max_restore_files: int = _opt(1000000, "Refuse archives with more members (files, directories, links) than this, and stored versions listing more files.")
     # instances
@@ -124,6 +128,11 @@ class Settings:
         kind = self.storage_kind
         if kind in ("s3", "s3fs") and not self.s3_bucket and not self.storage.startswith("s3://"):
             raise ConfigError(f"storage={self.storage}: s3_bucket is required")
+        if self.durability not in ("snapshot", "async"):
+            raise ConfigError(f"durability: {self.durability!r} must be snapshot or async"
+                              + (" (sync is not available yet)" if self.durability == "sync" else ""))
+        if self.rpo_seconds <= 0 or self.wal_spool_mb < 16 or self.wal_keep_mb < 64:
+            raise ConfigError("rpo_seconds must be positive, wal_spool_mb at least 16 and wal_keep_mb at least 64")
         if self.retention_keep < 1:
             raise ConfigError("retention_keep must be at least 1 (the current version)")
         if self.tls_reload_seconds <= 0:

@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from . import roles as roles_mod
 from .atomic import fsync_dir, sync_tree, write_atomic
@@ -268,15 +269,27 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-async def roll_back(databases: Databases, db_id: str, version: str) -> tuple[Manifest | None, Manifest]:
+async def roll_back(databases: Databases, db_id: str, version: str, *,
+                    diverge: Callable[[], Awaitable[bool]] | None = None) -> tuple[Manifest | None, Manifest]:
     """Make `version` current again. Unsaved local changes are first saved as a new version,
-    so the roll-back itself can be undone. The database must be stopped (caller holds its lock)."""
+    so the roll-back itself can be undone. The database must be stopped (caller holds its lock).
+    `diverge()`, called once the local copy is `version`, may change the copy so that it starts
+    a history of its own (a new WAL timeline) and say so: the copy is then stored as a new
+    version, equal in data to `version`, and made current instead."""
     saved = await databases.save(db_id, note=f"saved before restoring {version}")
     cur = await databases.current(db_id, fresh=True)
     if cur is None:
         raise NotFound(f'database "{db_id}" is not in storage')
     target = await databases.store.manifest(db_id, version)  # NotFound for an unknown version
     await databases.install(db_id, target)
-    await databases.store.set_current(db_id, version, cur)
+    if diverge is not None and await diverge():
+        stored = await databases.store.snapshot(db_id, databases.catalog.pgdata(db_id),
+                                                databases.catalog.roles(db_id) or {}, expect=cur,
+                                                note=f"restored {version} (on a new timeline)")
+        state = databases.state(db_id)
+        state.version, state.dirty = stored.version, False
+        await asyncio.to_thread(databases.save_state, db_id, state)
+    else:
+        await databases.store.set_current(db_id, version, cur)
     databases.forget(db_id)
     return saved, target

@@ -11,6 +11,7 @@ from typing import Protocol
 from storage.cache import Databases, roll_back
 from storage.snapshots import Manifest
 
+from . import durability
 from .states import State
 
 class Owner(Protocol):
@@ -19,6 +20,8 @@ class Owner(Protocol):
     databases: Databases
 
     def move(self, to: State, why: str) -> None: ...
+
+    async def new_history(self) -> bool: ...
 
 
 class Held:
@@ -45,8 +48,11 @@ class Held:
 
     async def roll_back(self, version: str) -> tuple[Manifest | None, Manifest]:
         """Make stored `version` current again and the local copy that version (unsaved local
-        changes are saved first): (the version saved before, the target's manifest)."""
-        saved, target = await roll_back(self.db.databases, self.db.id, version)
+        changes are saved first): (the version saved before, the target's manifest). With WAL
+        in storage beyond that version (durability=async), the copy is first promoted to a new
+        timeline and stored as a new version equal to it, so that WAL written after it is
+        never replayed onto it (gateway/compute/durability.py)."""
+        saved, target = await roll_back(self.db.databases, self.db.id, version, diverge=self.db.new_history)
         self.db.move(State.LOCAL, f"rolled back to {target.version}")
         return saved, target
 
@@ -72,5 +78,6 @@ class Held:
         if everywhere:
             await databases.store.delete_database(db_id)
             databases.forget(db_id)
+            await asyncio.to_thread(durability.drop_spool, databases.catalog.root, db_id)
         self.db.move(State.ABSENT if everywhere else State.STORED, "deleted" if everywhere
                       else "local copy removed")

@@ -165,8 +165,12 @@ class InstanceManager:
             await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
 
     async def maintain(self) -> None:
-        """Retry saving copies whose snapshot failed (storage was down), and keep the local
-        cache within its budget (every few seconds)."""
+        """Stop instances whose WAL another writer's conflicts with, retry saving copies whose
+        snapshot failed (storage was down), and keep the local cache within its budget (every
+        few seconds)."""
+        for db_id, inst in self.instances.items():
+            if inst.shipper is not None and inst.shipper.failed is not None:
+                await self.database(db_id).stop_diverged()
         for db_id in self.databases.dirty_stopped():
             if db_id not in self.instances:
                 await self.database(db_id).retry_save()

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import psycopg
@@ -51,7 +52,7 @@ from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 from storage.snapshots import Manifest
 
-from . import dbroles, securing
+from . import dbroles, durability, pgcontrol, securing
 from .failures import in_time, storage_failures
 from .held import Held
 from .postgres import PostgresError
@@ -130,7 +131,7 @@ class Database:
         self.phase = to
         self.history.append((time.time(), to, why))
 
-    def _move_stopped(self, why: str) -> None:
+    def move_stopped(self, why: str) -> None:
         """To LOCAL or CHANGED as the copy's state.json says (or ABSENT without a copy)."""
         if not self.catalog.exists(self.id):
             self.move(State.ABSENT, why)
@@ -181,7 +182,7 @@ class Database:
                             raise errors.unknown_database(self.id)
                         if not may_create:
                             raise errors.known_elsewhere(self.id)
-                        inst = await self._create(create_verifier)
+                        inst = await self._create(create_verifier, first_version=True)
                     else:
                         self._require_secured()
                         inst = await self._start()
@@ -228,10 +229,18 @@ class Database:
             async with self._claimed():
                 return await self._create(verifier, place, major)
 
-    async def _create(self, verifier: str, place: Placer | None = None, major: str | None = None) -> Instance:
+    async def _create(self, verifier: str, place: Placer | None = None, major: str | None = None,
+                      *, first_version: bool = False) -> Instance:
+        """`first_version`: with continuous durability, store the new database once before
+        clients use it (a database made on connect is otherwise first saved when it stops,
+        and the WAL shipped meanwhile would have no version to replay onto)."""
         done = self._creating = asyncio.Event()
         try:
-            return await self._create_now(verifier, place, major)
+            inst = await self._create_now(verifier, place, major)
+            if first_version and durability.enabled(self.s.settings):
+                await self._stop(inst, "storing its first version")
+                inst = await self._start()
+            return inst
         finally:
             done.set()
             if self._creating is done:
@@ -347,16 +356,24 @@ class Database:
         db_id, metrics = self.id, self.s.metrics
         self.move(State.STARTING, "start")
         inst = await self._prepare()
+        began = time.monotonic()
         try:
+            await self._catch_up_wal(inst)
             await asyncio.to_thread(self.databases.mark_running, db_id)
             began = time.monotonic()
             await self.launcher.launch(inst)
+            await durability.start_shipping(inst, self.s.settings, self.databases.store.backend,
+                                            self.catalog.root)
         except BaseException as e:
             inst.process.kill_group()
+            await durability.stop_shipping(inst, upload=False, timeout=0)
             await self._after_failed_start(inst)
             self.launcher.abandon(inst)
-            self._move_stopped("start failed")
-            if not isinstance(e, (PostgresError, OSError, OSUserError)):
+            self.move_stopped("start failed")
+            if isinstance(e, errors.GatewayError):
+                raise
+            if not isinstance(e, (PostgresError, OSError, OSUserError, StorageError, psycopg.Error,
+                                  pgcontrol.ControlError)):
                 raise  # cancelled: nothing is left running, and the lock is free
             metrics.wake(ok=False)
             log.error("starting %s failed: %s", db_id, e)
@@ -374,19 +391,53 @@ class Database:
         log.info("started %s (pid %d) in %.0f ms", db_id, inst.process.pid, (time.monotonic() - began) * 1000)
         return inst
 
+    async def _catch_up_wal(self, inst: Instance) -> None:
+        """Replay the WAL storage holds beyond the copy, if any (gateway/compute/durability.py);
+        the replayed copy holds changes its stored version lacks."""
+        began = time.monotonic()
+        with storage_failures(self.id):
+            control = await durability.catch_up(inst, self.s.settings, self.databases.store.backend,
+                                                self._wal_work())
+        if control is not None:
+            inst.control = control
+            await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=True)
+            self.s.metrics.wake_phase("replay", time.monotonic() - began)
+            log.info("replayed the stored WAL of %s in %.0f ms (now timeline %d)", self.id,
+                     (time.monotonic() - began) * 1000, control.timeline)
+
+    def _wal_work(self) -> Path:
+        return self.catalog.root / f".walrestore-{self.id}"
+
+    async def new_history(self) -> bool:
+        """After a roll-back, with the database held: if storage holds WAL of its cluster beyond
+        the copy, promote the copy to a new timeline (gateway/compute/durability.py). Whether
+        it did (the copy then holds changes its stored version lacks)."""
+        if not durability.enabled(self.s.settings):
+            return False
+        inst = await self.launcher.prepare(self.id, locked=True)  # the operation holds the lock
+        try:
+            control = await durability.new_history(inst, self.s.settings, self.databases.store.backend,
+                                                   self._wal_work())
+        finally:
+            self.launcher.abandon(inst)
+        if control is None:
+            return False
+        await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=True)
+        return True
+
     async def _prepare(self) -> Instance:
         try:
             return await self.launcher.prepare(self.id)
         except errors.GatewayError:
-            self._move_stopped("start refused")
+            self.move_stopped("start refused")
             raise
         except (OSError, OSUserError) as e:
-            self._move_stopped("start failed")
+            self.move_stopped("start failed")
             self.s.metrics.wake(ok=False)
             log.error("starting %s failed: %s", self.id, e)
             raise errors.startup_failed(self.id, str(e)) from e
         except BaseException:
-            self._move_stopped("start cancelled")
+            self.move_stopped("start cancelled")
             raise
 
     async def _after_failed_start(self, inst: Instance) -> None:
@@ -458,6 +509,8 @@ class Database:
             await self.launcher.halt(inst, read_roles=not discard)
             stopped = True
             self._drop(inst)
+            await durability.stop_shipping(inst, upload=not (discard or fencing),
+                                           timeout=self.s.settings.stop_timeout)
             changed = not discard and await self.launcher.written(inst)
             state = await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=changed)
             self.move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,
@@ -467,6 +520,7 @@ class Database:
         finally:
             if not stopped:
                 self._drop(inst)
+                await durability.stop_shipping(inst, upload=False, timeout=0)
             inst.lock.release()
             if inst.watcher and inst.watcher is not asyncio.current_task():
                 inst.watcher.cancel()
@@ -495,6 +549,9 @@ class Database:
         inst.process.kill_group()
         if inst.reader is not None:  # its connection died with the postmaster
             asyncio.ensure_future(inst.reader.close())
+        if inst.shipper is not None:  # what it received goes to storage all the same
+            asyncio.ensure_future(durability.stop_shipping(inst, upload=True,
+                                                           timeout=self.s.settings.stop_timeout))
         if self.instance is inst:
             self.instance = None
             self.move(State.CHANGED, "postmaster exited")
@@ -512,6 +569,20 @@ class Database:
         if inst is None or inst.process.stopping:
             return
         await self._stop(inst, "lease heartbeat expired", fencing=True)
+
+    async def stop_diverged(self) -> None:
+        """The shipper found another history under this database's WAL in storage (a second
+        writer): stop at once without saving, and set the copy aside for the operator."""
+        async with self.lock:
+            inst = self.instance
+            if inst is None or inst.shipper is None or inst.shipper.failed is None:
+                return
+            log.error("the WAL of %s conflicts with storage (%s): another gateway writes it; "
+                      "stopping it and setting the local copy aside", self.id, inst.shipper.failed)
+            await self._stop(inst, "its WAL conflicts with storage", save=False)
+            kept = await asyncio.to_thread(self.databases.set_aside, self.id)
+            self.move(State.CONFLICT, "its WAL conflicts with storage")
+            log.error("the local copy of %s was moved to %s", self.id, kept)
 
     # --- saving, restoring, evicting ---------------------------------------------------------
     async def retry_save(self) -> None:
@@ -621,7 +692,7 @@ class Database:
         if not before and self.databases.set_aside_copies(self.id):
             self.move(State.CONFLICT, "storage moved past the copy")
         elif self.phase is State.FENCED:
-            self._move_stopped("lease claimed again")
+            self.move_stopped("lease claimed again")
 
     def _storage_deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.s.settings.start_timeout

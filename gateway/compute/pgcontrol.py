@@ -23,6 +23,7 @@ _FIELDS = {
     "timeline": r"Latest checkpoint's TimeLineID:\s*(\d+)",
     "segment_size": r"Bytes per WAL segment:\s*(\d+)",
     "checksums": r"Data page checksum version:\s*(\d+)",
+    "system_id": r"Database system identifier:\s*(\d+)",
 }
 # XLogRecord's head: xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid (host byte order)
 _RECORD_HEAD = struct.Struct("=IIQBB")
@@ -41,6 +42,7 @@ class Control:
     timeline: int
     segment_size: int
     checksums: bool
+    system_id: str = ""  # the cluster's identifier (WAL of one cluster never applies to another)
 
     def wal_file(self, pgdata: Path, lsn: int) -> tuple[Path, int]:
         """The WAL segment holding `lsn` on this timeline, and the offset in it."""
@@ -63,7 +65,8 @@ def read(bindir: Path, pgdata: Path, run_as: RunAs | None = None) -> Control:
                    checkpoint=(int(hi, 16) << 32) | int(lo, 16),
                    timeline=int(found["timeline"].group(1)),
                    segment_size=int(found["segment_size"].group(1)),
-                   checksums=found["checksums"].group(1) != "0")
+                   checksums=found["checksums"].group(1) != "0",
+                   system_id=found["system_id"].group(1))
 
 
 def written_between(pgdata: Path, before: Control, after: Control) -> bool:
@@ -103,3 +106,32 @@ def _only_bookkeeping(wal: bytes, start: int, end: int) -> bool:
             return False  # crosses into a page header: not followed here
         pos, first = following, False
     return pos == end
+
+
+_SHORT_PAGE_HEADER, _LONG_PAGE_HEADER = 24, 40  # XLogPageHeaderData, XLogLongPageHeaderData (MAXALIGNed)
+
+
+def checkpoint_end(pgdata: Path, control: Control) -> int | None:
+    """Where the WAL of a cleanly stopped copy ends: just after its shutdown checkpoint record
+    (the position the next record would take). None if the record cannot be read from the
+    copy's own pg_wal."""
+    path, offset = control.wal_file(pgdata, control.checkpoint)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            head = f.read(_RECORD_HEAD.size)
+    except OSError:
+        return None
+    if len(head) < _RECORD_HEAD.size:
+        return None
+    length = _RECORD_HEAD.unpack_from(head)[0]
+    if length < _RECORD_HEAD.size:
+        return None
+    pos, left = control.checkpoint, length
+    while True:
+        room = _PAGE - pos % _PAGE
+        if left <= room:
+            return (pos + left + 7) & ~7
+        left -= room
+        pos += room  # the next page, after its header (a long one where a segment begins)
+        pos += _LONG_PAGE_HEADER if pos % control.segment_size == 0 else _SHORT_PAGE_HEADER

@@ -23,11 +23,12 @@ from storage.errors import StorageError
 from storage.instance_uids import InstanceUids
 from storage.local import LocalCatalog
 
-from . import dbroles, extensions, pgbins, pgcontrol, securing
+from . import dbroles, extensions, pgbins, pgcontrol, securing, walship
 from .cgroups import Cgroups, Limits
 from .pgbins import PgNotInstalled
 from .postgres import PostgresProcess, stop_orphan
 from .role_reader import RoleReader
+from .walship import WalShipper
 
 log = logging.getLogger("pgsni.instances")
 
@@ -44,6 +45,7 @@ class Instance:
     control: pgcontrol.Control | None = None  # pg_control before it started: nothing written since = nothing to save
     watcher: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)  # when it became ready
+    shipper: WalShipper | None = None  # streams its WAL to storage (durability=async)
 
     @property
     def socket_dir(self) -> Path:
@@ -79,11 +81,12 @@ class Launcher:
         must pass through it to its own."""
         self.catalog.run_as.make_dir(self.settings.socket_path, 0o711 if self.uids else 0o700)
 
-    async def prepare(self, db_id: str) -> Instance:
+    async def prepare(self, db_id: str, *, locked: bool = False) -> Instance:
         """An instance of `db_id`, not started yet: its file lock taken (refused while another
-        process holds it), a postmaster an earlier process left on the copy stopped, and
-        pg_control read (to tell after the stop whether anything was written)."""
-        lock = self.catalog.lock(db_id)
+        process holds it; `locked`: the caller holds it already), a postmaster an earlier
+        process left on the copy stopped, and pg_control read (to tell after the stop whether
+        anything was written)."""
+        lock = _HeldElsewhere() if locked else self.catalog.lock(db_id)
         try:
             lock.acquire()
         except StorageError as e:
@@ -96,7 +99,9 @@ class Launcher:
             lock.release()
             raise errors.startup_failed(db_id, str(e)) from e
         options = {**extensions.instance_options(install, self.catalog.root, s.trusted_extensions),
-                   **instance_connections(s), **s.postgres_options}
+                   **instance_connections(s), **s.postgres_options,
+                   # after the operator's options: WAL shipping needs them whatever those say
+                   **(walship.instance_options(s.wal_keep_mb) if s.durability != "snapshot" else {})}
         process = PostgresProcess(install.bindir, self.catalog.pgdata(db_id), s.socket_path / db_id,
                                   self.catalog.log_file(db_id), self.catalog.run_as, options)
         inst = Instance(db_id, process, lock)
@@ -216,6 +221,16 @@ class Launcher:
         if self._cgroups is False:
             self._cgroups = Cgroups.setup(self.limits)
         return self._cgroups.group(db_id) if self._cgroups else None
+
+
+class _HeldElsewhere:
+    """The file lock of a copy its caller already holds."""
+
+    def acquire(self) -> "_HeldElsewhere":
+        return self
+
+    def release(self) -> None:
+        pass
 
 
 async def exited(inst: Instance, wait: float = 5.0) -> bool:

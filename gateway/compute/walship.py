@@ -157,14 +157,16 @@ class WalShipper:
         conn = await self._connect()
         row = await (await conn.execute(
             "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int, "
-            "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')")).fetchone()
-        wal_level, senders, segment_size = row
+            "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
+            "(SELECT system_identifier FROM pg_control_system())")).fetchone()
+        wal_level, senders, segment_size, system_id = row
         if wal_level not in ("replica", "logical") or senders < 1:
             raise StorageError(f"database {self.db_id} cannot stream its WAL: wal_level={wal_level}, "
                                f"max_wal_senders={senders} (needs replica and at least 1)")
         await conn.execute("SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS "
                            "(SELECT FROM pg_replication_slots WHERE slot_name = %s)", (SLOT, SLOT))
-        self.store = WalStore(self.backend, self.db_id, segment_size=int(segment_size))
+        self.store = WalStore(self.backend, self.db_id, segment_size=int(segment_size),
+                              cluster=str(system_id))
         try:
             self.stored = await self.store.newest()
         except StorageError as e:

@@ -126,9 +126,11 @@ async def count_connections(settings: Settings, db_id: str) -> int | None:
     over the private socket (None if it cannot be reached)."""
     try:
         async with await dbroles.connect(settings.socket_path / db_id, app="pgsni-info") as conn:
+            # the gateway's own connections (role reader, WAL shipper) log in as its admin
+            # role, which no client may use
             cur = await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
                                      "'client backend' AND pid <> pg_backend_pid() AND "
-                                     "application_name <> 'pgsni'")
+                                     "usename IS DISTINCT FROM %s", (dbroles.ADMIN,))
             return int((await cur.fetchone())[0])
     except (psycopg.Error, OSError):
         return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.compute import dbroles, walrestore, walship
+from gateway.compute import dbroles, pgcontrol, walrestore, walship
 from gateway.compute.pgbins import PgInstalls
 from gateway.compute.postgres import PostgresProcess
 from storage.errors import StorageError
@@ -59,6 +59,7 @@ class Instance:
         self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
         self.options = {**PG_OPTIONS, **walship.instance_options()}
         self.process: PostgresProcess | None = None
+        self.system_id = pgcontrol.read(self.bindir, self.pgdata, self.run_as).system_id
 
     async def start(self, extra: dict[str, str] | None = None) -> None:
         self.process = PostgresProcess(self.bindir, self.pgdata, self.socket_dir, self.root / "pg.log",
@@ -76,6 +77,10 @@ class Instance:
         async with await dbroles.connect(self.socket_dir) as conn:
             cur = await conn.execute(query, params)
             return await cur.fetchall() if cur.description else None
+
+    def store(self, backend) -> WalStore:
+        """Where this data directory's cluster keeps its WAL in `backend`."""
+        return WalStore(backend, DB, cluster=self.system_id)
 
     def base(self) -> Path:
         """A copy of the stopped data directory, as a snapshot holds it."""
@@ -186,7 +191,7 @@ async def test_commits_reach_storage_within_the_rpo_and_survive_losing_the_insta
     await ship.stop(timeout=10)
     shutil.rmtree(inst.pgdata)
     shutil.rmtree(inst.root / "spool")  # the whole machine is gone: only storage is left
-    store = WalStore(s3_backend, DB)
+    store = inst.store(s3_backend)
     listing = await store.listing()
     assert len(listing.segments) >= 2 and listing.superseded() == []  # each partial replaced its last
     await inst.restore(base, store)
@@ -219,7 +224,7 @@ async def test_restore_to_a_time_or_an_lsn_gives_exactly_what_was_committed_befo
     await stored_within(ship, last, 5.0)
     assert await ship.stop()
     await inst.stop()
-    store = WalStore(local_backend, DB)
+    store = inst.store(local_backend)
 
     await inst.restore(base, store, target_time=target_time)
     await inst.start()
@@ -269,7 +274,7 @@ async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3
     await inst.stop()
     assert await ship.stop()
     shutil.rmtree(inst.pgdata)
-    await inst.restore(base, WalStore(s3_backend, DB))
+    await inst.restore(base, inst.store(s3_backend))
     await inst.start()
     assert await ids(inst) == committed
 
@@ -296,7 +301,7 @@ async def test_a_second_history_under_the_same_name_is_refused(instances, local_
     while ships[1].failed is None and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert isinstance(ships[1].failed, WalConflict), ships[1].last_error
-    store = WalStore(local_backend, DB)
+    store = first.store(local_backend)
     assert await store.read(store.segment_key(segment)) == (first.pgdata / "pg_wal" / segment).read_bytes()
     for ship in ships:
         await ship.stop(timeout=2)
@@ -352,7 +357,7 @@ async def test_a_restored_database_ships_on_its_new_timeline(instances, local_ba
     await stored_within(ship, await commit(inst, 4, 5), 5.0)  # 4 and 5: the branch not taken
     await inst.stop()
     assert await ship.stop()
-    store = WalStore(local_backend, DB)
+    store = inst.store(local_backend)
     await inst.restore(base, store, target_lsn=target)
     replayed = inst.base()  # the stopped, promoted copy: the new base the lifecycle would save
 

@@ -85,7 +85,7 @@ def fake_manager(tmp_path: Path, monkeypatch, *, databases: int = 20, backend=No
         return False
     monkeypatch.setattr(running_mod, "stop_orphan", no_orphan)
     monkeypatch.setattr(running_mod.extensions, "instance_options", lambda *a: {})
-    s = Settings(data_root=str(tmp_path / "data"), lease_seconds=0, wake_rate=0,
+    s = Settings(data_root=str(tmp_path / "data"), lease_seconds=0, wake_rate=0, durability="snapshot",
                  socket_dir=str(tmp_path / "sock"), **settings)
     catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
     catalog.prepare()

@@ -264,9 +264,10 @@ def test_reference_env_names_are_the_ones_load_reads():
             assert getattr(load(env={var: "1.5"}), f.name) == 1.5
         elif f.type == "str":
             # storage only takes a kind or a URL, log_format a format, admin_host without a
-            # token a loopback address, pg_major a major version; any other string setting takes any text
-            value = {"storage": "s3://bucket/prefix", "log_format": "json",
-                     "admin_host": "::1", "pg_major": "17"}.get(f.name, "zz")
+            # token a loopback address, pg_major a major version, durability a mode; any other
+            # string setting takes any text
+            value = {"storage": "s3://bucket/prefix", "log_format": "json", "admin_host": "::1",
+                     "pg_major": "17", "durability": "snapshot"}.get(f.name, "zz")
             assert getattr(load(env={var: value}), f.name) == value
 
 
@@ -280,3 +281,16 @@ def test_file_rejects_bool_or_float_for_an_int(tmp_path):
         f.write_text(f"listen_port = {bad}\n")
         with pytest.raises(ConfigError, match="listen_port"):
             load(f, env={})
+
+
+def test_durability_modes():
+    import pytest
+
+    from gateway.config import ConfigError, load
+
+    assert load(env={}).durability == "async" and load(env={}).rpo_seconds == 1.0
+    assert load(env={"PGSNI_DURABILITY": "snapshot"}).durability == "snapshot"
+    with pytest.raises(ConfigError, match="sync is not available yet"):
+        load(env={"PGSNI_DURABILITY": "sync"})
+    with pytest.raises(ConfigError, match="rpo_seconds must be positive"):
+        load(env={"PGSNI_RPO_SECONDS": "0"})
