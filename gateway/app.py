@@ -15,6 +15,7 @@ from certs.context import leaf_certificate_pem, server_context
 from certs.reload import CACHE_DIR, TLSMaterial
 from gateway import supervise
 from gateway.admin.server import start_admin
+from gateway.compute import durability
 from gateway.compute.instances import InstanceManager
 from gateway.compute.template import local_catalog
 from gateway.config import Settings
@@ -63,6 +64,8 @@ class Gateway:
         self._detach_storage = None  # storage=s3fs: the unmount, from start()
         self.admin = None  # gateway/admin/server.py's AdminServer, from start() unless admin_port=0
         self.metrics.track(self.metrics.instances_running, lambda: len(self.instances.instances))
+        self.metrics.track(self.metrics.wal_lag_bytes, lambda: durability.lag(self.instances.instances.values())[0])
+        self.metrics.track(self.metrics.wal_lag_seconds, lambda: durability.lag(self.instances.instances.values())[1])
         self.metrics.track(self.metrics.clients_open, lambda: len(self.proxy.sessions))
 
     # --- what the admin API and tests read -----------------------------------------------------

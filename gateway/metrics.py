@@ -69,6 +69,12 @@ class Metrics:
             "the client waited).", ["phase"], buckets=WAKE_BUCKETS, registry=r)
         self.instances_running = Gauge(
             "pgsni_instances_running", "Postgres instances running now.", registry=r)
+        self.wal_lag_bytes = Gauge(
+            "pgsni_wal_lag_bytes", "durability=async: the largest amount of WAL a running database "
+            "has written that is not in storage yet.", registry=r)
+        self.wal_lag_seconds = Gauge(
+            "pgsni_wal_lag_seconds", "durability=async: the longest time a running database's "
+            "storage has been behind its WAL (alert well above rpo_seconds).", registry=r)
         self.snapshot_bytes = Counter(
             "pgsni_snapshot_bytes", "Compressed snapshot bytes moved, by operation (save, restore).",
             ["operation"], registry=r)

@@ -116,6 +116,11 @@ def db_info(ctx: click.Context, db_id: str) -> None:
             ("stored size", human_bytes(r.stored_bytes) if r.stored else "none"),
             ("versions", len(r.versions)), ("postgres", r.pg_major or "")]
     rows += [("set aside", path) for path in r.set_aside]  # changes storage does not have
+    if r.wal:
+        rows += [("WAL in storage", f"{r.wal['stored_lsn'] or 'none yet'} (timeline {r.wal['timeline']})"),
+                 ("WAL not yet stored", f"{human_bytes(r.wal['lag_bytes'] or 0)}, {r.wal['lag_seconds']} s"
+                  + (f"; {r.wal['upload_errors']} failed upload round(s): {r.wal['last_error']}"
+                     if r.wal["upload_errors"] else ""))]
     table(ctx, f"database {r.id}", ("", ""), [(f"{k}:", v) for k, v in rows])
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gateway.config import Settings
 from storage.backend import Backend
-from storage.wal import WalStore
+from storage.wal import WalStore, format_lsn
 
 from . import pgcontrol, walrestore
 from .running import Instance
@@ -67,6 +67,24 @@ async def stop_shipping(inst: Instance, *, upload: bool, timeout: float) -> bool
         log.warning("WAL of %s is not all in storage yet (%s); the rest stays in %s and goes with "
                     "its next run", inst.db_id, shipper.last_error or "storage is slow", shipper.spool)
     return done
+
+
+def shipping(inst: Instance) -> dict | None:
+    """How the instance's WAL shipping stands (db info), or None without a shipper."""
+    shipper = inst.shipper
+    if shipper is None:
+        return None
+    stored = shipper.stored
+    return {"stored_lsn": format_lsn(stored[1]) if stored else None,
+            "timeline": stored[0] if stored else None, "lag_bytes": shipper.lag_bytes,
+            "lag_seconds": round(shipper.lag_seconds, 3), "upload_errors": shipper.upload_errors,
+            "paused": shipper.paused, "last_error": shipper.last_error}
+
+
+def lag(instances) -> tuple[int, float]:
+    """The largest lag in bytes and in seconds of the given instances' WAL shipping (metrics)."""
+    lags = [(i.shipper.lag_bytes or 0, i.shipper.lag_seconds) for i in instances if i.shipper is not None]
+    return (max((b for b, _ in lags), default=0), max((t for _, t in lags), default=0.0))
 
 
 def drop_spool(data_root: Path, db_id: str) -> None:

@@ -33,7 +33,7 @@ import contextlib
 import logging
 from typing import Sequence
 
-from gateway.compute import dbroles, securing
+from gateway.compute import dbroles, durability, securing
 from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgNotInstalled
 from gateway.config import Settings
@@ -250,7 +250,8 @@ class Ops:
                     manifest.pg_major if manifest else steps.local_pg_major(self.catalog, db_id),
                     versions, [str(p) for p in set_aside],
                     (await self.manager.database(db_id).state(stored=cur is not None,
-                                              set_aside=set_aside)).value)
+                                                              set_aside=set_aside)).value,
+                    durability.shipping(inst) if inst is not None and inst.alive else None)
 
     async def versions(self, db_id: str) -> list[Version]:
         check_id(db_id)

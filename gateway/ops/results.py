@@ -93,6 +93,9 @@ class Info(_Result):
     versions: list[Version] = field(default_factory=list)
     set_aside: list[str] = field(default_factory=list)  # local copies with changes storage lacks
     state: str = ""  # gateway/compute/lifecycle.py's State
+    # durability=async, running in the gateway asked: {"stored_lsn", "timeline", "lag_bytes",
+    # "lag_seconds", "upload_errors", "paused", "last_error"} of its WAL shipping
+    wal: dict | None = None
 
 
 @dataclass
