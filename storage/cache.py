@@ -270,22 +270,31 @@ def disk_usage(path: Path) -> int:
 
 
 async def roll_back(databases: Databases, db_id: str, version: str, *,
-                    diverge: Callable[[], Awaitable[bool]] | None = None) -> tuple[Manifest | None, Manifest]:
+                    diverge: Callable[[], Awaitable[bool]] | None = None,
+                    note: str = "") -> tuple[Manifest | None, Manifest]:
     """Make `version` current again. Unsaved local changes are first saved as a new version,
     so the roll-back itself can be undone. The database must be stopped (caller holds its lock).
     `diverge()`, called once the local copy is `version`, may change the copy so that it starts
-    a history of its own (a new WAL timeline) and say so: the copy is then stored as a new
-    version, equal in data to `version`, and made current instead."""
+    a history of its own (a new WAL timeline, or WAL replayed up to a point in time) and say
+    so: the copy is then stored as a new version (`note`) and made current instead. If it
+    fails, the local copy is removed (the current version stays as it was)."""
     saved = await databases.save(db_id, note=f"saved before restoring {version}")
     cur = await databases.current(db_id, fresh=True)
     if cur is None:
         raise NotFound(f'database "{db_id}" is not in storage')
     target = await databases.store.manifest(db_id, version)  # NotFound for an unknown version
     await databases.install(db_id, target)
-    if diverge is not None and await diverge():
+    try:
+        diverged = diverge is not None and await diverge()
+    except BaseException:
+        # the copy may be half-replayed: nothing of it may start; the current version is intact
+        await asyncio.to_thread(databases.catalog.delete, db_id)
+        databases.forget(db_id)
+        raise
+    if diverged:
         stored = await databases.store.snapshot(db_id, databases.catalog.pgdata(db_id),
                                                 databases.catalog.roles(db_id) or {}, expect=cur,
-                                                note=f"restored {version} (on a new timeline)")
+                                                note=note or f"restored {version} (on a new timeline)")
         state = databases.state(db_id)
         state.version, state.dirty = stored.version, False
         await asyncio.to_thread(databases.save_state, db_id, state)

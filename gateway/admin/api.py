@@ -5,6 +5,7 @@ unavailable 503); bodies are JSON both ways. The OpenAPI document is gateway/adm
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -35,6 +36,19 @@ def _flag(request: web.Request, name: str) -> bool:
     if raw in _FALSE:
         return False
     raise OperationError("invalid", f"query parameter {name}={raw!r} is not true or false")
+
+
+def _time(text: str | None) -> dt.datetime | None:
+    """An ISO 8601 time with its zone (a restore's target), or None."""
+    if text is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise OperationError("invalid", f"time {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise OperationError("invalid", "the time needs a time zone (e.g. 2026-12-03T12:00:00Z)")
+    return when
 
 
 async def _body(request: web.Request, fields: dict[str, bool],
@@ -124,8 +138,9 @@ def add_routes(app: web.Application, gw: GatewayView) -> None:
         return _result(found)
 
     async def restore(request: web.Request) -> web.Response:
-        body = await _body(request, {"version": True})
-        return _result(await ops.restore(request.match_info["id"], body["version"],
+        body = await _body(request, {"version": False, "time": False})
+        return _result(await ops.restore(request.match_info["id"], body.get("version"),
+                                         time=_time(body.get("time")),
                                          force=_flag(request, "force"),
                                          dry_run=_flag(request, "dry_run")))
 

@@ -202,22 +202,34 @@ def db_versions(ctx: click.Context, db_id: str) -> None:
 
 @db.command("restore")
 @click.argument("db_id", metavar="ID")
-@click.option("--version", "version", required=True, help="Version to make current (see `db versions`).")
+@click.option("--version", "version", help="Version to make current (see `db versions`).")
+@click.option("--time", "time", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z",
+                                                     "%Y-%m-%dT%H:%M:%S.%f%z"]),
+              help="Point in time to restore to, with its time zone (2026-12-03T12:00:00+00:00): "
+                   "the transactions committed before it (needs the WAL durability=async stores).")
 @click.pass_context
-def db_restore(ctx: click.Context, db_id: str, version: str) -> None:
-    """Roll ID back to an earlier version. Unsaved changes become a new version first, so the
-    roll-back can itself be undone. The database must not be open in a running gateway."""
+def db_restore(ctx: click.Context, db_id: str, version: str | None, time) -> None:
+    """Roll ID back to an earlier version, or to a point in time. Unsaved changes become a new
+    version first, so the restore can itself be undone. The database must not be open in a
+    running gateway."""
+    if (version is None) == (time is None):
+        raise click.UsageError("give --version or --time (one of them)")
 
     async def restore(off):
         with working(ctx, f"restoring {db_id}"):
-            return await off.ops.restore(db_id, version, dry_run=_dry(ctx))
+            return await off.ops.restore(db_id, version, time=time, dry_run=_dry(ctx))
 
     r = run_offline(ctx, restore)
     if _done(ctx, r):
         return
     if r.saved_version is not None:
         click.echo(f"saved the current state as version {r.saved_version}")
-    click.echo(f"{db_id} is now at version {r.version}")
+    if r.time is not None:
+        click.echo(f"{db_id} is now at version {r.version}: version {r.base} with the WAL up to {r.time}")
+    elif r.version != r.base:
+        click.echo(f"{db_id} is now at version {r.version} (version {r.base} on a new timeline)")
+    else:
+        click.echo(f"{db_id} is now at version {r.version}")
 
 
 @db.command("verify")

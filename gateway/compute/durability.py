@@ -110,10 +110,11 @@ async def behind_storage(store: WalStore, pgdata: Path, control: pgcontrol.Contr
     return lsn > (end if end is not None else control.checkpoint)
 
 
-async def _store_ahead(inst: Instance, settings: Settings, backend: Backend) -> WalStore | None:
-    """The clean stopped copy's WAL store, if that holds WAL beyond the copy; else None."""
+async def _store_ahead(inst: Instance, settings: Settings | None, backend: Backend) -> WalStore | None:
+    """The clean stopped copy's WAL store, if that holds WAL beyond the copy; else None.
+    (`settings` None: whatever the durability mode.)"""
     control = inst.control
-    if not enabled(settings) or control is None or not control.shut_down:
+    if (settings is not None and not enabled(settings)) or control is None or not control.shut_down:
         return None
     store = wal_store(backend, inst.db_id, control)
     return store if await behind_storage(store, inst.process.pgdata, control) else None
@@ -142,6 +143,17 @@ async def new_history(inst: Instance, settings: Settings, backend: Backend, work
     if end is None:
         raise pgcontrol.ControlError(f"cannot find the end of the WAL of {inst.process.pgdata}")
     return await _replay(inst, store, work, settings, target_lsn=end, timeline=control.timeline)
+
+
+async def replay_to(inst: Instance, settings: Settings, backend: Backend, work: Path,
+                    target_time) -> pgcontrol.Control | None:
+    """Restore to a point: replay the stored WAL beyond the stopped copy (a version saved before
+    `target_time`) up to the transactions committed before `target_time`, and promote. None if
+    storage holds no WAL beyond the copy (then the copy is the database at that time)."""
+    store = await _store_ahead(inst, None, backend)
+    if store is None:
+        return None
+    return await _replay(inst, store, work, settings, target_time=target_time)
 
 
 async def _replay(inst: Instance, store: WalStore, work: Path, settings: Settings, **target) -> pgcontrol.Control:

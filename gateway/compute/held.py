@@ -23,6 +23,8 @@ class Owner(Protocol):
 
     async def new_history(self) -> bool: ...
 
+    async def replay_to(self, target_time) -> bool: ...
+
 
 class Held:
     """A database held stopped by `Database.held`, with its lock and lease: the transitions an
@@ -55,6 +57,16 @@ class Held:
         saved, target = await roll_back(self.db.databases, self.db.id, version, diverge=self.db.new_history)
         self.db.move(State.LOCAL, f"rolled back to {target.version}")
         return saved, target
+
+    async def restore_to(self, version: str, time) -> tuple[Manifest | None, Manifest]:
+        """Restore to a point in `time`: stored `version` (saved before it) plus the stored WAL
+        up to it, replayed and promoted, stored as a new current version. (The version saved
+        before, the base's manifest.)"""
+        saved, base = await roll_back(self.db.databases, self.db.id, version,
+                                      diverge=lambda: self.db.replay_to(time),
+                                      note=f"restored to {time.isoformat()} from {version}")
+        self.db.move(State.LOCAL, f"restored to {time.isoformat()}")
+        return saved, base
 
     async def replace(self, built: Path, roles, *, expect, note: str) -> str:
         """Store `built` (a database directory beside the data root) as the new current

@@ -408,16 +408,30 @@ class Database:
     def _wal_work(self) -> Path:
         return self.catalog.root / f".walrestore-{self.id}"
 
+    async def replay_to(self, target_time) -> bool:
+        """For a restore to a point, with the database held and its copy a version saved before
+        `target_time`: replay the stored WAL up to that time and promote (gateway/compute/
+        durability.py). Whether anything was replayed."""
+        s, backend = self.s.settings, self.databases.store.backend
+        return await self._rework_held_copy(
+            lambda inst: durability.replay_to(inst, s, backend, self._wal_work(), target_time))
+
     async def new_history(self) -> bool:
         """After a roll-back, with the database held: if storage holds WAL of its cluster beyond
         the copy, promote the copy to a new timeline (gateway/compute/durability.py). Whether
         it did (the copy then holds changes its stored version lacks)."""
         if not durability.enabled(self.s.settings):
             return False
+        s, backend = self.s.settings, self.databases.store.backend
+        return await self._rework_held_copy(
+            lambda inst: durability.new_history(inst, s, backend, self._wal_work()))
+
+    async def _rework_held_copy(self, rework) -> bool:
+        """Run `rework(instance)` (a replay) on the stopped copy an operation holds; the copy
+        counts as changed if it returned new control data."""
         inst = await self.launcher.prepare(self.id, locked=True)  # the operation holds the lock
         try:
-            control = await durability.new_history(inst, self.s.settings, self.databases.store.backend,
-                                                   self._wal_work())
+            control = await rework(inst)
         finally:
             self.launcher.abandon(inst)
         if control is None:

@@ -29,6 +29,7 @@ gateway, when called from the CLI) is refused with `busy` (its lock).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import logging
 from typing import Sequence
@@ -342,21 +343,45 @@ class Ops:
         # the manager's stop may already have saved it
         return Snapshot(db_id, after if after != before else None, after != before, held.stopped)
 
-    async def restore(self, db_id: str, version: str, *, force: bool = False,
-                      dry_run: bool = False) -> Restored | Plan:
+    async def restore(self, db_id: str, version: str | None = None, *, time: dt.datetime | None = None,
+                      force: bool = False, dry_run: bool = False) -> Restored | Plan:
+        """Roll back to a stored `version`, or restore to a point in `time`: the newest version
+        saved before it plus the stored WAL up to it (the transactions committed before it)."""
         await self._require(db_id)
+        if (version is None) == (time is None):
+            raise OperationError("invalid", "give a version or a time to restore to (one of them)")
+        if time is not None and time.tzinfo is None:
+            raise OperationError("invalid", "the time needs a time zone (e.g. 2026-12-03T12:00:00Z)")
         self._check_idle(db_id, force, "restoring it")
         with translated():  # an unknown version is refused before anything stops or saves
-            target = await self.store.manifest(db_id, version)
+            target = await (self.store.manifest(db_id, version) if version is not None
+                            else self._version_before(db_id, time))
         if dry_run:
             changes = (["stop the running instance"] if self._running(db_id) else []) + \
                 (["save unsaved local changes as a new version"] if self._unsaved(db_id) else []) + \
-                [f"replace the local copy with version {target.version}",
-                 f"make {target.version} the current version"]
+                [f"replace the local copy with version {target.version}"]
+            changes += ([f"replay the stored WAL up to {time.isoformat()} and store the result as a "
+                         "new current version"] if time is not None else
+                        [f"make {target.version} the current version"])
             return Plan("restore", db_id, changes)
-        async with self._held(db_id, f"restoring {version}") as held:
-            saved, target = await held.roll_back(version)
-        return Restored(db_id, target.version, saved.version if saved else None, held.stopped)
+        async with self._held(db_id, f"restoring {target.version}") as held:
+            if time is None:
+                saved, target = await held.roll_back(target.version)
+            else:
+                saved, target = await held.restore_to(target.version, time)
+            now = self.databases.state(db_id).version
+        return Restored(db_id, now or target.version, saved.version if saved else None, held.stopped,
+                        base=target.version, time=time.isoformat() if time else None)
+
+    async def _version_before(self, db_id: str, time: dt.datetime):
+        """The manifest of the newest stored version saved before `time`."""
+        for info in sorted(await self.store.versions(db_id), key=lambda i: i.version, reverse=True):
+            manifest = await self.store.manifest(db_id, info.version)
+            if dt.datetime.fromisoformat(manifest.created) < time:
+                return manifest
+        raise OperationError("not_found", f'database "{db_id}" has no version saved before '
+                             f"{time.isoformat()}", hint="Retention keeps retention_keep versions "
+                             "(and those younger than retention_days).")
 
     # --- verify and passwords ------------------------------------------------------------------
     async def verify(self, db_id: str, *, dry_run: bool = False) -> Verified | Plan:

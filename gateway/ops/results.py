@@ -127,9 +127,11 @@ class Snapshot(_Result):
 @dataclass
 class Restored(_Result):
     id: str
-    version: str
+    version: str  # current now: the version restored, or a new one holding it (see base)
     saved_version: str | None  # unsaved changes saved first (the roll-back can be undone)
     stopped: bool = False
+    base: str | None = None  # the stored version restored from
+    time: str | None = None  # restored to this point in time (WAL replayed up to it)
 
 
 @dataclass

@@ -76,3 +76,31 @@ def test_a_second_gateway_replays_what_the_first_shipped(start_gateway, tls, dat
     with psycopg.connect(dsn_b) as conn:
         assert conn.execute("select count(*) from t").fetchone()[0] == 100
     assert _timeline(dsn_b) == 2  # a second replay would have promoted it to timeline 3
+
+
+def test_restore_to_a_time_gives_exactly_what_was_committed_before(start_gateway, tls):
+    gt = start_gateway(lease_seconds=0, rpo_seconds=0.5)
+    gw = gt.gw
+    ops = Ops(gw.settings, gw.catalog, gw.databases, gw.instances)
+    gt.create_db("pitr")
+    gt.call(lambda: gw.instances.stop("pitr"))  # the version before any row
+    dsn = conninfo(gt.port, tls["ca"], "pitr")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create table t(x int)")
+        conn.execute("insert into t select generate_series(1, 10)")
+        time.sleep(0.3)
+        (target,), = conn.execute("select clock_timestamp()").fetchall()
+        time.sleep(0.3)
+        conn.execute("insert into t select generate_series(11, 20)")
+    _until_stored(gt, "pitr")
+    before = gw.databases.state("pitr").version
+
+    restored = gt.call(lambda: ops.restore("pitr", time=target, force=True))
+    assert restored.base == before and restored.version != before and restored.time
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select count(*), max(x) from t").fetchone() == (10, 10)
+    assert gw.databases.state("pitr").version == restored.version  # stored as the current version
+
+    from gateway.ops.results import OperationError
+    with pytest.raises(OperationError, match="no version saved before"):
+        gt.call(lambda: ops.restore("pitr", time=target.replace(year=2000), force=True))
