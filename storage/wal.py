@@ -143,16 +143,17 @@ class Fetched:
 
 class WalStore:
     def __init__(self, backend: Backend, db_id: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
-                 level: int = LEVEL, cluster: str | None = None) -> None:
-        """`cluster`: the data directory's system identifier. WAL of one cluster never applies
-        to another (an uploaded or upgraded database is a new cluster under the same id), so
-        each cluster's WAL has its own prefix."""
+                 level: int = LEVEL, base: str | None = None) -> None:
+        """`base`: the stored version the WAL continues (the version the running copy descends
+        from). WAL written after one version never applies to another (an upload, an upgrade
+        or a roll-back starts from a version of its own; copies of one template even share
+        their system identifier), so each version's WAL has its own prefix."""
         if segment_size > MAX_SEGMENT_SIZE or segment_size & (segment_size - 1):
             raise StorageError(f"unsupported WAL segment size {segment_size}")
-        if cluster is not None and not cluster.isdigit():
-            raise StorageError(f"not a system identifier: {cluster!r}")
+        if base is not None and not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.-]{0,79}", base):
+            raise StorageError(f"not a version: {base!r}")
         self.backend, self.db_id, self.segment_size, self.level = backend, db_id, segment_size, level
-        self.prefix = f"dbs/{db_id}/wal/" + (f"{cluster}/" if cluster else "")
+        self.prefix = f"dbs/{db_id}/wal/" + (f"{base}/" if base else "")
 
     def segment_key(self, name: str) -> str:
         return f"{self.prefix}{name}.zst"

@@ -43,14 +43,17 @@ def spool_of(data_root: Path, db_id: str) -> Path:
     return data_root / ".wal" / db_id
 
 
-async def start_shipping(inst: Instance, settings: Settings, backend: Backend, data_root: Path) -> None:
-    """Start streaming the running instance's WAL to storage (raises if it cannot stream)."""
-    if not enabled(settings):
+async def start_shipping(inst: Instance, settings: Settings, backend: Backend, data_root: Path,
+                         base: str | None) -> None:
+    """Start streaming the running instance's WAL to storage, under `base` (the stored version
+    its copy descends from; raises if it cannot stream). A copy never stored yet (a database
+    being created) ships nothing: its first version is what follows."""
+    if not enabled(settings) or base is None:
         return
     await asyncio.to_thread(data_root.joinpath(".wal").mkdir, mode=0o700, exist_ok=True)
     shipper = WalShipper(backend, inst.db_id, inst.process.bindir, inst.socket_dir,
                          spool_of(data_root, inst.db_id), rpo_seconds=settings.rpo_seconds,
-                         spool_budget=settings.wal_spool_mb << 20)
+                         spool_budget=settings.wal_spool_mb << 20, base=base)
     await shipper.start()
     inst.shipper = shipper
 
@@ -93,12 +96,12 @@ def drop_spool(data_root: Path, db_id: str) -> None:
     shutil.rmtree(spool_of(data_root, db_id).with_name(db_id + ".log"), ignore_errors=True)
 
 
-def wal_store(backend: Backend, db_id: str, control: pgcontrol.Control) -> WalStore:
-    return WalStore(backend, db_id, segment_size=control.segment_size, cluster=control.system_id)
+def wal_store(backend: Backend, db_id: str, control: pgcontrol.Control, base: str) -> WalStore:
+    return WalStore(backend, db_id, segment_size=control.segment_size, base=base)
 
 
 async def behind_storage(store: WalStore, pgdata: Path, control: pgcontrol.Control) -> bool:
-    """Whether storage holds WAL of this cluster beyond the clean copy `pgdata`: on a later
+    """Whether storage holds WAL beyond the clean copy `pgdata` (under its base): on a later
     timeline, or on its own past its shutdown checkpoint."""
     newest = await store.newest()
     if newest is None:
@@ -110,21 +113,24 @@ async def behind_storage(store: WalStore, pgdata: Path, control: pgcontrol.Contr
     return lsn > (end if end is not None else control.checkpoint)
 
 
-async def _store_ahead(inst: Instance, settings: Settings | None, backend: Backend) -> WalStore | None:
-    """The clean stopped copy's WAL store, if that holds WAL beyond the copy; else None.
-    (`settings` None: whatever the durability mode.)"""
+async def _store_ahead(inst: Instance, settings: Settings | None, backend: Backend,
+                       base: str | None) -> WalStore | None:
+    """The WAL store of the clean stopped copy descending from stored version `base`, if that
+    holds WAL beyond the copy; else None. (`settings` None: whatever the durability mode.)"""
     control = inst.control
-    if (settings is not None and not enabled(settings)) or control is None or not control.shut_down:
+    if (settings is not None and not enabled(settings)) or control is None or not control.shut_down \
+            or base is None:
         return None
-    store = wal_store(backend, inst.db_id, control)
+    store = wal_store(backend, inst.db_id, control, base)
     return store if await behind_storage(store, inst.process.pgdata, control) else None
 
 
-async def catch_up(inst: Instance, settings: Settings, backend: Backend, work: Path) -> pgcontrol.Control | None:
+async def catch_up(inst: Instance, settings: Settings, backend: Backend, work: Path,
+                   base: str | None) -> pgcontrol.Control | None:
     """Before a start: replay the WAL storage holds beyond the stopped copy (see the module
     doc). Returns the copy's new control data, or None if it was not behind. `work` is a
     directory for the fetched WAL (made and removed here)."""
-    store = await _store_ahead(inst, settings, backend)
+    store = await _store_ahead(inst, settings, backend, base)
     if store is None:
         return None
     log.warning("the copy of %s is behind the WAL in storage (its last holder stopped without "
@@ -132,10 +138,11 @@ async def catch_up(inst: Instance, settings: Settings, backend: Backend, work: P
     return await _replay(inst, store, work, settings)
 
 
-async def new_history(inst: Instance, settings: Settings, backend: Backend, work: Path) -> pgcontrol.Control | None:
+async def new_history(inst: Instance, settings: Settings, backend: Backend, work: Path,
+                      base: str | None) -> pgcontrol.Control | None:
     """After a roll-back: promote the stopped copy to a new timeline without replaying any
-    stored WAL, if storage holds WAL of its cluster beyond it. None if nothing was needed."""
-    store = await _store_ahead(inst, settings, backend)
+    stored WAL, if storage holds WAL written after its version. None if nothing was needed."""
+    store = await _store_ahead(inst, settings, backend, base)
     if store is None:
         return None
     control = inst.control
@@ -146,11 +153,11 @@ async def new_history(inst: Instance, settings: Settings, backend: Backend, work
 
 
 async def replay_to(inst: Instance, settings: Settings, backend: Backend, work: Path,
-                    target_time) -> pgcontrol.Control | None:
+                    base: str | None, target_time) -> pgcontrol.Control | None:
     """Restore to a point: replay the stored WAL beyond the stopped copy (a version saved before
     `target_time`) up to the transactions committed before `target_time`, and promote. None if
     storage holds no WAL beyond the copy (then the copy is the database at that time)."""
-    store = await _store_ahead(inst, None, backend)
+    store = await _store_ahead(inst, None, backend, base)
     if store is None:
         return None
     return await _replay(inst, store, work, settings, target_time=target_time)

@@ -62,6 +62,9 @@ from .states import EDGES, State
 log = logging.getLogger("pgsni.instances")
 
 Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a new database
+# the most a stop waits for the last WAL to reach storage: the stop-time snapshot follows and
+# holds it all the same (what is left stays in the spool for the next run)
+STOP_UPLOAD_SECONDS = 10.0
 
 
 @dataclass
@@ -363,7 +366,7 @@ class Database:
             began = time.monotonic()
             await self.launcher.launch(inst)
             await durability.start_shipping(inst, self.s.settings, self.databases.store.backend,
-                                            self.catalog.root)
+                                            self.catalog.root, self._base())
         except BaseException as e:
             inst.process.kill_group()
             await durability.stop_shipping(inst, upload=False, timeout=0)
@@ -393,11 +396,16 @@ class Database:
 
     async def _catch_up_wal(self, inst: Instance) -> None:
         """Replay the WAL storage holds beyond the copy, if any (gateway/compute/durability.py);
-        the replayed copy holds changes its stored version lacks."""
+        the replayed copy holds changes its stored version lacks. A copy with unsaved changes is
+        not asked about: it ran here after its version, so what storage holds beyond that
+        version came from it (another gateway's save would have set it aside at the claim),
+        and it starts even while storage is down."""
+        if self.databases.state(self.id).dirty:
+            return
         began = time.monotonic()
         with storage_failures(self.id):
             control = await durability.catch_up(inst, self.s.settings, self.databases.store.backend,
-                                                self._wal_work())
+                                                self._wal_work(), self._base())
         if control is not None:
             inst.control = control
             await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=True)
@@ -408,13 +416,17 @@ class Database:
     def _wal_work(self) -> Path:
         return self.catalog.root / f".walrestore-{self.id}"
 
+    def _base(self) -> str | None:
+        """The stored version the local copy descends from: its WAL goes under that version."""
+        return self.databases.state(self.id).version
+
     async def replay_to(self, target_time) -> bool:
         """For a restore to a point, with the database held and its copy a version saved before
         `target_time`: replay the stored WAL up to that time and promote (gateway/compute/
         durability.py). Whether anything was replayed."""
         s, backend = self.s.settings, self.databases.store.backend
         return await self._rework_held_copy(
-            lambda inst: durability.replay_to(inst, s, backend, self._wal_work(), target_time))
+            lambda inst: durability.replay_to(inst, s, backend, self._wal_work(), self._base(), target_time))
 
     async def new_history(self) -> bool:
         """After a roll-back, with the database held: if storage holds WAL of its cluster beyond
@@ -424,7 +436,7 @@ class Database:
             return False
         s, backend = self.s.settings, self.databases.store.backend
         return await self._rework_held_copy(
-            lambda inst: durability.new_history(inst, s, backend, self._wal_work()))
+            lambda inst: durability.new_history(inst, s, backend, self._wal_work(), self._base()))
 
     async def _rework_held_copy(self, rework) -> bool:
         """Run `rework(instance)` (a replay) on the stopped copy an operation holds; the copy
@@ -524,7 +536,7 @@ class Database:
             stopped = True
             self._drop(inst)
             await durability.stop_shipping(inst, upload=not (discard or fencing),
-                                           timeout=self.s.settings.stop_timeout)
+                                           timeout=min(self.s.settings.stop_timeout, STOP_UPLOAD_SECONDS))
             changed = not discard and await self.launcher.written(inst)
             state = await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=changed)
             self.move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,

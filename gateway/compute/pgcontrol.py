@@ -23,7 +23,6 @@ _FIELDS = {
     "timeline": r"Latest checkpoint's TimeLineID:\s*(\d+)",
     "segment_size": r"Bytes per WAL segment:\s*(\d+)",
     "checksums": r"Data page checksum version:\s*(\d+)",
-    "system_id": r"Database system identifier:\s*(\d+)",
 }
 # XLogRecord's head: xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid (host byte order)
 _RECORD_HEAD = struct.Struct("=IIQBB")
@@ -42,7 +41,6 @@ class Control:
     timeline: int
     segment_size: int
     checksums: bool
-    system_id: str = ""  # the cluster's identifier (WAL of one cluster never applies to another)
 
     def wal_file(self, pgdata: Path, lsn: int) -> tuple[Path, int]:
         """The WAL segment holding `lsn` on this timeline, and the offset in it."""
@@ -65,8 +63,7 @@ def read(bindir: Path, pgdata: Path, run_as: RunAs | None = None) -> Control:
                    checkpoint=(int(hi, 16) << 32) | int(lo, 16),
                    timeline=int(found["timeline"].group(1)),
                    segment_size=int(found["segment_size"].group(1)),
-                   checksums=found["checksums"].group(1) != "0",
-                   system_id=found["system_id"].group(1))
+                   checksums=found["checksums"].group(1) != "0")
 
 
 def written_between(pgdata: Path, before: Control, after: Control) -> bool:

@@ -88,8 +88,9 @@ class WalShipper:
     """Ships one instance's WAL to `backend` under database `db_id` (see the module doc)."""
 
     def __init__(self, backend: Backend, db_id: str, bindir: Path, socket_dir: Path, spool: Path, *,
-                 rpo_seconds: float = 1.0, spool_budget: int = 1 << 30) -> None:
-        self.backend, self.db_id, self.bindir = backend, db_id, bindir
+                 rpo_seconds: float = 1.0, spool_budget: int = 1 << 30, base: str | None = None) -> None:
+        """`base`: the stored version the instance's copy descends from (storage/wal.py)."""
+        self.backend, self.db_id, self.bindir, self.base = backend, db_id, bindir, base
         self.socket_dir, self.spool = socket_dir, spool
         self.rpo_seconds, self.spool_budget = rpo_seconds, spool_budget
         self.partial_every = rpo_seconds / 2  # a commit waits at most this, plus one upload
@@ -157,16 +158,14 @@ class WalShipper:
         conn = await self._connect()
         row = await (await conn.execute(
             "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int, "
-            "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
-            "(SELECT system_identifier FROM pg_control_system())")).fetchone()
-        wal_level, senders, segment_size, system_id = row
+            "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')")).fetchone()
+        wal_level, senders, segment_size = row
         if wal_level not in ("replica", "logical") or senders < 1:
             raise StorageError(f"database {self.db_id} cannot stream its WAL: wal_level={wal_level}, "
                                f"max_wal_senders={senders} (needs replica and at least 1)")
         await conn.execute("SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS "
                            "(SELECT FROM pg_replication_slots WHERE slot_name = %s)", (SLOT, SLOT))
-        self.store = WalStore(self.backend, self.db_id, segment_size=int(segment_size),
-                              cluster=str(system_id))
+        self.store = WalStore(self.backend, self.db_id, segment_size=int(segment_size), base=self.base)
         try:
             self.stored = await self.store.newest()
         except StorageError as e:
@@ -174,8 +173,9 @@ class WalShipper:
 
     async def stop(self, timeout: float = 30.0) -> bool:
         """Take in what the instance has flushed (if it still runs), stop the receiver, and
-        upload what is left, trying until `timeout`. True if the spool is empty: storage then
-        holds all the WAL received. What is left stays in the spool for the next run."""
+        upload what is left, trying until `timeout` or until storage fails. True if the spool
+        is empty: storage then holds all the WAL received. What is left stays in the spool for
+        the next run."""
         self._stopping = True
         deadline = time.monotonic() + timeout
         for task in self._tasks:
@@ -184,9 +184,14 @@ class WalShipper:
                 await task
         await self._drain(min(5.0, timeout / 3))
         await self._stop_receiver()
-        done = False
+        done, failures = False, self.upload_errors
         while self.failed is None and not done and time.monotonic() < deadline:
-            done = await self._round(final=True)
+            try:
+                done = await asyncio.wait_for(self._round(final=True), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            if not done and self.upload_errors > failures:
+                break  # storage fails: the spool keeps the rest for the next run
             if not done:
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         await self._close_conn()

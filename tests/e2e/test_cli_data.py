@@ -49,7 +49,9 @@ def _state(data_root: Path) -> tuple:
     """What a refused upload must not change: the data root's entries and every stored object
     (local storage lives in <data_root>/_storage), with the current-version pointers' contents."""
     store = data_root / "_storage"
-    objects = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
+    # (WAL a running gateway ships meanwhile is not the upload's doing)
+    objects = sorted(str(p.relative_to(store)) for p in store.rglob("*")
+                     if p.is_file() and "wal" not in p.relative_to(store).parts)
     pointers = {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("current.json")}
     return sorted(p.name for p in data_root.iterdir()), objects, pointers
 

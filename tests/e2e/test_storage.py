@@ -11,7 +11,6 @@ import boto3
 import psycopg
 import pytest
 
-from storage.cache import roll_back
 
 from ..support.harness import connect_sqlstate, conninfo, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY
@@ -101,6 +100,12 @@ def test_concurrent_cold_connects_download_once(start_gateway, tls, s3_settings)
     assert calls == ["herd"]
 
 
+async def _roll_back(gw, db_id: str, version: str):
+    """A roll-back as `db restore` makes it (through the database's lifecycle)."""
+    async with gw.gw.instances.stopped(db_id, "rolling back") as held:
+        return await held.roll_back(version)
+
+
 def test_versions_and_roll_back_is_undoable(start_gateway, tls, s3_settings):
     gw = start_gateway(**s3_settings)
     gw.create_db("hist")
@@ -112,11 +117,11 @@ def test_versions_and_roll_back_is_undoable(start_gateway, tls, s3_settings):
     # roll back while running: the gateway stops it first (clients would be cut off)
     _stop(gw, "hist")
     second = [v.version for v in _versions(gw, "hist")][-1]
-    saved, target = gw.call(lambda: roll_back(gw.gw.databases, "hist", first))
+    saved, target = gw.call(lambda: _roll_back(gw, "hist", first))
     assert saved is None and target.version == first  # nothing unsaved: "two" is already `second`
     assert psql(dsn, "select string_agg(v, ',') from t").stdout.strip() == "one"
     _stop(gw, "hist")
-    gw.call(lambda: roll_back(gw.gw.databases, "hist", second))
+    gw.call(lambda: _roll_back(gw, "hist", second))
     assert psql(dsn, "select string_agg(v, ',' order by v) from t").stdout.strip() == "one,two"
 
 
@@ -147,7 +152,7 @@ def test_corrupted_snapshot_is_refused_and_older_version_still_works(start_gatew
     out = psql(dsn, "select 1")
     assert "damaged" in out.stderr and "pgsni db restore" in out.stderr
     assert not gw.gw.catalog.exists("rot")  # nothing half-restored left behind
-    gw.call(lambda: roll_back(gw.gw.databases, "rot", good))
+    gw.call(lambda: _roll_back(gw, "rot", good))
     assert psql(dsn, "select string_agg(x::text, ',') from t").stdout.strip() == "1"
 
 

@@ -6,7 +6,6 @@ directory. No gateway: these are the blocks the lifecycle will call."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import secrets
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.compute import dbroles, pgcontrol, walrestore, walship
+from gateway.compute import dbroles, walrestore, walship
 from gateway.compute.pgbins import PgInstalls
 from gateway.compute.postgres import PostgresProcess
 from storage.errors import StorageError
@@ -35,6 +34,7 @@ MAJOR = "15"
 MAJORS = sorted(PgInstalls().by_major, key=int)  # each with its own pg_receivewal
 RPO = 1.0
 DB = "walt"
+BASE = "20261203T000000.000Z-000000"  # the stored version the instances' WAL continues
 pytestmark = pytest.mark.slow
 
 
@@ -59,7 +59,6 @@ class Instance:
         self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
         self.options = {**PG_OPTIONS, **walship.instance_options()}
         self.process: PostgresProcess | None = None
-        self.system_id = pgcontrol.read(self.bindir, self.pgdata, self.run_as).system_id
 
     async def start(self, extra: dict[str, str] | None = None) -> None:
         self.process = PostgresProcess(self.bindir, self.pgdata, self.socket_dir, self.root / "pg.log",
@@ -79,8 +78,8 @@ class Instance:
             return await cur.fetchall() if cur.description else None
 
     def store(self, backend) -> WalStore:
-        """Where this data directory's cluster keeps its WAL in `backend`."""
-        return WalStore(backend, DB, cluster=self.system_id)
+        """Where this instance's WAL is kept in `backend` (as its shipper writes it)."""
+        return WalStore(backend, DB, base=BASE)
 
     def base(self) -> Path:
         """A copy of the stopped data directory, as a snapshot holds it."""
@@ -130,7 +129,7 @@ async def s3_backend(moto_server, s3_proxy):
 
 def shipper(inst: Instance, backend, **kw) -> walship.WalShipper:
     return walship.WalShipper(backend, DB, inst.bindir, inst.socket_dir, inst.root / "spool",
-                              rpo_seconds=RPO, **kw)
+                              rpo_seconds=RPO, base=BASE, **kw)
 
 
 async def commit(inst: Instance, *ids: int) -> int:

@@ -130,3 +130,16 @@ async def test_retention_removes_what_ends_before_a_point(store):
 
 def test_an_empty_listing():
     assert StoredWal(SEG).newest() is None
+
+
+async def test_each_base_version_has_its_own_wal(backend):  # noqa: F811
+    """WAL written after one stored version never shows under another (an upload, an upgrade
+    or a roll-back starts from its own version; template copies share a system identifier)."""
+    first = WalStore(backend, "db1", segment_size=SEG, base="20261203T120000.000Z-aaaaaa")
+    other = WalStore(backend, "db1", segment_size=SEG, base="20261203T130000.000Z-bbbbbb")
+    key = await first.put_segment(seg(1, 1), content(1))
+    assert key.startswith("dbs/db1/wal/20261203T120000.000Z-aaaaaa/")
+    assert await first.newest() == (1, 2 * SEG) and await other.newest() is None
+    await other.put_segment(seg(1, 1), content(2))  # the same name under another base: no conflict
+    with pytest.raises(Exception, match="not a version"):
+        WalStore(backend, "db1", base="../x")
