@@ -372,6 +372,7 @@ class Database:
             await durability.stop_shipping(inst, upload=False, timeout=0)
             await self._after_failed_start(inst)
             self.launcher.abandon(inst)
+            await self._drop_half_replayed(inst)
             self.move_stopped("start failed")
             if isinstance(e, errors.GatewayError):
                 raise
@@ -412,6 +413,20 @@ class Database:
             self.s.metrics.wake_phase("replay", time.monotonic() - began)
             log.info("replayed the stored WAL of %s in %.0f ms (now timeline %d)", self.id,
                      (time.monotonic() - began) * 1000, control.timeline)
+
+    async def _drop_half_replayed(self, inst: Instance) -> None:
+        """A replay of stored WAL that failed half-way leaves a clean copy in recovery, which
+        must never start as it is: remove it (storage holds its version), so that the next wake
+        restores and replays afresh."""
+        if not (inst.process.pgdata / "recovery.signal").exists() or self.databases.state(self.id).dirty:
+            return
+        log.error("removing the local copy of %s, left half-replayed; the next start restores "
+                  "it from storage", self.id)
+        try:
+            await asyncio.to_thread(self.catalog.delete, self.id)
+            self.databases.forget(self.id)
+        except (OSError, StorageError) as e:
+            log.error("could not remove the half-replayed copy of %s: %s", self.id, e)
 
     def _wal_work(self) -> Path:
         return self.catalog.root / f".walrestore-{self.id}"

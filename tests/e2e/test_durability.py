@@ -11,7 +11,8 @@ import time
 import psycopg
 import pytest
 
-from gateway.compute import durability
+from gateway.compute import durability, walrestore
+from gateway.compute.postgres import PostgresError
 from gateway.ops.operations import Ops
 
 from ..conftest import reachable_tmpdir, seed_template
@@ -66,6 +67,19 @@ def test_a_second_gateway_replays_what_the_first_shipped(start_gateway, tls, dat
     b = start_gateway(lease_seconds=0, data_root=str(other_root), socket_dir=f"/tmp/pgsni-s-{other_root.name[-8:]}",
                       storage_path=str(data_root / "_storage"))
     dsn_b = conninfo(b.port, tls["ca"], "dur")
+    # a replay that fails half-way (the copy already set up for recovery) must not leave that
+    # copy to start as it is: it is removed, and the next connection restores and replays afresh
+    real_replay = walrestore.replay
+
+    async def failing_replay(*args, **kw):
+        raise PostgresError("replay failed (test)")
+    walrestore.replay = failing_replay
+    try:
+        with pytest.raises(psycopg.OperationalError, match="could not be started"):
+            psycopg.connect(dsn_b).close()
+    finally:
+        walrestore.replay = real_replay
+    assert not b.gw.catalog.exists("dur")
     with psycopg.connect(dsn_b) as conn:
         assert conn.execute("select count(*) from t").fetchone()[0] == 100
     assert _timeline(dsn_b) == 2  # promoted: the first gateway's later WAL stays off this history
