@@ -347,11 +347,11 @@ class Ops:
                       force: bool = False, dry_run: bool = False) -> Restored | Plan:
         """Roll back to a stored `version`, or restore to a point in `time`: the newest version
         saved before it plus the stored WAL up to it (the transactions committed before it)."""
-        await self._require(db_id)
         if (version is None) == (time is None):
             raise OperationError("invalid", "give a version or a time to restore to (one of them)")
         if time is not None and time.tzinfo is None:
             raise OperationError("invalid", "the time needs a time zone (e.g. 2026-12-03T12:00:00Z)")
+        await self._require(db_id)
         self._check_idle(db_id, force, "restoring it")
         with translated():  # an unknown version is refused before anything stops or saves
             target = await (self.store.manifest(db_id, version) if version is not None
