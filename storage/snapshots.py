@@ -33,6 +33,7 @@ from .backend import Backend
 from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError, disk_full_as
 from .roles import Role
 from .streams import feed_thread
+from .wal import WalStore
 
 log = logging.getLogger("pgsni.snapshots")
 FORMAT = 2
@@ -291,8 +292,10 @@ class SnapshotStore:
         return doomed
 
     async def delete_version(self, db_id: str, version: str) -> None:
-        """Remove a version's objects (archive, manifest, file list); never the pointer."""
+        """Remove a version's objects (archive, manifest, file list) and the WAL written after
+        it (storage/wal.py: replayed only onto that version); never the pointer."""
         objs = await self.backend.list(_Keys(db_id).of_version(version))
+        objs += await self.backend.list(WalStore(self.backend, db_id, base=version).prefix)
         await self.backend.delete([o.key for o in objs])
 
     async def delete_database(self, db_id: str) -> None:

@@ -57,3 +57,18 @@ async def _fake_manifest(db_id: str, version: str):
     m = M()
     m.version = version
     return m
+
+
+async def test_a_removed_version_takes_the_wal_written_after_it(tmp_path, monkeypatch):
+    """WAL under a version (storage/wal.py) is replayed only onto that version: it goes with
+    it, and the WAL of a kept version stays."""
+    backend = LocalDirBackend(tmp_path / "store")
+    versions = [_version(10 - i, f"v{i:03d}") for i in range(3)]
+    await _seed(backend, versions, current=versions[-1])
+    for v in versions:
+        await backend.put(f"dbs/app/wal/{v}/000000010000000000000001.zst", b"wal")
+    store = SnapshotStore(backend, tmp_path / "spool", keep_last=2)
+    monkeypatch.setattr(store, "manifest", _fake_manifest)
+    assert await store.prune("app") == [versions[0]]
+    left = sorted(o.key.split("/")[3] for o in await backend.list("dbs/app/wal/"))
+    assert left == versions[1:]
