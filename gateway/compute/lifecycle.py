@@ -169,9 +169,7 @@ class Database:
         one the client was authenticated against, so that its keys open the instance too)."""
         async with self.lock:
             inst = self.instance
-            if inst is not None and inst.process.stopping:
-                await self._stopped_elsewhere(inst)  # fencing stops without the lock
-            elif inst is not None and not inst.alive:
+            if inst is not None and not inst.alive:
                 # its postmaster died and the watcher has not run yet: retire it here, or the
                 # start below would find this database's file lock still held by it
                 self._crashed(inst)
@@ -192,14 +190,6 @@ class Database:
                         self._require_secured()
                         inst = await self._start()
             return hold(inst)
-
-    async def _stopped_elsewhere(self, inst: Instance) -> None:
-        """Wait until a stop that does not take the lock (fencing) has recorded itself."""
-        deadline = time.monotonic() + self.s.settings.stop_timeout + STOP_UPLOAD_SECONDS + 5
-        while self.instance is inst and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.instance is inst:
-            raise errors.startup_failed(self.id, "its previous instance is still stopping")
 
     async def running_now(self) -> Instance | None:
         """Like `wake`, for an instance running now; None instead of starting one."""
@@ -552,36 +542,26 @@ class Database:
                     fencing: bool = False) -> None:
         """Stop an instance and save its changes to storage; with `discard`, its files are
         about to be deleted: nothing is read from it or saved; without `save`, changes stay
-        local (marked unsaved, retried later); `fencing`: no save, and the state is FENCED.
-        The instance counts as running until its stop is recorded in the copy's state (so
-        whoever sees it gone also sees the copy stopped). Whatever fails on the way (a full
-        disk writing the state, say), the instance is forgotten, its process group killed if
-        it did not stop, the copy marked as holding unsaved changes where that can still be
-        written, and its file lock released: nothing is left that keeps the database from
-        starting again, or its changes from being saved."""
-        stopped = recorded = False
+        local (marked unsaved, retried later); `fencing`: no save, and the state is FENCED. Whatever fails on the way (a full disk writing
+        the state, say), the instance is forgotten and its file lock released: nothing is
+        left that keeps the database from starting again."""
+        stopped = False
         try:
             await self.launcher.halt(inst, read_roles=not discard)
             stopped = True
+            self._drop(inst)
             await durability.stop_shipping(inst, upload=not (discard or fencing),
                                            timeout=min(self.s.settings.stop_timeout, STOP_UPLOAD_SECONDS))
             changed = not discard and await self.launcher.written(inst)
             state = await asyncio.to_thread(self.databases.mark_stopped, self.id, changed=changed)
-            recorded = True
-            self._drop(inst)
             self.move(State.FENCED if fencing else State.CHANGED if state.dirty else State.LOCAL,
-                      f"stopped: {reason}")
+                       f"stopped: {reason}")
             if state.dirty and save and not discard and not fencing:
                 await self._save()
         finally:
-            self._drop(inst)
             if not stopped:
+                self._drop(inst)
                 await durability.stop_shipping(inst, upload=False, timeout=0)
-            if not recorded and not discard:
-                try:  # as after a crash: it may hold changes not in storage
-                    self.databases.mark_stopped(self.id, changed=True)
-                except OSError as e:
-                    log.error("recording the stop of %s failed: %s", self.id, e)
             inst.lock.release()
             if inst.watcher and inst.watcher is not asyncio.current_task():
                 inst.watcher.cancel()
