@@ -222,11 +222,15 @@ class Databases:
                 f"descends from {state.version}; not overwriting (another gateway wrote it?)")
         manifest = await self.store.snapshot(db_id, self.catalog.pgdata(db_id),
                                              self.catalog.roles(db_id) or {}, expect=cur, note=note)
+        self.saved_as(db_id, manifest)
+        return manifest
+
+    def saved_as(self, db_id: str, manifest: Manifest) -> None:
+        """Record that the local copy is now stored as `manifest`'s version, unchanged since."""
         self.forget(db_id)
         state = self.state(db_id)
         state.version, state.dirty = manifest.version, False
         self.save_state(db_id, state)
-        return manifest
 
     def recover(self) -> list[str]:
         """At gateway start: copies still marked running belong to a gateway that died. Their
@@ -295,10 +299,8 @@ async def roll_back(databases: Databases, db_id: str, version: str, *,
         stored = await databases.store.snapshot(db_id, databases.catalog.pgdata(db_id),
                                                 databases.catalog.roles(db_id) or {}, expect=cur,
                                                 note=note or f"restored {version} (on a new timeline)")
-        state = databases.state(db_id)
-        state.version, state.dirty = stored.version, False
-        await asyncio.to_thread(databases.save_state, db_id, state)
+        await asyncio.to_thread(databases.saved_as, db_id, stored)
     else:
         await databases.store.set_current(db_id, version, cur)
-    databases.forget(db_id)
+        databases.forget(db_id)
     return saved, target

@@ -29,7 +29,7 @@ from storage.wal import WalStore, format_lsn
 
 from . import pgcontrol, walrestore
 from .running import Instance
-from .walship import WalShipper
+from .walship import WalShipper, remove_spool
 
 log = logging.getLogger("pgsni.durability")
 
@@ -91,9 +91,8 @@ def lag(instances) -> tuple[int, float]:
 
 
 def drop_spool(data_root: Path, db_id: str) -> None:
-    """A deleted database's spool goes with it."""
-    shutil.rmtree(spool_of(data_root, db_id), ignore_errors=True)
-    shutil.rmtree(spool_of(data_root, db_id).with_name(db_id + ".log"), ignore_errors=True)
+    """A deleted database's spool goes with it (backlogs and receiver log included)."""
+    remove_spool(spool_of(data_root, db_id))
 
 
 def wal_store(backend: Backend, db_id: str, control: pgcontrol.Control, base: str) -> WalStore:

@@ -14,6 +14,7 @@ from storage.snapshots import Manifest
 from . import durability
 from .states import State
 
+
 class Owner(Protocol):
     """What Held needs of its database's lifecycle (gateway/compute/lifecycle.py Database)."""
     id: str
@@ -86,10 +87,9 @@ class Held:
         db_id, databases = self.db.id, self.db.databases
         if databases.catalog.db_dir(db_id).exists():
             await asyncio.to_thread(databases.catalog.delete, db_id)
-        databases.forget(db_id)
         if everywhere:
             await databases.store.delete_database(db_id)
-            databases.forget(db_id)
             await asyncio.to_thread(durability.drop_spool, databases.catalog.root, db_id)
+        databases.forget(db_id)
         self.db.move(State.ABSENT if everywhere else State.STORED, "deleted" if everywhere
                       else "local copy removed")

@@ -134,7 +134,7 @@ class Database:
         self.phase = to
         self.history.append((time.time(), to, why))
 
-    def move_stopped(self, why: str) -> None:
+    def _move_stopped(self, why: str) -> None:
         """To LOCAL or CHANGED as the copy's state.json says (or ABSENT without a copy)."""
         if not self.catalog.exists(self.id):
             self.move(State.ABSENT, why)
@@ -359,7 +359,6 @@ class Database:
         db_id, metrics = self.id, self.s.metrics
         self.move(State.STARTING, "start")
         inst = await self._prepare()
-        began = time.monotonic()
         try:
             await self._catch_up_wal(inst)
             await asyncio.to_thread(self.databases.mark_running, db_id)
@@ -373,7 +372,7 @@ class Database:
             await self._after_failed_start(inst)
             self.launcher.abandon(inst)
             await self._drop_half_replayed(inst)
-            self.move_stopped("start failed")
+            self._move_stopped("start failed")
             if isinstance(e, errors.GatewayError):
                 raise
             if not isinstance(e, (PostgresError, OSError, OSUserError, StorageError, psycopg.Error,
@@ -470,15 +469,15 @@ class Database:
         try:
             return await self.launcher.prepare(self.id)
         except errors.GatewayError:
-            self.move_stopped("start refused")
+            self._move_stopped("start refused")
             raise
         except (OSError, OSUserError) as e:
-            self.move_stopped("start failed")
+            self._move_stopped("start failed")
             self.s.metrics.wake(ok=False)
             log.error("starting %s failed: %s", self.id, e)
             raise errors.startup_failed(self.id, str(e)) from e
         except BaseException:
-            self.move_stopped("start cancelled")
+            self._move_stopped("start cancelled")
             raise
 
     async def _after_failed_start(self, inst: Instance) -> None:
@@ -733,7 +732,7 @@ class Database:
         if not before and self.databases.set_aside_copies(self.id):
             self.move(State.CONFLICT, "storage moved past the copy")
         elif self.phase is State.FENCED:
-            self.move_stopped("lease claimed again")
+            self._move_stopped("lease claimed again")
 
     def _storage_deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.s.settings.start_timeout

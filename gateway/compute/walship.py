@@ -79,6 +79,17 @@ def forget_slot(pgdata: Path) -> None:
     shutil.rmtree(pgdata / "pg_replslot" / SLOT, ignore_errors=True)
 
 
+def remove_spool(spool: Path) -> None:
+    """Remove a spool and what its shipper keeps beside it: the backlogs of earlier runs
+    (`<spool>.backlog-*`) and the receiver's log (`<spool>.log`, `<spool>.log.1`)."""
+    shutil.rmtree(spool, ignore_errors=True)
+    for path in spool.parent.glob(f"{spool.name}.*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def replication_conninfo(socket_dir: Path) -> str:
     return make_conninfo(host=str(socket_dir), user=dbroles.ADMIN, application_name=APP,
                          connect_timeout=dbroles.CONNECT_TIMEOUT)
