@@ -1,4 +1,4 @@
-"""`python -m bench <datapath|connect|coldstart|density|relays|floor|storage|all> [--quick] [--runs N] [--out DIR]`."""
+"""`python -m bench <datapath|connect|coldstart|density|relays|floor|storage|durability|forwarding|workers|all> [--quick] [--runs N] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ _make("datapath", "pgbench -S / TPC-B-like at 1, 8, 32 clients and bulk COPY: pg
 _make("connect", "New TLS+SCRAM connections per second and connect latency: pgsni vs direct vs PgBouncer.")
 _make("coldstart", "TCP connect to first result: new database, stopped on local disk, only in the bucket.")
 _make("density", "10, 50, 100 databases active at once: unique memory per instance, gateway RSS, latency.")
+_make("forwarding", "A client forwarded through another gateway vs connected to its database's holder: "
+      "pgbench at 1, 8, 32 clients and connection set-up time.")
+_make("workers", "pgsni serve --workers 2 vs one process: 16 databases with 2 clients each, "
+      "select-only and TPC-B-like, with the CPU per transaction of gateway, Postgres and clients.")
+_make("durability", "TPC-B-like TPS per durability mode, WAL lag (RPO), restore after a lost node vs "
+      "pg_basebackup + pg_receivewal.")
 
 
 @main.command()

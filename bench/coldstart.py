@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 
 import psycopg
 
 from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer
 
-from .env import GatewayProcess, Workdir, dsn, libpq_env, pgbench_init
+from .env import GatewayProcess, Workdir, dsn, pgbench_init
 from .report import console, percentile, table, write_json
 
 IDLE = 0.5
@@ -64,12 +63,6 @@ def wait_spares(gw: GatewayProcess, count: int = 1, timeout: float = 30) -> bool
             return True
         time.sleep(0.05)
     return False
-
-
-def _fill(gw: GatewayProcess, db_id: str, scale: int) -> None:
-    pgbench_init(gw.port, scale, db_id)
-    subprocess.run(["psql", "-XAtqc", "CHECKPOINT"], env=libpq_env(gw.port, db_id),
-                   check=True, capture_output=True)
 
 
 def _summary(name: str, samples: list[float], phases: dict | None = None) -> dict:
@@ -159,7 +152,7 @@ def run(*, runs: int, quick: bool, out, samples: int | None = None, scale: int |
             results.append(_summary("new database", new, phases.since()))
             results[-1]["spare_clone_ready"] = sum(spares)
             console.print(f"  large database: pgbench -i -s {scale}")
-            _fill(gw, "big", scale)
+            pgbench_init(gw.port, scale, "big", checkpoint=True)
             wait_saved(gw, fresh + ["big"])
             phases.since()
             size_mb = sum(p.stat().st_size for p in gw.pgdata("big").rglob("*") if p.is_file()) / 1e6

@@ -53,10 +53,13 @@ def libpq_env(port: int, db_id: str = "bench", **extra: str) -> dict[str, str]:
     return env
 
 
-def pgbench_init(port: int, scale: int, db_id: str = "bench") -> None:
-    """`pgbench -i` at `scale` in database `postgres` of `db_id` behind `port`."""
-    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=libpq_env(port, db_id),
-                   check=True, capture_output=True)
+def pgbench_init(port: int, scale: int, db_id: str = "bench", checkpoint: bool = False) -> None:
+    """`pgbench -i` at `scale` in database `postgres` of `db_id` behind `port`, then a
+    CHECKPOINT if asked (so none falls into the first measurement)."""
+    env = libpq_env(port, db_id)
+    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=env, check=True, capture_output=True)
+    if checkpoint:
+        subprocess.run(["psql", "-XAtqc", "CHECKPOINT"], env=env, check=True, capture_output=True)
 
 
 def dsn(port: int, db_id: str = "bench") -> str:
@@ -150,24 +153,54 @@ class GatewayProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def wake_phases(self) -> dict[str, tuple[float, int]]:
-        """(sum of seconds, count) per phase of pgsni_wake_seconds, from the admin /metrics."""
+    def _admin(self, path: str) -> bytes | None:
+        """GET from the admin API (None if it does not answer)."""
         import urllib.request
 
-        out: dict[str, list[float]] = {}
-        url = f"http://127.0.0.1:{self.settings['admin_port']}/metrics"
         try:
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings['admin_port']}{path}", timeout=5) as r:
+                return r.read()
         except OSError:
-            return {}
-        for line in text.splitlines():
+            return None
+
+    def wake_phases(self) -> dict[str, tuple[float, int]]:
+        """(sum of seconds, count) per phase of pgsni_wake_seconds, from the admin /metrics."""
+        out: dict[str, list[float]] = {}
+        for line in (self._admin("/metrics") or b"").decode().splitlines():
             m = re.match(r'pgsni_wake_seconds_(sum|count)\{phase="(\w+)"\} ([\d.e+-]+)', line)
             if m:
                 out.setdefault(m.group(2), [0.0, 0])[0 if m.group(1) == "sum" else 1] = float(m.group(3))
         return {k: (v[0], int(v[1])) for k, v in out.items()}
 
+    def gauge(self, name: str) -> float | None:
+        """An unlabelled metric from the admin /metrics, or None."""
+        m = re.search(rf"^{name} ([\d.e+-]+)$", (self._admin("/metrics") or b"").decode(), re.M)
+        return float(m.group(1)) if m else None
+
+    def info(self, db_id: str) -> dict:
+        """The admin API's database info (`pgsni db info`), {} if it does not answer."""
+        import json
+
+        body = self._admin(f"/v1/databases/{db_id}")
+        return json.loads(body) if body else {}
+
     def pgdata(self, db_id: str) -> Path:
         return Path(self.settings["data_root"]) / db_id / "pgdata"
+
+    def kill(self) -> None:
+        """A lost node: SIGKILL the gateway and everything it started (postmasters, their
+        backends, WAL receivers) at once, so nothing is saved on the way out."""
+        from .procstat import tree
+
+        assert self.proc is not None
+        pids = tree(self.proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        self.stop()
 
     def stop(self) -> None:
         _terminate(self.proc, signal.SIGTERM, 90)
@@ -179,12 +212,13 @@ class GatewayProcess:
 
 class DirectPostgres:
     """Postgres 15 on 127.0.0.1 with ssl=on (the gateway's certificate), SCRAM for TCP, trust
-    on its own unix socket (for PgBouncer, as pgsni reaches its instances)."""
+    on its own unix socket (for PgBouncer, as pgsni reaches its instances, and replication for
+    pg_basebackup and pg_receivewal)."""
 
-    def __init__(self, work: Workdir, options: dict[str, str] | None = None) -> None:
-        self.work = work
+    def __init__(self, work: Workdir, options: dict[str, str] | None = None, name: str = "direct") -> None:
+        self.work, self.name = work, name
         self.port = free_port()
-        self.pgdata = work.path / "direct" / "pgdata"
+        self.pgdata = work.path / name / "pgdata"
         self.sockdir = Path(f"/tmp/pgsni-bench-direct-{self.port}")
         self.options = options or {}
         self.proc: subprocess.Popen | None = None
@@ -205,7 +239,7 @@ class DirectPostgres:
             (self.pgdata / name).chmod(0o600)
             run_as.chown(self.pgdata / name)
         (self.pgdata / "pg_hba.conf").write_text(
-            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n")
+            "local all all trust\nlocal replication all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n")
         run_as.make_dir(self.sockdir)
         settings = {"listen_addresses": "127.0.0.1", "port": str(self.port),
                     "unix_socket_directories": str(self.sockdir), "ssl": "on",
@@ -214,7 +248,7 @@ class DirectPostgres:
         argv = [str(self.work.bindir / "postgres"), "-D", str(self.pgdata)]
         for k, v in settings.items():
             argv += ["-c", f"{k}={v}"]
-        self.log = open(self.work.path / "direct.log", "ab")
+        self.log = open(self.work.path / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, **run_as.popen_kwargs())
         wait_port(self.port, 60, self.proc)

@@ -98,8 +98,79 @@ def floor(doc: dict) -> list[str]:
     return lines
 
 
+def durability(doc: dict) -> list[str]:
+    head = ["durability", "clients", "TPS", "p50 / p99 ms", "÷ snapshot", "target", "met", "WAL written",
+            "CPU: gateway / S3 server (cores)",
+            "storage behind, in seconds of writes: max / p95 / p50", "pgsni_wal_lag_seconds: max / p95 / p50",
+            "lag bytes: max / p50"]
+    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+
+    def three(r, name):
+        return f"{r[name + '_max']:.2f} / {r[name + '_p95']:.2f} / {r[name + '_p50']:.2f} s" if name + "_max" in r else ""
+
+    for r in doc["results"]["tps"]:
+        target = f"≥ {r['target_vs_snapshot']}×" if "target_vs_snapshot" in r else ""
+        if not r["available"]:
+            lines.append(_row([r["mode"], r["clients"], "not available", "", "", target] + [""] * 6))
+            continue
+        met = ("yes" if r["meets_target"] else "**no**") if "meets_target" in r else ""
+        size = f"{r['lag_bytes_max'] / 1024:,.0f} / {r['lag_bytes_p50'] / 1024:,.0f} KiB" if "lag_bytes_max" in r else ""
+        lines.append(_row([r["mode"], r["clients"], f"{r['tps']:,.0f}", f"{r['p50_ms']:.2f} / {r['p99_ms']:.1f}",
+                           f"**{r['vs_snapshot']:.2f}×**", target, met, f"{r['wal_mb_s']:.2f} MB/s",
+                           f"{r['gateway_cpu']:.2f} / {r['storage_cpu']:.2f}",
+                           three(r, "behind_seconds"), three(r, "lag_seconds"), size]))
+    lines += ["", _row(["WAL after the base", "runs", "pgsni: new gateway, connect to first result",
+                        "gateway's phases (ms)", "pg_basebackup + pg_receivewal: copy, replay, first result",
+                        "pgsni ÷ baseline", "rows lost (pgsni / baseline)"]),
+              _row(["---:"] * 3 + ["---"] + ["---:"] * 3)]
+    for r in doc["results"]["restore"]:
+        phases = ", ".join(f"{k} {v:,.0f}" for k, v in r["pgsni_phases_ms"].items())
+        lines.append(_row([f"{r['wal_bytes'] / 2**20:.0f} MiB", r["runs"], f"{r['pgsni_s']:.2f} s", phases,
+                           f"{r['baseline_s']:.2f} s", f"**{r['ratio']:.2f}×**",
+                           f"{r['pgsni_rows_lost']} / {r['baseline_rows_lost']}"]))
+    return lines
+
+
+def forwarding(doc: dict) -> list[str]:
+    head = ["mode", "clients", "holder TPS", "forwarded TPS", "forwarded ÷ holder", "target", "met",
+            "p50 ms: holder / forwarded"]
+    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    for r in doc["results"]["pgbench"]:
+        met = ("yes" if r["meets_target"] else "**no**") if "meets_target" in r else ""
+        lines.append(_row([r["mode"], r["clients"], f"{r['holder_tps']:,.0f}", f"{r['forwarded_tps']:,.0f}",
+                           f"**{r['ratio']:.2f}×**", f"≥ {r['target']}×" if "target" in r else "", met,
+                           f"{r['holder_p50_ms']:.2f} / {r['forwarded_p50_ms']:.2f}"]))
+    lines += ["", _row(["connection set-up (connect() to an authenticated session)", "p50 ms", "p99 ms",
+                        "connections"]), _row(["---", "---:", "---:", "---:"])]
+    for route, v in doc["results"]["connect"].items():
+        lines.append(_row([route, f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}", v["count"]]))
+    return lines
+
+
+def workers(doc: dict) -> list[str]:
+    head = ["mode", "1 worker TPS", "2 workers TPS", "2 ÷ 1", "target", "met",
+            "gateway CPU ms/tx (1 / 2)", "Postgres CPU ms/tx (1 / 2)", "pgbench CPU ms/tx (1 / 2)"]
+    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    for r in doc["results"]["pgbench"]:
+        met = ("yes" if r["meets_target"] else "**no**") if "meets_target" in r else ""
+        lines.append(_row([r["mode"], f"{r['one_tps']:,.0f}", f"{r['two_tps']:,.0f}", f"**{r['ratio']:.2f}×**",
+                           f"≥ {r['target']}×" if "target" in r else "", met,
+                           *(f"{r[f'one_{k}_ms_per_tx']:.3f} / {r[f'two_{k}_ms_per_tx']:.3f}"
+                             for k in ("gateway", "postgres", "client"))]))
+    cores = sorted({c for m in doc["results"]["model"] for c in m["predicted"]}, key=lambda c: int(c.split()[0]))
+    lines += ["", _row(["model: TPS by workers (N) and cores (C)", "1 worker here: model / measured",
+                        "2 workers here: model / measured", *cores]), _row(["---"] + ["---:"] * (2 + len(cores)))]
+    for m in doc["results"]["model"]:
+        lines.append(_row([m["mode"], f"{m['predicted_one_here']:,.0f} / {m['measured_one_here']:,.0f}",
+                           f"{m['predicted_two_here']:,.0f} / {m['measured_two_here']:,.0f}",
+                           *(", ".join(f"{n.split()[0]}: {v:,.0f}" for n, v in m["predicted"][c].items())
+                             for c in cores)]))
+    return lines
+
+
 def main(out: Path) -> None:
-    for suite in ("datapath", "connect", "coldstart", "density", "relays", "floor"):
+    for suite in ("datapath", "connect", "coldstart", "density", "relays", "floor", "durability", "forwarding",
+                  "workers"):
         doc = _load(out, suite)
         if doc is None:
             continue

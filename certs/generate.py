@@ -1,6 +1,8 @@
-"""Write a development CA and a wildcard server certificate for `*.<domain>` (cryptography).
+"""Write a development CA and a wildcard server certificate for `*.<domain>` (cryptography),
+and the CA and issuing helpers certs/cluster.py uses for the gateways' own links.
 
-For development and tests only: production certificates come from a real CA.
+The development pair is for development and tests only: production certificates for
+clients come from a real CA.
 """
 
 from __future__ import annotations
@@ -46,47 +48,64 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def generate(domains: list[str], out: Path, *, days: int = 825) -> DevCerts:
-    """Create a CA and a server certificate valid for each domain and `*.domain`."""
-    out.mkdir(parents=True, exist_ok=True)
+def issue(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str,
+          names: list[x509.GeneralName], usages: list[x509.ObjectIdentifier], *,
+          days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new key and a certificate for it, signed by the CA, for `names` and `usages`."""
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    until = now + dt.timedelta(days=days)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("pgsni development CA")
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(until)
+
+def new_ca(common_name: str, *, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed CA (that signs leaf certificates only) and its key."""
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False,
                                      encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    return cert, key
 
-    key = ec.generate_private_key(ec.SECP256R1())
+
+def write_pair(cert_path: Path, cert: x509.Certificate, key_path: Path,
+               key: ec.EllipticCurvePrivateKey) -> None:
+    """A certificate (0644) and its private key (0600)."""
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(key_path, _key_pem(key), 0o600)
+
+
+def generate(domains: list[str], out: Path, *, days: int = 825) -> DevCerts:
+    """Create a CA and a server certificate valid for each domain and `*.domain`."""
+    out.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = new_ca("pgsni development CA", days=days)
     names: list[x509.GeneralName] = []
     for d in domains:
         names += [x509.DNSName(f"*.{d}"), x509.DNSName(d)]
     names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(f"*.{domains[0]}")).issuer_name(ca_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
+    cert, key = issue(ca_cert, ca_key, f"*.{domains[0]}", names, [ExtendedKeyUsageOID.SERVER_AUTH],
+                      days=days)
     p = paths(out)
-    _write(p.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(p.ca_key, _key_pem(ca_key), 0o600)
-    _write(p.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(p.key, _key_pem(key), 0o600)
+    write_pair(p.ca, ca_cert, p.ca_key, ca_key)
+    write_pair(p.cert, cert, p.key, key)
     return p

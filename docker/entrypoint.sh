@@ -2,12 +2,15 @@
 # pgsni container entrypoint (also runs outside a container: every path comes from the
 # environment). It prepares what `pgsni serve` cannot do for itself, then execs it:
 #   1. Tigris/AWS conveniences: BUCKET_NAME and AWS_ENDPOINT_URL_S3 (as `fly storage create`
-#      sets them) fill PGSNI_S3_BUCKET and PGSNI_S3_ENDPOINT when those are unset.
+#      sets them) fill PGSNI_S3_BUCKET and PGSNI_S3_ENDPOINT when those are unset. Fly.io
+#      fleets: with PGSNI_CLUSTER_LISTEN set and PGSNI_ADVERTISE_ADDRESS unset, the machine
+#      advertises its own 6PN address, [FLY_PRIVATE_IP]:<cluster_listen's port>.
 #   2. storage=s3fs with s3fs_mount: checks that s3fs and /dev/fuse are usable. The gateway
 #      itself mounts the bucket (and unmounts it on shutdown); credentials never reach argv.
 #   3. TLS: storage (tls_from_storage), PEM text in PGSNI_TLS_CERT_PEM/PGSNI_TLS_KEY_PEM,
 #      the files PGSNI_TLS_CERT/PGSNI_TLS_KEY, or, with PGSNI_DEV_CERTS=1, a development CA
 #      and wildcard certificate generated once into PGSNI_DEV_CERTS_DIR.
+#      The cluster key (PGSNI_CLUSTER_KEY), if others may read it, is made 0600.
 #   4. exec pgsni serve, so the gateway gets the signals (tini forwards them as PID 1).
 # Usage: entrypoint.sh [serve] [pgsni serve flags...] | entrypoint.sh COMMAND [ARGS...]
 # (a COMMAND other than serve gets step 1 only, then runs as given)
@@ -34,6 +37,22 @@ fi
 if [ -z "${PGSNI_S3_ENDPOINT:-}" ] && [ -n "${AWS_ENDPOINT_URL_S3:-}" ]; then
   PGSNI_S3_ENDPOINT=$AWS_ENDPOINT_URL_S3
   export PGSNI_S3_ENDPOINT
+fi
+
+# The links between gateways (docs/fleet.md): a Fly machine learns its 6PN address only at
+# start, so the address the others reach it at is made here, for every command (the CLI loads
+# the same settings, and refuses cluster_listen without advertise_address).
+if [ -z "${PGSNI_ADVERTISE_ADDRESS:-}" ] && [ -n "${PGSNI_CLUSTER_LISTEN:-}" ] && [ -n "${FLY_PRIVATE_IP:-}" ]; then
+  cluster_port=${PGSNI_CLUSTER_LISTEN##*:}
+  case $cluster_port in
+    '' | *[!0-9]*) die "PGSNI_CLUSTER_LISTEN is $PGSNI_CLUSTER_LISTEN, not HOST:PORT: no port to advertise with FLY_PRIVATE_IP" ;;
+  esac
+  case $FLY_PRIVATE_IP in
+    *:*) PGSNI_ADVERTISE_ADDRESS="[$FLY_PRIVATE_IP]:$cluster_port" ;;  # IPv6, as Fly's 6PN
+    *) PGSNI_ADVERTISE_ADDRESS="$FLY_PRIVATE_IP:$cluster_port" ;;
+  esac
+  export PGSNI_ADVERTISE_ADDRESS
+  say "advertise_address: $PGSNI_ADVERTISE_ADDRESS (FLY_PRIVATE_IP and the port of cluster_listen)"
 fi
 
 # Anything but `serve` or a flag runs as given, with the S3 settings above (e.g.
@@ -98,6 +117,16 @@ elif is_true "${PGSNI_DEV_CERTS:-0}"; then
   say "TLS certificate: DEVELOPMENT certificate in $dir (clients trust $dir/ca.pem)"
 else
   die "no TLS certificate: set PGSNI_TLS_CERT and PGSNI_TLS_KEY to PEM files, PGSNI_TLS_CERT_PEM and PGSNI_TLS_KEY_PEM to PEM text, PGSNI_TLS_FROM_STORAGE=true (upload with \`pgsni certs upload\`), or PGSNI_DEV_CERTS=1 for a development certificate"
+fi
+
+# --- 3b. the cluster key (links between gateways) -----------------------------------------------
+# Fly.io writes [[files]] with a mode of its own: the key must not stay readable by the uids
+# Postgres runs as. A key that is already private is not touched (it may be on a read-only mount).
+key=${PGSNI_CLUSTER_KEY:-}
+if [ -n "$key" ] && [ -f "$key" ] && [ -n "$(find "$key" -prune -perm /077)" ]; then
+  [ -O "$key" ] || die "PGSNI_CLUSTER_KEY $key is readable by others and not owned by $(id -un): make it 0600"
+  chmod 600 "$key" || die "PGSNI_CLUSTER_KEY $key is readable by others and cannot be made 0600"
+  say "cluster key: $key made private (0600)"
 fi
 
 # --- 4. the gateway ------------------------------------------------------------------------------

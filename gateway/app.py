@@ -22,9 +22,11 @@ from gateway.config import Settings
 from gateway.metrics import MeteredBackend, Metrics
 from gateway.proxy import remote
 from gateway.proxy.context import ProxyContext
+from gateway.proxy.fleet import Fleet
 from gateway.proxy.limits import Limits
 from gateway.proxy.server import Listener
 from gateway.wire.scram import scram_verifier
+from gateway.workers import METRICS_INTERVAL, Supervisor, WorkerSlot
 from storage.cache import Databases
 from storage.factory import attach_storage, open_backend, retry_budget, snapshot_store
 from storage.leases import check_timing
@@ -37,8 +39,9 @@ log = logging.getLogger("pgsni.server")
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, slot: WorkerSlot | None = None) -> None:
+        """`slot`: which worker of this machine this gateway is (gateway/workers.py), if any."""
+        self.settings, self.slot = settings, slot
         self.catalog = local_catalog(settings)
         self.metrics = Metrics()
         self.backend = MeteredBackend(open_backend(settings), self.metrics)
@@ -58,6 +61,11 @@ class Gateway:
             self.proxy.ssl_context = server_context(settings.tls_cert, settings.tls_key)
             self.proxy.cert_pem = leaf_certificate_pem(settings.tls_cert)
         self.listener = Listener(self.proxy)
+        self.listener.reuse_port = slot is not None
+        # links to the other gateways of the bucket (advertise_address) or workers, else None
+        self.fleet = Fleet.build(settings, self.backend, self.instances.leases, self.proxy,
+                                 self.listener.serve_forwarded, self.listener.serve_session, slot,
+                                 self.listener.take_passed)
         self._spare_task: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
@@ -117,6 +125,8 @@ class Gateway:
             self.admin = await start_admin(self)  # first: /healthz answers during a long start
             await self._start()
         except BaseException:
+            if self.fleet is not None:  # its listener may be open already
+                await self.fleet.close()
             await self._close_admin()
             await self._detach()
             raise
@@ -141,6 +151,8 @@ class Gateway:
         self.instances.recover()
         await asyncio.to_thread(self.catalog.template)  # made once; later creates only clone it
         await asyncio.to_thread(self.catalog.drop_spares)  # may be half-made or from an older template
+        if self.fleet is not None:  # before clients: their cancel keys carry its number
+            await self.fleet.open()
         self.listener.open()
         inst = self.instances
         loops = [("reap_idle", lambda: inst.reap_interval, inst.reap_idle),
@@ -149,6 +161,10 @@ class Gateway:
         if self.tls is not None:
             tls = self.tls
             loops.append(("tls_reload", lambda: tls.interval, tls.check))
+        if self.slot is not None and self.slot.index > 0:  # worker 0's admin API serves them
+            loops.append(("publish_metrics", lambda: METRICS_INTERVAL, self._publish_metrics))
+        elif self.slot is not None:
+            self.metrics.workers = self.slot.others_metrics
         self._tasks = [asyncio.create_task(supervise.every(name, interval, step, self.metrics), name=name)
                        for name, interval, step in loops]
         log.info("pgsni listening on %s:%d for *.%s (data root %s, storage %s)", s.listen_host,
@@ -161,6 +177,10 @@ class Gateway:
         if (s.allow_superuser_login or s.superuser_login_databases) and not s.instance_uid_base:
             log.warning("superuser logins are allowed and every database runs as one OS user: a "
                         "superuser can read and change every other database on this machine")
+
+    async def _publish_metrics(self) -> None:
+        assert self.slot is not None
+        await asyncio.to_thread(self.slot.publish_metrics, self.metrics.text())
 
     def _refill_spares(self) -> None:
         """Keep `spare_clones` copies of the template ready (in a thread, one refill at a time),
@@ -185,7 +205,9 @@ class Gateway:
 
     async def shutdown(self) -> None:
         """Stop accepting, let clients finish for `shutdown_grace` seconds, then stop every
-        instance with a fast shutdown (clients get Postgres' own termination message)."""
+        instance with a fast shutdown (clients get Postgres' own termination message), save
+        it and give its lease up. In a fleet, drain instead of closing the door: new clients
+        go to the gateways that take the databases over (forward.py) until all is saved."""
         if self.proxy.shutting_down:
             await self._stopped.wait()
             return
@@ -193,12 +215,24 @@ class Gateway:
         sessions = self.proxy.sessions
         log.info("shutting down: %d client(s) connected", len(sessions))
         try:
-            # the loops end before the instances stop: a reaper mid-save is awaited, not lost
-            await supervise.cancel_all(self._tasks)
-            await self.listener.close()
+            if self.fleet is not None:
+                await self.fleet.drain()
+            # the loops end before the instances stop: a reaper mid-save is awaited, not lost;
+            # but the lease heartbeat goes on until they have stopped, saved and given their
+            # leases up (a fast shutdown may take stop_timeout, longer than a lease stays valid)
+            leases = [t for t in self._tasks if t.get_name() == "keep_leases"]
+            await supervise.cancel_all([t for t in self._tasks if t not in leases])
+            if self.fleet is None:  # a fleet's gateway drains: its new clients go to the others
+                await self.listener.close()
             if sessions:
                 await asyncio.wait(list(sessions), timeout=self.settings.shutdown_grace)
-            await self.instances.stop_all()
+            try:
+                await self.instances.stop_all()
+            finally:
+                await supervise.cancel_all(leases)
+            await self.listener.close()
+            if self.fleet is not None:  # after the instances: their cancels arrive until then
+                await self.fleet.close()
             remote.close_all(self.proxy)  # remote routes' clients: no instance here to terminate them
             if sessions:
                 await asyncio.wait(list(sessions), timeout=5)
@@ -220,11 +254,20 @@ def open_databases(settings: Settings, catalog: LocalCatalog, backend) -> Databa
                      cache_seconds=settings.auth_cache_seconds)
 
 
-def run(settings: Settings) -> None:
-    """Run the gateway until SIGTERM or SIGINT (the CLI's `serve`)."""
+def serve(settings: Settings) -> None:
+    """The CLI's `serve`: one gateway, or with workers > 1 a supervisor of that many."""
+    if settings.worker_count > 1:
+        if code := Supervisor(settings, run).run():
+            raise SystemExit(code)
+    else:
+        run(settings)
+
+
+def run(settings: Settings, slot: WorkerSlot | None = None) -> None:
+    """Run the gateway (or worker `slot` of this machine) until SIGTERM or SIGINT."""
 
     async def main() -> None:
-        gw = Gateway(settings)
+        gw = Gateway(settings, slot)
         loop = asyncio.get_running_loop()
         stop_requested = False
 

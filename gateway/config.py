@@ -36,6 +36,7 @@ class Settings:
     # front door
     listen_host: str = _opt("127.0.0.1", "Address to listen on (use 0.0.0.0 in a container).")
     listen_port: int = _opt(5432, "TCP port for Postgres clients.")
+    workers: int = _opt(1, "Gateway processes on this machine, all on listen_port (SO_REUSEPORT), run and restarted by `pgsni serve`: each database is served by one of them and the others hand its clients to it over a local socket (docs/fleet.md). 0: one per CPU core. More than 1 needs leases (lease_seconds > 0) and a fixed listen_port. With advertise_address, worker i listens for other machines on port + i of cluster_listen and is reached at port + i of advertise_address.")
     domains: list[str] = _opt(["db.example.com"],
                               "Domains served: a client connects to <id>.<domain>. Comma-separated in the environment.")
     tls_cert: str = _opt("certs/dev/server.pem", "PEM certificate chain (a wildcard for each domain).")
@@ -77,10 +78,20 @@ class Settings:
     cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
     lease_seconds: float = _opt(60.0, "Lifetime of this gateway's heartbeat in storage. A gateway holds a lease on each database it runs, so gateways sharing a bucket never run one database twice; if the heartbeat cannot be renewed for this long (storage down), its databases are stopped. 0: no leases (only one gateway per bucket).")
     gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
-    durability: str = _opt("async", "When a commit reaches storage. snapshot: when its database stops (idle, evicted, shutdown) only; async: within rpo_seconds while it runs, its WAL streamed to storage by the gateway (docs/storage.md). sync is not available yet.")
+    # fleet: links between gateways sharing a bucket (docs/fleet.md)
+    advertise_address: str = _opt("", "HOST:PORT other gateways reach this one's internal listener at (e.g. Fly's 6PN address, [fdaa:...]:5433); published in its heartbeat. Empty: no links between gateways (cancel requests reach only sessions of the gateway they arrive at).")
+    cluster_listen: str = _opt("", "HOST:PORT of the internal listener for other gateways (mutual TLS with cluster certificates); never the public listen_port. Required with advertise_address.")
+    cluster_ca: str = _opt("", "PEM certificate of the cluster CA (`pgsni certs cluster`): the only authority trusted on the links. Required with advertise_address.")
+    cluster_cert: str = _opt("", "PEM certificate of this gateway, issued by cluster_ca; shown to peers both ways. Required with advertise_address.")
+    cluster_key: str = _opt("", "PEM private key of cluster_cert. Required with advertise_address.")
+    durability: str = _opt("async", "When a commit reaches storage. snapshot: when its database stops (idle, evicted, shutdown) only; async: within rpo_seconds while it runs, its WAL streamed to storage by the gateway; sync: before the commit returns to its client (docs/storage.md).")
     rpo_seconds: float = _opt(1.0, "durability=async: the longest a commit's WAL waits before it is sent to storage.")
-    wal_spool_mb: int = _opt(1024, "durability=async: WAL received but not yet in storage (storage down) kept per database before the receiver pauses and the instance keeps it instead.")
-    wal_keep_mb: int = _opt(4096, "durability=async: most WAL an instance keeps for a paused receiver (max_slot_wal_keep_size); past it, WAL not yet in storage is lost to continuous shipping (the stop-time snapshot still has it).")
+    sync_timeout_seconds: float = _opt(10.0, "durability=sync: how long a commit waits for storage before sync_fallback applies.")
+    sync_fallback: str = _opt("fail", "durability=sync, storage not taking WAL: fail ends the session of each commit that waited sync_timeout_seconds (an error, never an acknowledgement); async, once storage took no WAL for sync_timeout_seconds, acknowledges commits before their WAL is in storage until it caught up (logged, counted in pgsni_wal_sync_fallbacks_total).")
+    wal_spool_mb: int = _opt(1024, "durability=async or sync: WAL received but not yet in storage (storage down) kept in the spool per database before the receiver pauses (the instance keeps that WAL too, up to wal_keep_mb).")
+    wal_keep_mb: int = _opt(4096, "durability=async or sync: most WAL not yet in storage an instance keeps (max_slot_wal_keep_size); past it, Postgres drops WAL storage lacks, and what the spool does not hold of it is lost to continuous shipping (the stop-time snapshot still has it).")
+    base_backup_wal_mb: int = _opt(1024, "durability=async or sync: take an online base backup of a running database (stored as its new current version) once this much WAL was stored since its newest base, which bounds what a restore replays (0: never for this reason).")
+    base_backup_hours: float = _opt(24.0, "durability=async or sync: also take one once the newest base of a running database is this old and at least one WAL segment was written since (0: never for this reason).")
     max_restore_mb: int = _opt(65536, "Refuse archives that expand beyond this size.")
     max_restore_files: int = _opt(1000000, "Refuse archives with more members (files, directories, links) than this, and stored versions listing more files.")
     # instances
@@ -123,16 +134,21 @@ class Settings:
             raise ConfigError(f"listen_port: {self.listen_port} is not a TCP port")
         if self.max_instances < 1:
             raise ConfigError("max_instances must be at least 1")
+        self._validate_workers()
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024")
         kind = self.storage_kind
         if kind in ("s3", "s3fs") and not self.s3_bucket and not self.storage.startswith("s3://"):
             raise ConfigError(f"storage={self.storage}: s3_bucket is required")
-        if self.durability not in ("snapshot", "async"):
-            raise ConfigError(f"durability: {self.durability!r} must be snapshot or async"
-                              + (" (sync is not available yet)" if self.durability == "sync" else ""))
-        if self.rpo_seconds <= 0 or self.wal_spool_mb < 16 or self.wal_keep_mb < 64:
-            raise ConfigError("rpo_seconds must be positive, wal_spool_mb at least 16 and wal_keep_mb at least 64")
+        if self.durability not in ("snapshot", "async", "sync"):
+            raise ConfigError(f"durability: {self.durability!r} must be snapshot, async or sync")
+        if self.sync_fallback not in ("fail", "async"):
+            raise ConfigError(f"sync_fallback: {self.sync_fallback!r} must be fail or async")
+        if self.rpo_seconds <= 0 or self.sync_timeout_seconds <= 0 or self.wal_spool_mb < 16 or self.wal_keep_mb < 64:
+            raise ConfigError("rpo_seconds and sync_timeout_seconds must be positive, wal_spool_mb at "
+                              "least 16 and wal_keep_mb at least 64")
+        if self.base_backup_wal_mb < 0 or self.base_backup_hours < 0:
+            raise ConfigError("base_backup_wal_mb and base_backup_hours must not be negative (0: off)")
         if self.retention_keep < 1:
             raise ConfigError("retention_keep must be at least 1 (the current version)")
         if self.tls_reload_seconds <= 0:
@@ -177,6 +193,7 @@ class Settings:
                               "gateway's; raise it or lower max_connections_per_db")
         self._validate_admin()
         self._validate_superusers()
+        self._validate_cluster()
 
     def superuser_login_allowed(self, db_id: str) -> bool:
         return self.allow_superuser_login or db_id in self.superuser_login_databases
@@ -193,6 +210,48 @@ class Settings:
             raise ConfigError(f"{what}: a superuser's programs could call the admin API on "
                               f"{self.admin_host}:{self.admin_port}, which has no token: set "
                               "admin_token, or admin_port=0")
+
+    def _validate_workers(self) -> None:
+        if self.workers < 0:
+            raise ConfigError("workers must be 0 (one per CPU core) or positive")
+        if self.worker_count == 1:
+            return
+        for wrong, why in ((self.lease_seconds <= 0, "workers find each other and share databases "
+                            "by leases, which lease_seconds = 0 turns off; set lease_seconds"),
+                           (self.listen_port == 0, "all workers listen on one port: set listen_port "
+                            "(0 would give each its own)")):
+            if wrong:
+                raise ConfigError(f"workers = {self.workers}: {why}")
+
+    def _validate_cluster(self) -> None:
+        extra = ("cluster_listen", "cluster_ca", "cluster_cert", "cluster_key")
+        if not self.advertise_address:
+            for name in extra:
+                if getattr(self, name):
+                    raise ConfigError(f"{name} is set but advertise_address is empty: links between "
+                                      "gateways need both (or unset it: no links)")
+            return
+        host_port("advertise_address", self.advertise_address, reachable=True)
+        for name in extra:
+            if not getattr(self, name):
+                raise ConfigError(f"advertise_address is set, so {name} is required (docs/fleet.md)")
+        host, port = host_port("cluster_listen", self.cluster_listen)
+        if self.lease_seconds <= 0:
+            raise ConfigError("advertise_address: gateways find each other by their heartbeats, "
+                              "which lease_seconds = 0 turns off; set lease_seconds")
+        n = self.worker_count  # worker i listens on port + i and is reached at port + i
+        for name in ("cluster_listen", "advertise_address"):
+            first = host_port(name, getattr(self, name))[1]
+            if first + n - 1 > 65535:
+                raise ConfigError(f"{name}: workers = {n} need the ports {first}-{first + n - 1} "
+                                  "(one per worker), above 65535: choose a lower port")
+        for other, other_host, other_port in (("listen_port", self.listen_host, self.listen_port),
+                                              ("admin_port", self.admin_host, self.admin_port)):
+            if other_port and port <= other_port < port + n and _same_listen_host(host, other_host):
+                what = (f"cluster_listen {self.cluster_listen} coincides with" if n == 1 else
+                        f"cluster_listen ports {port}-{port + n - 1} (one per worker, workers = {n}) include")
+                raise ConfigError(f"{what} {other} ({other_host}:{other_port}): the internal listener "
+                                  "must have a port of its own, never the public one")
 
     def _validate_admin(self) -> None:
         if self.log_format not in ("auto", "json", "text"):
@@ -227,6 +286,11 @@ class Settings:
         return self.storage_path, self.s3_prefix if self.storage_kind == "s3fs" else ""
 
     @property
+    def worker_count(self) -> int:
+        """How many gateway processes `serve` runs (workers, 0: one per CPU core)."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_root).absolute()
 
@@ -237,6 +301,32 @@ class Settings:
         import hashlib
         digest = hashlib.sha256(str(self.data_path).encode()).hexdigest()[:10]
         return Path(f"/tmp/pgsni-{digest}")
+
+
+def host_port(name: str, value: str, *, reachable: bool = False) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT setting ([v6]:PORT too); ConfigError naming `name`. With
+    `reachable`, a wildcard host (which no peer can connect to) is refused too."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: {value!r} is not HOST:PORT (a port 1-65535; [v6 address]:PORT)")
+    if reachable and host in _WILDCARDS:
+        raise ConfigError(f"{name}: {host} is a wildcard, not an address other gateways can reach")
+    return host, int(port)
+
+
+_WILDCARDS = ("0.0.0.0", "::", "*")
+
+
+def with_port_offset(value: str, offset: int) -> str:
+    """A HOST:PORT setting ([v6]:PORT too) with its port raised by `offset` (a worker's own)."""
+    host, _, port = value.rpartition(":")
+    return f"{host}:{int(port) + offset}"
+
+
+def _same_listen_host(a: str, b: str) -> bool:
+    """Whether two listeners on one port would collide: the same host, or either a wildcard."""
+    return a == b or a in _WILDCARDS + ("",) or b in _WILDCARDS + ("",)
 
 
 def _is_loopback(host: str) -> bool:

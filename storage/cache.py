@@ -35,6 +35,16 @@ class LocalState:
     dirty: bool = True  # holds changes that are not in storage yet
     running: bool = False  # an instance runs (or ran and died) on it
     last_used: float = 0.0  # unix time of the last stop
+    # the version whose WAL prefix this copy's WAL goes under (storage/wal.py) when it is not
+    # `version`'s own: `version` is a base backup, which continues the prefix of its copy's
+    wal: str | None = None
+    # a base backup of this running copy about to become current: if a crash comes between the
+    # pointer's move and this state's, storage's current version is still this copy's own
+    pending_base: str | None = None
+
+    @property
+    def wal_prefix(self) -> str | None:
+        return self.wal or self.version
 
 
 class Databases:
@@ -111,7 +121,7 @@ class Databases:
             return None
         state = self.state(db_id)
         cur = await self.current(db_id, fresh=True)
-        if cur is None or cur.manifest.version == state.version:
+        if cur is None or self._descends(db_id, state, cur.manifest):
             return None
         if state.dirty:
             kept = self.set_aside(db_id)
@@ -124,6 +134,30 @@ class Databases:
                  db_id, state.version, cur.manifest.version)
         await self.install(db_id, cur.manifest)
         return cur.manifest
+
+    def _descends(self, db_id: str, state: LocalState, stored: Manifest) -> bool:
+        """Whether the local copy descends from `stored` (storage's current version): it is the
+        copy's version, or a base backup of the copy whose move to current the copy's state
+        missed (a crash just after); that one is recorded now."""
+        if stored.version == state.version:
+            return True
+        if stored.version != state.pending_base:
+            return False
+        state.version, state.wal, state.pending_base = stored.version, stored.wal_prefix, None
+        self.save_state(db_id, state)
+        return True
+
+    async def base_made_current(self, db_id: str, manifest: Manifest, expect: Current) -> None:
+        """Make `manifest` (a base backup of the running local copy, stored but not current)
+        the current version, if storage still holds `expect`, and record that the copy
+        descends from it now (its WAL still goes under the same prefix)."""
+        state = self.state(db_id)
+        state.pending_base = manifest.version  # durable before the pointer moves
+        self.save_state(db_id, state)
+        await self.store.set_current(db_id, manifest.version, expect)
+        self.forget(db_id)
+        state = self.state(db_id)
+        self._descends(db_id, state, manifest)
 
     def set_aside(self, db_id: str) -> Path:
         """Move a local copy that conflicts with storage out of the way (never deleted): it
@@ -154,25 +188,27 @@ class Databases:
                 await self.store.restore(manifest, work / "pgdata")
                 await asyncio.to_thread(roles_mod.save, work / "roles.json", manifest.role_map())
                 await asyncio.to_thread(self.catalog.run_as.chown_tree, work / "pgdata")
-                await self.put_in_place(db_id, work, manifest.version)
+                await self.put_in_place(db_id, work, manifest.version, wal=manifest.wal_prefix)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
             raise
         log.info("restored %s version %s in %.0f ms", db_id, manifest.version,
                  (time.monotonic() - started) * 1000)
 
-    async def put_in_place(self, db_id: str, work: Path, version: str) -> None:
+    async def put_in_place(self, db_id: str, work: Path, version: str, *, wal: str | None = None) -> None:
         """Make `work` (a database directory beside the local copies, holding exactly the
-        stored `version`) the clean local copy of `db_id`, replacing any existing one
-        atomically (the old copy must not be running). Everything in `work` is synced before
-        its state says it is clean, and the rename is durable before this returns."""
+        stored `version`, whose WAL goes under `wal`'s prefix: by default its own) the clean
+        local copy of `db_id`, replacing any existing one atomically (the old copy must not
+        be running). Everything in `work` is synced before its state says it is clean, and
+        the rename is durable before this returns."""
 
         def seal() -> None:
             # Durable before declared clean: else a power loss could leave empty files in a
             # "clean" copy, and its next save would store them as a new version.
             sync_tree(work)
             # the state goes in before the rename: a copy never shows without it
-            state = LocalState(version=version, dirty=False, last_used=time.time())
+            state = LocalState(version=version, dirty=False, last_used=time.time(),
+                               wal=wal if wal != version else None)
             write_atomic(work / "state.json", json.dumps(asdict(state)).encode())
             fsync_dir(work)
 
@@ -216,7 +252,7 @@ class Databases:
         if not state.dirty:
             return None
         cur = await self.current(db_id, fresh=True)
-        if cur is not None and cur.manifest.version != state.version:
+        if cur is not None and not self._descends(db_id, state, cur.manifest):
             raise PreconditionFailed(
                 f"storage holds version {cur.manifest.version} of {db_id}, but the local copy "
                 f"descends from {state.version}; not overwriting (another gateway wrote it?)")
@@ -229,7 +265,7 @@ class Databases:
         """Record that the local copy is now stored as `manifest`'s version, unchanged since."""
         self.forget(db_id)
         state = self.state(db_id)
-        state.version, state.dirty = manifest.version, False
+        state.version, state.dirty, state.wal, state.pending_base = manifest.version, False, None, None
         self.save_state(db_id, state)
 
     def recover(self) -> list[str]:

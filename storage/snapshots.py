@@ -12,6 +12,11 @@ silently overwrite each other.
 The manifest is read at every login that needs stored roles, so it stays small: the file list,
 needed only to restore, is in parts (storage/filelist.py). Manifests of format 1 (file list
 inline) are still read.
+
+A version is a snapshot of a stopped copy, or an online base backup of a running one (format 3,
+`base_backup`): that one needs the WAL written while it was taken, which lives under the prefix
+of the version its copy descended from (`Manifest.wal_prefix`, storage/wal.py), and retention
+keeps that WAL while such a base backup is kept.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from .backend import Backend
 from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError, disk_full_as
 from .roles import Role
 from .streams import feed_thread
-from .wal import WalStore
+from .wal import WalStore, parse_lsn
 
 log = logging.getLogger("pgsni.snapshots")
 FORMAT = 2
+BASE_FORMAT = 3  # a base backup's manifest: a reader that does not know them refuses it plainly
+
+
+def version_time(version: str) -> dt.datetime | None:
+    """When a version was made, from its name (None for a name not made by `new_version`)."""
+    try:
+        return dt.datetime.strptime(version[:19], "%Y%m%dT%H%M%S.%f").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
 
 
 def new_version() -> str:
@@ -59,6 +73,10 @@ class Manifest:
     parent: str | None = None
     note: str = ""
     format: int = FORMAT
+    # an online base backup of a running copy (gateway/compute/basebackup.py): {"wal": the version
+    # whose WAL prefix holds the WAL it needs, "timeline", "start_lsn", "end_lsn",
+    # "checkpoint_lsn" (text LSNs), "segment_size"}; None for a snapshot of a stopped copy
+    base_backup: dict | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
@@ -69,11 +87,14 @@ class Manifest:
             raw = json.loads(data)
             if raw.get("format") == 1:
                 raw["file_list"] = {"count": len(raw["files"]), "inline": raw.pop("files")}
-            elif raw.get("format") != FORMAT:
+            elif raw.get("format") not in (FORMAT, BASE_FORMAT):
                 raise StorageError(f"manifest format {raw.get('format')!r} is not supported")
             manifest = cls(**raw)
             if not isinstance(manifest.file_list["count"], int):
                 raise TypeError("the file count is not a number")
+            if (manifest.format == BASE_FORMAT) != isinstance(manifest.base_backup, dict) or (
+                    manifest.base_backup and not isinstance(manifest.base_backup["wal"], str)):
+                raise TypeError("a base backup's manifest is format 3 and names its WAL")
             return manifest
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptArchive(f"manifest is not valid: {e!r}") from None
@@ -84,6 +105,12 @@ class Manifest:
 
     def role_map(self) -> dict[str, Role]:
         return {name: Role(**r) for name, r in self.roles.items()}
+
+    @property
+    def wal_prefix(self) -> str:
+        """The version under whose prefix the WAL replayed onto this one lives (storage/wal.py):
+        its own, or for a base backup the one its running copy descended from."""
+        return self.base_backup["wal"] if self.base_backup else self.version
 
 
 @dataclass
@@ -205,8 +232,11 @@ class SnapshotStore:
 
     # --- writing ----------------------------------------------------------------------------
     async def snapshot(self, db_id: str, pgdata: Path, roles: dict[str, Role], *,
-                       expect: Current | None | bool = True, note: str = "") -> Manifest:
-        """Archive a stopped PGDATA as a new version and make it current.
+                       expect: Current | None | bool = True, note: str = "",
+                       base_backup: dict | None = None, make_current: bool = True) -> Manifest:
+        """Archive a stopped PGDATA (or a base backup: `base_backup` as in Manifest) as a new
+        version and make it current (unless not `make_current`: then the caller moves the
+        pointer with `set_current`, and retention runs then).
 
         `expect`: the Current read earlier (the pointer must still be at its etag), None (the
         database must not be in storage yet), or True (read the pointer now)."""
@@ -233,12 +263,15 @@ class SnapshotStore:
             archive={"key": keys.archive(version), "size": info.size, "sha256": info.sha256,
                      "compression": "zstd"},
             file_list=await self.put_file_list(db_id, version, info.files),
-            parent=expect.manifest.version if isinstance(expect, Current) else None, note=note)
+            parent=expect.manifest.version if isinstance(expect, Current) else None, note=note,
+            base_backup=base_backup, format=BASE_FORMAT if base_backup else FORMAT)
         await self.backend.put(keys.manifest(version), manifest.to_json(), if_none_match=True)
-        await self._point(db_id, version, expect if isinstance(expect, Current) else None)
-        log.info("snapshot %s/%s: %d files, %d bytes", db_id, version, len(info.files), info.size)
+        log.info("%s %s/%s: %d files, %d bytes", "base backup" if base_backup else "snapshot",
+                 db_id, version, len(info.files), info.size)
         self._transferred("save", info.size, began)
-        await self.prune(db_id)
+        if make_current:
+            await self._point(db_id, version, expect if isinstance(expect, Current) else None)
+            await self.prune(db_id)
         return manifest
 
     async def put_file_list(self, db_id: str, version: str,
@@ -286,16 +319,52 @@ class SnapshotStore:
                 continue
             doomed.append(info.version)
         if doomed:
+            kept = {i.version for i in infos} - set(doomed)
+            wal = await self._wal_left(db_id, doomed, kept)
             for version in doomed:
-                await self.delete_version(db_id, version)
+                await self.delete_version(db_id, version, wal=False)
+            for prefix, keep_from in (wal or {}).items():
+                await self._drop_wal(db_id, prefix, keep_from)
             log.info("retention removed %d version(s) of %s", len(doomed), db_id)
         return doomed
 
-    async def delete_version(self, db_id: str, version: str) -> None:
-        """Remove a version's objects (archive, manifest, file list) and the WAL written after
-        it (storage/wal.py: replayed only onto that version); never the pointer."""
+    async def _wal_left(self, db_id: str, doomed: list[str],
+                        kept: set[str]) -> dict[str, tuple[int, int] | None] | None:
+        """The WAL prefixes (storage/wal.py) that removing `doomed` leaves unneeded, each with
+        where the WAL still needed begins: (the earliest LSN a kept base backup that continues
+        it replays from, segment size), or None if nothing of it is. A prefix is needed while
+        its version is kept, or in part while a kept base backup continues it. None when a
+        manifest cannot be read: then no WAL is removed."""
+        touched, continued = set(doomed), {}
+        try:
+            for version in sorted(kept | set(doomed)):
+                base = (await self.manifest(db_id, version)).base_backup
+                if base and version in kept:
+                    start = (parse_lsn(base["start_lsn"]), int(base["segment_size"]))
+                    continued[base["wal"]] = min(continued.get(base["wal"], start), start)
+                elif base:
+                    touched.add(base["wal"])
+        except StorageError as e:
+            log.warning("retention keeps the WAL of %s: a manifest cannot be read: %s", db_id, e)
+            return None
+        return {prefix: continued.get(prefix) for prefix in touched - kept}
+
+    async def _drop_wal(self, db_id: str, prefix: str, keep_from: tuple[int, int] | None) -> None:
+        """Remove the WAL under `prefix`: all of it, or what ends before `keep_from`."""
+        if keep_from is None:
+            objs = await self.backend.list(WalStore(self.backend, db_id, base=prefix).prefix)
+            await self.backend.delete([o.key for o in objs])
+        else:
+            start, segment_size = keep_from
+            await WalStore(self.backend, db_id, segment_size=segment_size, base=prefix).remove_before(start)
+
+    async def delete_version(self, db_id: str, version: str, *, wal: bool = True) -> None:
+        """Remove a version's objects (archive, manifest, file list) and, unless not `wal`,
+        the WAL written after it (storage/wal.py: replayed only onto that version; retention
+        decides with `_wal_left`). Never the pointer."""
         objs = await self.backend.list(_Keys(db_id).of_version(version))
-        objs += await self.backend.list(WalStore(self.backend, db_id, base=version).prefix)
+        if wal:
+            objs += await self.backend.list(WalStore(self.backend, db_id, base=version).prefix)
         await self.backend.delete([o.key for o in objs])
 
     async def delete_database(self, db_id: str) -> None:

@@ -7,16 +7,22 @@ Layout, under the database's prefix (every object is immutable, created only if 
     dbs/<id>/wal/<TTTTTTTTXXXXXXXXYYYYYYYY>.<OOOOOOOO>.partial.zst
                                                           the first 0xOOOOOOOO bytes of a
                                                           segment still being written, zstd
+    dbs/<id>/wal/<TTTTTTTTXXXXXXXXYYYYYYYY>.<SSSSSSSS>-<EEEEEEEE>.partial.zst
+                                                          bytes 0xSSSSSSSS up to 0xEEEEEEEE
+                                                          of a segment being written, zstd
     dbs/<id>/wal/<TTTTTTTT>.history                       a timeline's history, as Postgres
                                                           writes it (plain text)
 
 A segment name is Postgres' own: timeline, then the segment number split in two (the log and
 the segment within it, for the database's segment size, 16 MiB unless initdb said otherwise).
-A partial object holds exactly the bytes written so far: its name says how many, so a later
-upload (more bytes) has another name and supersedes it, and a restore pads it with zeros to a
-whole segment (which is what the unwritten rest of the segment holds). A superseded partial,
-and every partial of a segment stored complete, is garbage: the shipper deletes the one it
-replaced, `remove_superseded` what crashed runs left.
+A partial object (a piece) holds exactly the bytes of its range: its name says which, so a
+later upload (more bytes) has another name. The shipper stores a segment being written as
+pieces that follow one another (each what arrived since the last), now and then one piece
+from the segment's start that replaces them (fewer objects for a restore to read), and the
+whole segment once it is complete. A restore takes the pieces that reach furthest from the
+segment's start without a hole and pads the rest with zeros (which is what the unwritten rest
+of a segment holds). A piece inside another, and every piece of a segment stored complete, is
+garbage: the shipper deletes what it replaced, `remove_superseded` what crashed runs left.
 
 Immutability: each object is written with If-None-Match (`put(if_none_match=True)`). If the
 name exists, the stored content is compared: the same bytes are a retry or a restarted
@@ -47,10 +53,11 @@ from .errors import PreconditionFailed, StorageError
 DEFAULT_SEGMENT_SIZE = 16 << 20
 MAX_SEGMENT_SIZE = 64 << 20  # a segment is compressed and uploaded from memory
 LEVEL = 1  # WAL is shipped while commits wait for it: speed over ratio
+INLINE = 256 << 10  # compressed in the event loop up to this size (well under a millisecond)
 
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
 _HISTORY = re.compile(r"([0-9A-F]{8})\.history")
-_OBJECT = re.compile(r"(?P<seg>[0-9A-F]{24})(?:\.(?P<off>[0-9A-F]{8})\.partial)?\.zst")
+_OBJECT = re.compile(r"(?P<seg>[0-9A-F]{24})(?:\.(?:(?P<start>[0-9A-F]{8})-)?(?P<off>[0-9A-F]{8})\.partial)?\.zst")
 
 
 class WalConflict(PreconditionFailed):
@@ -103,32 +110,49 @@ class StoredWal:
     """What storage holds of one database's WAL (`WalStore.listing`)."""
     segment_size: int
     segments: dict[tuple[int, int], str] = field(default_factory=dict)  # (tli, segno) -> key
-    partials: dict[tuple[int, int], list[tuple[int, str]]] = field(default_factory=dict)  # sorted (length, key)
+    # (tli, segno) -> the pieces of a segment being written, [(start, end, key)] sorted
+    partials: dict[tuple[int, int], list[tuple[int, int, str]]] = field(default_factory=dict)
     histories: dict[int, str] = field(default_factory=dict)
+
+    def cover(self, timeline: int, segno: int) -> tuple[int, list[tuple[int, int, str]]]:
+        """How far (an offset in the segment) its pieces reach from its start without a hole,
+        and the fewest pieces that do (each starting at or before where the last ended)."""
+        end, used = 0, []
+        pieces = sorted(self.partials.get((timeline, segno), ()), key=lambda p: (p[0], -p[1]))
+        while True:
+            best = max((p for p in pieces if p[0] <= end and p[1] > end), key=lambda p: p[1], default=None)
+            if best is None:
+                return end, used
+            used.append(best)
+            end = best[1]
 
     def end(self, timeline: int, segno: int) -> int | None:
         """Where the stored WAL of one segment ends (an LSN), or None if none is stored."""
         if (timeline, segno) in self.segments:
             return (segno + 1) * self.segment_size
         if (timeline, segno) in self.partials:
-            return segno * self.segment_size + self.partials[timeline, segno][-1][0]
+            reach = self.cover(timeline, segno)[0]
+            return segno * self.segment_size + reach if reach else None
         return None
 
     def newest(self) -> tuple[int, int] | None:
         """(timeline, LSN) of the newest stored WAL: the highest timeline, then the end of its
         highest segment."""
-        ids = sorted(set(self.segments) | set(self.partials))
-        if not ids:
-            return None
-        tli, segno = ids[-1]
-        return tli, self.end(tli, segno)
+        for tli, segno in sorted(set(self.segments) | set(self.partials), reverse=True):
+            end = self.end(tli, segno)
+            if end is not None:  # pieces that do not reach back to its start: an earlier one
+                return tli, end
+        return None
 
     def superseded(self) -> list[str]:
-        """Partials replaced by a longer one or by the complete segment."""
+        """Pieces inside the ones a restore takes, and all pieces of a complete segment."""
         keys = []
         for seg, found in self.partials.items():
-            keep = 0 if seg in self.segments else 1
-            keys += [key for _, key in found[:len(found) - keep]]
+            if seg in self.segments:
+                keys += [key for _, _, key in found]
+                continue
+            reach, used = self.cover(*seg)
+            keys += [key for start, end, key in found if (start, end, key) not in used and end <= reach]
         return keys
 
 
@@ -158,8 +182,9 @@ class WalStore:
     def segment_key(self, name: str) -> str:
         return f"{self.prefix}{name}.zst"
 
-    def partial_key(self, name: str, length: int) -> str:
-        return f"{self.prefix}{name}.{length:08X}.partial.zst"
+    def partial_key(self, name: str, end: int, start: int = 0) -> str:
+        span = f"{start:08X}-{end:08X}" if start else f"{end:08X}"
+        return f"{self.prefix}{name}.{span}.partial.zst"
 
     # --- writes --------------------------------------------------------------------------------
     async def put_segment(self, name: str, data: bytes) -> str:
@@ -171,12 +196,13 @@ class WalStore:
         await self._put_once(key, data, compress=True)
         return key
 
-    async def put_partial(self, name: str, data: bytes) -> str:
-        """Store the first `len(data)` bytes of a segment still being written. Returns its key."""
+    async def put_partial(self, name: str, data: bytes, start: int = 0) -> str:
+        """Store bytes `start` up to `start + len(data)` of a segment still being written (a
+        piece). Returns its key."""
         self._check_segment(name)
-        if not 0 < len(data) <= self.segment_size:
-            raise StorageError(f"a partial WAL segment {name} of {len(data)} bytes")
-        key = self.partial_key(name, len(data))
+        if not (data and 0 <= start and start + len(data) <= self.segment_size):
+            raise StorageError(f"a piece of WAL segment {name} of {len(data)} bytes from {start}")
+        key = self.partial_key(name, start + len(data), start)
         await self._put_once(key, data, compress=True)
         return key
 
@@ -193,7 +219,12 @@ class WalStore:
 
     async def _put_once(self, key: str, raw: bytes, *, compress: bool) -> None:
         """Create `key` (immutable). An existing object with the same content is success."""
-        blob = await asyncio.to_thread(self._compress, raw) if compress else raw
+        if not compress:
+            blob = raw
+        elif len(raw) <= INLINE:  # a piece of a commit or a few: faster than a thread hop
+            blob = self._compress(raw)
+        else:
+            blob = await asyncio.to_thread(self._compress, raw)
         try:
             await self.backend.put(key, blob, if_none_match=True)
         except PreconditionFailed:
@@ -229,7 +260,8 @@ class WalStore:
                 if m.group("off") is None:
                     stored.segments[seg] = info.key
                 else:
-                    stored.partials.setdefault(seg, []).append((int(m.group("off"), 16), info.key))
+                    start = int(m.group("start") or "0", 16)
+                    stored.partials.setdefault(seg, []).append((start, int(m.group("off"), 16), info.key))
         for found in stored.partials.values():
             found.sort()
         return stored
@@ -272,10 +304,12 @@ class WalStore:
             if seg_end is None:
                 self._check_no_later(stored, tli, segno, until_lsn)
                 break
-            complete = (tli, segno) in stored.segments
-            key = stored.segments[tli, segno] if complete else stored.partials[tli, segno][-1][1]
-            files.append(await self._write(dest, segment_name(tli, segno, self.segment_size), key,
-                                           pad=not complete))
+            complete = seg_end == (segno + 1) * self.segment_size  # whole, or in pieces that reach its end
+            name = segment_name(tli, segno, self.segment_size)
+            if (tli, segno) in stored.segments:
+                files.append(await self._write(dest, name, stored.segments[tli, segno], pad=False))
+            else:
+                files.append(await self._write_pieces(dest, name, stored.cover(tli, segno)[1]))
             end = seg_end
             if not complete:
                 self._check_no_later(stored, tli, segno + 1, until_lsn)
@@ -311,17 +345,29 @@ class WalStore:
         data = await self.read(key)
         if key.endswith(".zst") and not pad and len(data) != self.segment_size:
             raise StorageError(f"WAL object {key} holds {len(data)} bytes, not a whole segment")
-
-        def write() -> None:
-            tmp = dest / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if pad:
-                    f.truncate(self.segment_size)  # the unwritten rest of a segment is zeros
-            os.replace(tmp, dest / name)
-
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(self._write_file, dest, name, [(0, data)])
         return name
+
+    async def _write_pieces(self, dest: Path, name: str, pieces: list[tuple[int, int, str]]) -> str:
+        """A segment being written, from its pieces (`StoredWal.cover`), padded with zeros."""
+        parts = []
+        for start, end, key in pieces:
+            data = await self.read(key)
+            if len(data) != end - start:
+                raise StorageError(f"WAL object {key} holds {len(data)} bytes, not {end - start}")
+            parts.append((start, data))
+        await asyncio.to_thread(self._write_file, dest, name, parts)
+        return name
+
+    def _write_file(self, dest: Path, name: str, parts: list[tuple[int, bytes]]) -> None:
+        tmp = dest / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            for start, data in parts:
+                f.seek(start)
+                f.write(data)
+            if _SEGMENT.fullmatch(name):
+                f.truncate(self.segment_size)  # the unwritten rest of a segment is zeros
+        os.replace(tmp, dest / name)
 
     # --- removal -------------------------------------------------------------------------------
     async def remove_superseded(self) -> int:
@@ -336,8 +382,9 @@ class WalStore:
         stored = await self.listing()
         keys = [key for (_, segno), key in stored.segments.items()
                 if (segno + 1) * self.segment_size <= lsn]
-        for (_, segno), found in stored.partials.items():
-            keys += [key for length, key in found if segno * self.segment_size + length <= lsn]
+        for (_, segno), found in stored.partials.items():  # only segments wholly before `lsn`:
+            # the pieces of the one holding it all reach back to its start
+            keys += [key for _, _, key in found if (segno + 1) * self.segment_size <= lsn]
         keys = sorted(set(keys) | set(stored.superseded()))
         await self.backend.delete(keys)
         return len(keys)

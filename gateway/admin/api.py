@@ -39,7 +39,7 @@ def _flag(request: web.Request, name: str) -> bool:
 
 
 def _time(text: str | None) -> dt.datetime | None:
-    """An ISO 8601 time with its zone (a restore's target), or None."""
+    """An ISO 8601 time with its zone (a restore's or fork's target), or None."""
     if text is None:
         return None
     try:
@@ -121,14 +121,15 @@ def add_routes(app: web.Application, gw: GatewayView) -> None:
                                         dry_run=_flag(request, "dry_run")))
 
     async def fork(request: web.Request) -> web.Response:
-        body = await _body(request, {"id": True, "version": False})
+        body = await _body(request, {"id": True, "version": False, "time": False, "lsn": False})
         result = await ops.fork(request.match_info["id"], body["id"], body.get("version"),
+                                time=_time(body.get("time")), lsn=body.get("lsn"),
                                 dry_run=_flag(request, "dry_run"))
         return _result(result, 201)
 
     async def snapshot(request: web.Request) -> web.Response:
         return _result(await ops.snapshot(request.match_info["id"], force=_flag(request, "force"),
-                                          dry_run=_flag(request, "dry_run")))
+                                          stop=_flag(request, "stop"), dry_run=_flag(request, "dry_run")))
 
     async def versions(request: web.Request) -> web.Response:
         db_id = request.match_info["id"]
@@ -138,9 +139,9 @@ def add_routes(app: web.Application, gw: GatewayView) -> None:
         return _result(found)
 
     async def restore(request: web.Request) -> web.Response:
-        body = await _body(request, {"version": False, "time": False})
+        body = await _body(request, {"version": False, "time": False, "lsn": False})
         return _result(await ops.restore(request.match_info["id"], body.get("version"),
-                                         time=_time(body.get("time")),
+                                         time=_time(body.get("time")), lsn=body.get("lsn"),
                                          force=_flag(request, "force"),
                                          dry_run=_flag(request, "dry_run")))
 

@@ -4,12 +4,19 @@ honour --dry-run. Other modules add commands with `db.add_command(...)` (see cli
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import click
 
 from .common import (
     as_json, emit_json, human_bytes, note, opt, run_offline, say, show_plan, table, working)
+
+
+# a point in time to restore or fork to, with its zone (2026-12-03T12:00:00+00:00)
+POINT_IN_TIME = click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"])
+LSN_HELP = ("WAL location (as pg_current_wal_lsn() shows it, e.g. 0/16B3748): the WAL up to and "
+            "including the record that begins there")
 
 
 @click.group()
@@ -121,6 +128,9 @@ def db_info(ctx: click.Context, db_id: str) -> None:
                  ("WAL not yet stored", f"{human_bytes(r.wal['lag_bytes'] or 0)}, {r.wal['lag_seconds']} s"
                   + (f"; {r.wal['upload_errors']} failed upload round(s): {r.wal['last_error']}"
                      if r.wal["upload_errors"] else ""))]
+    if r.restorable:
+        rows.append(("restorable", f"{r.restorable['from']} to {r.restorable['to']}"
+                     + ("" if r.restorable["rpo_seconds"] is None else " (now minus the WAL lag)")))
     table(ctx, f"database {r.id}", ("", ""), [(f"{k}:", v) for k, v in rows])
 
 
@@ -148,41 +158,92 @@ def db_delete(ctx: click.Context, db_id: str, yes: bool) -> None:
 @click.argument("new", metavar="NEW")
 @click.option("--version", "version", help="Version of SRC to start from (default: its current one; "
                                            "unsaved local changes of SRC are saved first).")
+@click.option("--time", "time", type=POINT_IN_TIME,
+              help="SRC as it was at this time, with its zone: the transactions committed before it "
+                   "(its version saved before, plus the WAL durability=async stores).")
+@click.option("--lsn", "lsn", metavar="LSN", help=f"SRC as it was at this {LSN_HELP}.")
 @click.pass_context
-def db_fork(ctx: click.Context, src: str, new: str, version: str | None) -> None:
-    """New database NEW from a stored version of SRC. The archive is copied inside storage
-    (never downloaded); NEW starts with SRC's roles and passwords and is independent of it."""
+def db_fork(ctx: click.Context, src: str, new: str, version: str | None, time, lsn: str | None) -> None:
+    """New database NEW from a stored version of SRC, or from SRC at a past moment (--time,
+    --lsn). A version's archive is copied inside storage (never downloaded); a past moment is
+    built here from the version saved before it and the stored WAL, and stored as NEW's first
+    version, and SRC is only read (it may keep running). NEW starts with SRC's roles and
+    passwords and is independent of it."""
+    if sum(x is not None for x in (version, time, lsn)) > 1:
+        raise click.UsageError("give at most one of --version, --time and --lsn")
 
     async def fork(off):
         with working(ctx, f"forking {src} into {new}"):
-            return await off.ops.fork(src, new, version, dry_run=_dry(ctx))
+            return await off.ops.fork(src, new, version, time=time, lsn=lsn, dry_run=_dry(ctx))
 
     r = run_offline(ctx, fork)
     if _done(ctx, r):
         return
     if r.source_saved:
         click.echo(f"saved the unsaved changes of {src} as version {r.source_saved}")
-    click.echo(f'forked "{src}" version {r.source_version} into "{new}" (version {r.version}, '
-               f"{human_bytes(r.bytes)})")
+    at = f" at {r.time or f'LSN {r.lsn}'} (version {r.source_version} and its WAL)" \
+        if r.time or r.lsn else f" version {r.source_version}"
+    click.echo(f'forked "{src}"{at} into "{new}" (version {r.version}, {human_bytes(r.bytes)})')
 
 
 @db.command("snapshot")
 @click.argument("db_id", metavar="ID")
+@click.option("--stop", is_flag=True, help="Of a running database: stop it and save the stopped "
+              "copy instead of an online base backup.")
 @click.pass_context
-def db_snapshot(ctx: click.Context, db_id: str) -> None:
-    """Save the local copy of ID to storage as a new version (if it changed)."""
+def db_snapshot(ctx: click.Context, db_id: str, stop: bool) -> None:
+    """Save the local copy of ID to storage as a new version (if it changed); a running
+    database gets an online base backup (docs/storage.md)."""
 
     async def snap(off):
+        from gateway.ops.results import OperationError
+
         with working(ctx, f"saving {db_id}"):
-            return await off.ops.snapshot(db_id, dry_run=_dry(ctx))
+            try:
+                return await off.ops.snapshot(db_id, stop=stop, dry_run=_dry(ctx))
+            except OperationError as e:
+                if e.kind != "busy" or stop or _dry(ctx) or not off.settings.admin_port:
+                    raise
+                # a gateway runs it, perhaps this data root's: that one takes a base backup
+                return await asyncio.to_thread(_snapshot_by_gateway, off.settings, db_id, e)
 
     r = run_offline(ctx, snap)
     if _done(ctx, r):
         return
-    if r.saved:
+    if r.base_backup:
+        click.echo(f"stored an online base backup of {db_id} as version {r.version} (it keeps running)")
+    elif r.saved:
         click.echo(f"saved {db_id} as version {r.version}")
     else:
         click.echo("no changes since the stored version; nothing to do")
+
+
+def _snapshot_by_gateway(settings, db_id: str, busy):
+    """`db snapshot` of a database the gateway of these settings runs, through its admin API
+    (POST /v1/databases/{id}/snapshot: an online base backup). The `busy` error stands when
+    that gateway does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from gateway.ops.results import OperationError, Snapshot
+
+    host = "127.0.0.1" if settings.admin_host in ("0.0.0.0", "::", "") else settings.admin_host
+    req = urllib.request.Request(f"http://{host}:{settings.admin_port}/v1/databases/{db_id}/snapshot",
+                                 method="POST", data=b"")
+    if settings.admin_token:
+        req.add_header("Authorization", f"Bearer {settings.admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=6 * 3600) as resp:
+            return Snapshot(**json.loads(resp.read()))
+    except urllib.error.HTTPError as e:
+        try:
+            said = json.loads(e.read())
+            raise OperationError(said["error"], said["message"], hint=said.get("hint")) from None
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise busy from None
+    except (OSError, ValueError, TypeError):
+        raise busy from None
 
 
 @db.command("versions")
@@ -203,29 +264,30 @@ def db_versions(ctx: click.Context, db_id: str) -> None:
 @db.command("restore")
 @click.argument("db_id", metavar="ID")
 @click.option("--version", "version", help="Version to make current (see `db versions`).")
-@click.option("--time", "time", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z",
-                                                     "%Y-%m-%dT%H:%M:%S.%f%z"]),
+@click.option("--time", "time", type=POINT_IN_TIME,
               help="Point in time to restore to, with its time zone (2026-12-03T12:00:00+00:00): "
                    "the transactions committed before it (needs the WAL durability=async stores).")
+@click.option("--lsn", "lsn", metavar="LSN", help=f"Restore to this {LSN_HELP} (needs that WAL too).")
 @click.pass_context
-def db_restore(ctx: click.Context, db_id: str, version: str | None, time) -> None:
-    """Roll ID back to an earlier version, or to a point in time. Unsaved changes become a new
-    version first, so the restore can itself be undone. The database must not be open in a
-    running gateway."""
-    if (version is None) == (time is None):
-        raise click.UsageError("give --version or --time (one of them)")
+def db_restore(ctx: click.Context, db_id: str, version: str | None, time, lsn: str | None) -> None:
+    """Roll ID back to an earlier version, or to a point in time or WAL location. Unsaved
+    changes become a new version first, so the restore can itself be undone. The database must
+    not be open in a running gateway."""
+    if sum(x is not None for x in (version, time, lsn)) != 1:
+        raise click.UsageError("give one of --version, --time and --lsn")
 
     async def restore(off):
         with working(ctx, f"restoring {db_id}"):
-            return await off.ops.restore(db_id, version, time=time, dry_run=_dry(ctx))
+            return await off.ops.restore(db_id, version, time=time, lsn=lsn, dry_run=_dry(ctx))
 
     r = run_offline(ctx, restore)
     if _done(ctx, r):
         return
     if r.saved_version is not None:
         click.echo(f"saved the current state as version {r.saved_version}")
-    if r.time is not None:
-        click.echo(f"{db_id} is now at version {r.version}: version {r.base} with the WAL up to {r.time}")
+    if r.time is not None or r.lsn is not None:
+        click.echo(f"{db_id} is now at version {r.version}: version {r.base} with the WAL up to "
+                   + (r.time or f"LSN {r.lsn}"))
     elif r.version != r.base:
         click.echo(f"{db_id} is now at version {r.version} (version {r.base} on a new timeline)")
     else:

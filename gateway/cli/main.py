@@ -42,6 +42,8 @@ def main(ctx: click.Context, config: str | None, as_json: bool, verbose: int, qu
               help="DEVELOPMENT ONLY: create unknown databases on first connect.")
 @click.option("--idle-timeout", type=float, help="Seconds before an idle instance is stopped.")
 @click.option("--max-instances", type=int, help="Most instances running at once.")
+@click.option("--workers", type=int,
+              help="Gateway processes on this one port (default 1; 0: one per CPU core).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 @click.pass_context
 def serve(ctx: click.Context, listen: str | None, domains: tuple[str, ...], **flags) -> None:
@@ -49,7 +51,7 @@ def serve(ctx: click.Context, listen: str | None, domains: tuple[str, ...], **fl
     from certs.context import TLSConfigError
 
     from gateway.compute.postgres import PostgresError
-    from gateway.app import run
+    from gateway.app import serve as serve_gateway
     from storage.errors import StorageError
     from storage.osuser import OSUserError
 
@@ -65,7 +67,7 @@ def serve(ctx: click.Context, listen: str | None, domains: tuple[str, ...], **fl
 
     setup_logs(settings.log_level, settings.log_format)
     try:
-        run(settings)
+        serve_gateway(settings)
     except (TLSConfigError, PostgresError, OSUserError, OSError, StorageError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -93,6 +95,34 @@ def certs_generate(domains: tuple[str, ...], out: str, force: bool) -> None:
     click.echo(f"CA:          {made.ca}\ncertificate: {made.cert} (*.{', *.'.join(domains)})\nkey:         {made.key}")
     click.echo(f'connect with: psql "host=ID.{domains[0]} hostaddr=127.0.0.1 user=postgres '
                f'sslmode=verify-full sslrootcert={made.ca}"')
+
+
+@certs.command("cluster")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Directory of the cluster CA (made there if absent, else reused) and the certificates.")
+@click.option("--name", "names", multiple=True, required=True,
+              help="Gateway to issue a certificate for (repeatable): writes NAME.pem and NAME-key.pem.")
+@click.option("--days", type=int, default=3650, show_default=True, help="Validity of new certificates.")
+@click.option("--force", is_flag=True, help="Replace existing certificates of these names.")
+def certs_cluster(out: str, names: tuple[str, ...], days: int, force: bool) -> None:
+    """Make the fleet's cluster CA and a certificate for each gateway, for the authenticated
+    links between gateways (cluster_ca, cluster_cert, cluster_key; docs/fleet.md)."""
+    from certs.cluster import make_cluster
+    from certs.context import TLSConfigError
+
+    existing = [f"{out}/{n}.pem" for n in names if (Path(out) / f"{n}.pem").exists()]
+    if existing and not force:
+        raise click.ClickException(f"{', '.join(existing)} exists; pass --force to replace it")
+    if click.get_current_context().find_root().obj.get("dry_run"):
+        click.echo(f"dry run: would write certificates for {', '.join(names)} in {out}; nothing was changed")
+        return
+    try:
+        made = make_cluster(Path(out), list(names), days=days)
+    except (TLSConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"cluster CA:  {made.ca} (keep {made.ca_key} offline: it admits new gateways)")
+    for name, (cert, key) in made.members.items():
+        click.echo(f"{name}: cluster_cert={cert} cluster_key={key}")
 
 
 @certs.command("upload")

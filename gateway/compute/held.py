@@ -11,7 +11,7 @@ from typing import Protocol
 from storage.cache import Databases, roll_back
 from storage.snapshots import Manifest
 
-from . import durability
+from . import durability, walrestore
 from .states import State
 
 
@@ -24,7 +24,9 @@ class Owner(Protocol):
 
     async def new_history(self) -> bool: ...
 
-    async def replay_to(self, target_time) -> bool: ...
+    async def catch_up_held(self) -> bool: ...
+
+    async def replay_to(self, **target) -> bool: ...
 
 
 class Held:
@@ -44,10 +46,13 @@ class Held:
         return saved
 
     async def restore_local(self) -> None:
-        """Make sure the database has a local copy (restored from storage)."""
+        """Make sure the database has a local copy (restored from storage, and the stored WAL
+        beyond it replayed: a base backup cannot start without)."""
         restored = await self.db.databases.ensure_local(self.db.id)
         if restored is not None:
             self.db.move(State.LOCAL, f"restored {restored.version}")
+            if await self.db.catch_up_held():
+                self.db.move(State.CHANGED, "replayed the stored WAL")
 
     async def roll_back(self, version: str) -> tuple[Manifest | None, Manifest]:
         """Make stored `version` current again and the local copy that version (unsaved local
@@ -59,15 +64,25 @@ class Held:
         self.db.move(State.LOCAL, f"rolled back to {target.version}")
         return saved, target
 
-    async def restore_to(self, version: str, time) -> tuple[Manifest | None, Manifest]:
-        """Restore to a point in `time`: stored `version` (saved before it) plus the stored WAL
-        up to it, replayed and promoted, stored as a new current version. (The version saved
-        before, the base's manifest.)"""
-        saved, base = await roll_back(self.db.databases, self.db.id, version,
-                                      diverge=lambda: self.db.replay_to(time),
-                                      note=f"restored to {time.isoformat()} from {version}")
-        self.db.move(State.LOCAL, f"restored to {time.isoformat()}")
-        return saved, base
+    async def restore_to(self, versions: list[str], what: str, **target) -> tuple[Manifest | None, Manifest]:
+        """Restore to a point (`target_time` or `target_lsn`; `what` says which): a stored
+        version saved before it (the first of `versions` whose base the target does not
+        precede: an LSN may lie in the run before a version) plus the stored WAL up to it,
+        replayed and promoted, stored as a new current version. (The version saved before,
+        the base's manifest.)"""
+        saved = await self.save_now(f"saved before restoring to {what}")
+        for i, version in enumerate(versions):
+            try:
+                _, base = await roll_back(self.db.databases, self.db.id, version,
+                                          diverge=lambda: self.db.replay_to(**target),
+                                          note=f"restored to {what} from {version}")
+            except walrestore.BeforeBase:
+                if i == len(versions) - 1:
+                    raise
+                continue  # the copy was removed again; the next older version may hold it
+            self.db.move(State.LOCAL, f"restored to {what}")
+            return saved, base
+        raise ValueError("no version to restore from")
 
     async def replace(self, built: Path, roles, *, expect, note: str) -> str:
         """Store `built` (a database directory beside the data root) as the new current

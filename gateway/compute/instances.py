@@ -17,6 +17,7 @@ from gateway.wire.scram import scram_verifier
 from storage import roles as roles_mod
 from storage.cache import Databases
 from storage.errors import StorageError
+from storage.lease_marks import LeaseMarks
 from storage.leases import Leases
 from storage.snapshots import Manifest
 
@@ -36,9 +37,10 @@ class InstanceManager:
         self.installs = self.launcher.installs
         self.uids = self.launcher.uids
         # per-database leases in storage (storage/leases.py), named after this data root (the
-        # name is read or made on first use, once the data root exists)
+        # name is read or made on first use, once the data root exists); the leases that may
+        # name it are marked in the data root, for a restart to give up what a crash left
         leases = Leases(databases.store.backend, lambda: settings.gateway_id or self.catalog.identity(),
-                        settings.lease_seconds)
+                        settings.lease_seconds, marks=LeaseMarks(self.catalog.root / ".leases"))
         self.shared = Shared(settings, databases, leases, self.launcher, Metrics(),
                              TokenBucket(settings.wake_rate, settings.wake_burst))
         self.leases = leases
@@ -69,6 +71,12 @@ class InstanceManager:
     def starting(self) -> set[str]:
         """Ids with a start in progress (holding a slot under max_instances)."""
         return set(self.shared.starting)
+
+    def full(self) -> bool:
+        """No slot free under max_instances and no idle instance to stop for one: a new
+        database would be refused here (a fleet places it on a gateway with room)."""
+        free, idle = self.shared.room()
+        return not free and not idle
 
     @property
     def starts(self) -> int:
@@ -109,7 +117,13 @@ class InstanceManager:
     exited = staticmethod(exited)
 
     async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
-        return await self.database(db_id).roles()
+        """The roles to authenticate against; None for a database that exists nowhere, unless
+        a draining gateway holds it: one created there and not yet saved is known once it is."""
+        roles = await self.database(db_id).roles()
+        if roles is None and await self.leases.drained(db_id):
+            self.databases.forget(db_id)
+            roles = await self.database(db_id).roles()
+        return roles
 
     # --- for operations ----------------------------------------------------------------------
     async def create(self, db_id: str, password: str, place: Placer | None = None,
@@ -120,11 +134,19 @@ class InstanceManager:
     async def fork(self, new_id: str, source: Manifest) -> Manifest:
         return await self.database(new_id).fork_from(source)
 
+    async def fork_at(self, new_id: str, sources: list[Manifest], what: str, **target) -> tuple[Manifest, Manifest]:
+        return await self.database(new_id).fork_at(sources, what, **target)
+
     async def secure(self, db_id: str, *, drop_untrusted: bool = False) -> securing.Report | None:
         return await self.database(db_id).secure(drop_untrusted=drop_untrusted)
 
     async def stop(self, db_id: str, reason: str = "requested") -> bool:
         return await self.database(db_id).stop(reason)
+
+    async def base_backup(self, db_id: str, reason: str = "requested") -> Manifest | None:
+        """An online base backup of the running database, made current (Database.base_backup);
+        None if it does not run here with WAL shipping."""
+        return await self.database(db_id).base_backup(reason)
 
     def stopped(self, db_id: str, reason: str = "requested", *, save: bool = True):
         """`async with manager.stopped(id) as held:` the database held stopped for an operation
@@ -137,8 +159,13 @@ class InstanceManager:
 
     def recover(self) -> list[str]:
         """At start, after `stop_orphans`: copies an earlier gateway left marked running hold
-        changes that may not be saved."""
-        return self.databases.recover()
+        changes that may not be saved (`maintain` saves them under their lease, then gives it
+        up); the other leases it left marked are given up (keep_leases)."""
+        recovered = self.databases.recover()
+        unsaved = set(self.databases.dirty_stopped())
+        for db_id in sorted(self.leases.left_by_earlier_run() - unsaved):
+            self.leases.give_up_later(db_id)
+        return recovered
 
     async def stop_all(self) -> None:
         """Stop every instance (at shutdown); one that fails to stop or save is logged, and
@@ -165,12 +192,14 @@ class InstanceManager:
             await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
 
     async def maintain(self) -> None:
-        """Stop instances whose WAL another writer's conflicts with, retry saving copies whose
-        snapshot failed (storage was down), and keep the local cache within its budget (every
-        few seconds)."""
+        """Stop instances whose WAL another writer's conflicts with, start the base backups that
+        are due (in the background), retry saving copies whose snapshot failed (storage was
+        down), and keep the local cache within its budget (every few seconds)."""
         for db_id, inst in self.instances.items():
             if inst.shipper is not None and inst.shipper.failed is not None:
                 await self.database(db_id).stop_diverged()
+            else:
+                self.database(db_id).base_backup_if_due()
         for db_id in self.databases.dirty_stopped():
             if db_id not in self.instances:
                 await self.database(db_id).retry_save()
@@ -201,8 +230,10 @@ class InstanceManager:
     async def fence(self) -> None:
         """The heartbeat could not be renewed: stop every instance at once, before another
         gateway may take its database over, without saving (storage is what failed; the saves
-        are retried under a fresh lease once it is back)."""
-        lives = [self.database(i) for i in self.instances]
+        are retried under a fresh lease once it is back). Starts and saves in progress end first
+        (a start gives up before serving: its lease lapsed), and what a start left running is
+        stopped."""
+        lives = [d for d in list(self.shared.lives.values()) if d.instance is not None or d.under_lease]
         results = await asyncio.gather(*(d.fence() for d in lives), return_exceptions=True)
         for db, result in zip(lives, results):
             if isinstance(result, BaseException):

@@ -32,6 +32,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from gateway.metrics import Metrics
 from gateway.rates import TokenBucket
 from storage import errors as storage_errors
 from storage import roles as roles_mod
+from storage.atomic import remove_tree
 from storage.cache import Databases
 from storage.errors import StorageError
 from storage.forking import fork_version
@@ -52,7 +55,7 @@ from storage.leases import LeaseHeld, Leases
 from storage.osuser import OSUserError
 from storage.snapshots import Manifest
 
-from . import dbroles, durability, pgcontrol, securing
+from . import basebackup, dbroles, durability, pgcontrol, pitr, securing, walrestore
 from .failures import in_time, storage_failures
 from .held import Held
 from .postgres import PostgresError
@@ -65,6 +68,8 @@ Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a
 # the most a stop waits for the last WAL to reach storage: the stop-time snapshot follows and
 # holds it all the same (what is left stays in the spool for the next run)
 STOP_UPLOAD_SECONDS = 10.0
+# how often a claim asks again while the holder drains (saves the database to give it up)
+DRAIN_POLL_SECONDS = 0.3
 
 
 @dataclass
@@ -94,6 +99,17 @@ class Shared:
     def running(self) -> dict[str, Instance]:
         return {i: d.instance for i, d in self.lives.items() if d.instance is not None}
 
+    def room(self, for_id: str | None = None) -> "tuple[bool, list[Database]]":
+        """Whether a slot under max_instances is free (for `for_id`, whose own instance and
+        reservation do not count), and else the instances that could be stopped for one:
+        idle, their lock free (one being started or stopped right now is not a candidate,
+        and taking its lock could deadlock with its own start), least recently used first."""
+        others = [d for d in self.lives.values() if d.instance is not None and d.id != for_id]
+        if len(others) + len(self.starting - {for_id}) < self.settings.max_instances:
+            return True, []
+        idle = [d for d in others if d.instance.clients == 0 and not d.lock.locked()]
+        return False, sorted(idle, key=lambda d: d.instance.last_used)
+
 
 class Database:
     """One database's life on this gateway (see the module docstring)."""
@@ -107,6 +123,11 @@ class Database:
         self.history: collections.deque[tuple[float, State, str]] = collections.deque(maxlen=20)
         self._creating: asyncio.Event | None = None  # logins wait for a creation in progress
         self._conflict_told = False
+        self._base_lock = asyncio.Lock()  # one online base backup at a time
+        self._base_task: asyncio.Task | None = None  # one taken because it was due
+        self._shipping_ends: asyncio.Future | None = None  # a crashed instance's shipper, uploading
+        self._base_retry_at = 0.0  # after a failed one that was due
+        self._under_lease: set[asyncio.Event] = set()  # starts and saves in progress (a fence waits)
 
     @property
     def databases(self) -> Databases:
@@ -241,7 +262,9 @@ class Database:
         try:
             inst = await self._create_now(verifier, place, major)
             if first_version and durability.enabled(self.s.settings):
-                await self._stop(inst, "storing its first version")
+                # it starts again at once: its lease stays (given up in the background, it
+                # could go after the restart, and another gateway would start it too)
+                await self._stop(inst, "storing its first version", keep_lease=True)
                 inst = await self._start()
             return inst
         finally:
@@ -255,9 +278,12 @@ class Database:
         anew."""
         with storage_failures(self.id):
             found = await self.databases.stored_keys(self.id)
-        if self.id in self.leases.held:
-            found = [k for k in found if not k.endswith("/lease.json")]
-        return not found
+            if any(not k.endswith("/lease.json") for k in found):
+                return False
+            if not found or self.id in self.leases.held:
+                return True
+            # only a lease: a free one (given up: leases are written free, not deleted) holds nothing
+            return await self.leases.holder_of(self.id) is None
 
     async def _create_now(self, verifier: str, place: Placer | None, major: str | None) -> Instance:
         db_id = self.id
@@ -305,6 +331,32 @@ class Database:
             self.databases.forget(self.id)
             self.move(State.STORED, f"forked from {source.db_id}")
             return forked
+
+    async def fork_at(self, sources: list[Manifest], what: str, **target) -> tuple[Manifest, Manifest]:
+        """Make another database at a past moment this new database's first version: a version
+        of it (the first of `sources` whose base the target does not precede) plus its stored
+        WAL replayed up to `target` (`target_time` or `target_lsn`; `what` says which), built
+        beside the data root (gateway/compute/pitr.py) and stored only if the id is still free.
+        That database is only read. Returns (the version used, the new version)."""
+        async with self.lock:
+            for i, source in enumerate(sources):
+                build = self.catalog.root / f".fork-{self.id}-{secrets.token_hex(4)}"
+                try:
+                    pgdata, roles = await pitr.build_at(self.launcher, self.databases.store, self.s.settings,
+                                                        source, build, **target)
+                    forked = await self.databases.store.snapshot(
+                        self.id, pgdata, roles, expect=None,
+                        note=f"forked from {source.db_id} at {what} (version {source.version} and its WAL)")
+                except walrestore.BeforeBase:
+                    if i == len(sources) - 1:
+                        raise
+                    continue  # the target lies in the run before that version: try the older one
+                finally:
+                    await remove_tree(build)
+                self.databases.forget(self.id)
+                self.move(State.STORED, f"forked from {source.db_id} at {what}")
+                return source, forked
+            raise ValueError("no version to fork from")
 
     # --- securing a database saved by an older pgsni -----------------------------------------
     async def secure(self, *, drop_untrusted: bool = False) -> securing.Report | None:
@@ -356,16 +408,50 @@ class Database:
             self.s.starting.discard(self.id)  # counted as running from here, or not at all
 
     async def _start_in_slot(self) -> Instance:
+        with self._fence_waits():
+            return await self._start_fenced()
+
+    @contextlib.contextmanager
+    def _fence_waits(self):
+        """For the block (a start, a save: what the lease must cover to its end), a fence waits
+        until it is over before it returns (and the lease is given up)."""
+        ends = asyncio.Event()
+        self._under_lease.add(ends)
+        try:
+            yield
+        finally:
+            ends.set()
+            self._under_lease.discard(ends)
+
+    def _check_lease(self) -> None:
+        """A start goes on only while its lease holds: once this gateway's heartbeat lapsed
+        (and the fence runs), another may take the database over (57P03 for the client)."""
+        if not self.leases.holds(self.id):
+            raise errors.storage_unavailable(self.id, "this gateway's lease on the database lapsed "
+                                                      "while it started (storage unreachable)")
+
+    async def _start_fenced(self) -> Instance:
+        """Start the postmaster, unless the lease lapses first: checked before anything runs
+        and again once it is ready, before any client is served (a fence waits for it)."""
         db_id, metrics = self.id, self.s.metrics
         self.move(State.STARTING, "start")
         inst = await self._prepare()
         try:
+            self._check_lease()
+            inst.base_lsn = await asyncio.to_thread(basebackup.newest_base, inst)
+            if self._shipping_ends is not None:  # one spool, one shipper: the last one finishes first
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._shipping_ends)
+                self._shipping_ends = None
             await self._catch_up_wal(inst)
+            self._check_lease()
             await asyncio.to_thread(self.databases.mark_running, db_id)
             began = time.monotonic()
+            durability.instance_options(inst, self.s.settings, self._base())
             await self.launcher.launch(inst)
             await durability.start_shipping(inst, self.s.settings, self.databases.store.backend,
-                                            self.catalog.root, self._base())
+                                            self.catalog.root, self._base(), count=self.s.metrics.wal_sync)
+            self._check_lease()  # lapsed while it started: stopped before serving anyone
         except BaseException as e:
             inst.process.kill_group()
             await durability.stop_shipping(inst, upload=False, timeout=0)
@@ -431,23 +517,30 @@ class Database:
         return self.catalog.root / f".walrestore-{self.id}"
 
     def _base(self) -> str | None:
-        """The stored version the local copy descends from: its WAL goes under that version."""
-        return self.databases.state(self.id).version
+        """The WAL prefix of the local copy: the stored version it descends from, or the one
+        that version continues (a base backup: storage/snapshots.py)."""
+        return self.databases.state(self.id).wal_prefix
 
-    async def replay_to(self, target_time) -> bool:
+    async def replay_to(self, **target) -> bool:
         """For a restore to a point, with the database held and its copy a version saved before
-        `target_time`: replay the stored WAL up to that time and promote (gateway/compute/
-        durability.py). Whether anything was replayed."""
+        the target (`target_time` or `target_lsn`): replay the stored WAL up to it and promote
+        (gateway/compute/durability.py). Whether anything was replayed."""
         s, backend = self.s.settings, self.databases.store.backend
         return await self._rework_held_copy(
-            lambda inst: durability.replay_to(inst, s, backend, self._wal_work(), self._base(), target_time))
+            lambda inst: durability.replay_to(inst, s, backend, self._wal_work(), self._base(), **target))
+
+    async def catch_up_held(self) -> bool:
+        """With the database held and its copy stopped: replay the WAL storage holds beyond it
+        (a base backup's always), as a start would. Whether anything was replayed."""
+        s, backend = self.s.settings, self.databases.store.backend
+        return await self._rework_held_copy(
+            lambda inst: durability.catch_up(inst, s, backend, self._wal_work(), self._base()))
 
     async def new_history(self) -> bool:
         """After a roll-back, with the database held: if storage holds WAL of its cluster beyond
         the copy, promote the copy to a new timeline (gateway/compute/durability.py). Whether
-        it did (the copy then holds changes its stored version lacks)."""
-        if not durability.enabled(self.s.settings):
-            return False
+        it did (the copy then holds changes its stored version lacks). A base backup is always
+        replayed to its end: it cannot start without."""
         s, backend = self.s.settings, self.databases.store.backend
         return await self._rework_held_copy(
             lambda inst: durability.new_history(inst, s, backend, self._wal_work(), self._base()))
@@ -500,14 +593,10 @@ class Database:
         deadline = time.monotonic() + s.settings.start_timeout
         while True:
             async with s.slots:
-                others = [d for d in s.lives.values() if d.instance is not None and d is not self]
-                if len(others) + len(s.starting - {self.id}) < s.settings.max_instances:
+                free, idle = s.room(self.id)
+                if free:
                     s.starting.add(self.id)
                     return
-                # only idle instances whose lock is free: one being started or stopped right
-                # now is not a candidate, and taking its lock could deadlock with its own start
-                idle = sorted((d for d in others if d.instance.clients == 0 and not d.lock.locked()),
-                              key=lambda d: d.instance.last_used)
                 if not idle or time.monotonic() > deadline:
                     raise errors.too_many_instances(s.settings.max_instances)
                 victim = idle[0]
@@ -526,25 +615,29 @@ class Database:
         if inst is None or inst.clients or time.monotonic() - inst.last_used < idle_timeout:
             return
         async with self.lock:
-            if inst.clients == 0 and self.instance is inst:
+            # one a fence is stopping (without the lock) is left to it: not stopped, nor saved, twice
+            if inst.clients == 0 and self.instance is inst and not inst.process.stopping:
                 await self._stop(inst, "idle")
 
     async def evict_instance(self, why: str) -> None:
         """Stop the instance if it is still idle (the instance cap needs its slot)."""
         inst = self.instance
         async with self.lock:
-            if inst is not None and self.instance is inst and inst.clients == 0:
+            if inst is not None and self.instance is inst and inst.clients == 0 and not inst.process.stopping:
                 log.info("evicting %s %s", self.id, why)
                 await self._stop(inst, "evicted (instance cap)")
 
     async def _stop(self, inst: Instance, reason: str, *, discard: bool = False, save: bool = True,
-                    fencing: bool = False) -> None:
+                    fencing: bool = False, keep_lease: bool = False) -> None:
         """Stop an instance and save its changes to storage; with `discard`, its files are
         about to be deleted: nothing is read from it or saved; without `save`, changes stay
-        local (marked unsaved, retried later); `fencing`: no save, and the state is FENCED. Whatever fails on the way (a full disk writing
+        local (marked unsaved, retried later); `fencing`: no save, and the state is FENCED;
+        `keep_lease`: it starts again at once, so its lease is not given up. Whatever fails on the way (a full disk writing
         the state, say), the instance is forgotten and its file lock released: nothing is
         left that keeps the database from starting again."""
         stopped = False
+        if self._base_task is not None and self._base_task is not asyncio.current_task():
+            self._base_task.cancel()  # the stop saves a version of its own
         try:
             await self.launcher.halt(inst, read_roles=not discard)
             stopped = True
@@ -564,7 +657,7 @@ class Database:
             inst.lock.release()
             if inst.watcher and inst.watcher is not asyncio.current_task():
                 inst.watcher.cancel()
-        if not discard:
+        if not discard and not keep_lease:
             await self._release_if_saved()
         log.info("stopped %s (%s)", self.id, reason)
 
@@ -590,8 +683,8 @@ class Database:
         if inst.reader is not None:  # its connection died with the postmaster
             asyncio.ensure_future(inst.reader.close())
         if inst.shipper is not None:  # what it received goes to storage all the same
-            asyncio.ensure_future(durability.stop_shipping(inst, upload=True,
-                                                           timeout=self.s.settings.stop_timeout))
+            self._shipping_ends = asyncio.ensure_future(durability.stop_shipping(
+                inst, upload=True, timeout=self.s.settings.stop_timeout))
         if self.instance is inst:
             self.instance = None
             self.move(State.CHANGED, "postmaster exited")
@@ -601,10 +694,20 @@ class Database:
                 log.error("recording the crash of %s failed: %s", self.id, e)
         inst.lock.release()
 
+    @property
+    def under_lease(self) -> bool:
+        """Whether a start or a save is in progress (see `_fence_waits`)."""
+        return bool(self._under_lease)
+
     async def fence(self) -> None:
         """This gateway's heartbeat lapsed: stop the instance at once without saving (storage
-        is what failed; the save is retried under a fresh lease). Takes no lock: a stop holding
-        it may itself be stuck on the store."""
+        is what failed; the save is retried under a fresh lease). A postmaster starting now
+        stops by itself once ready (its lease lapsed: `_check_lease`), and a save in progress
+        ends (one not begun yet is refused): wait for those, so that when the fence returns
+        nothing of the database runs or saves and its lease may be given up. Takes no lock: a
+        stop holding it may be saving (bounded by the storage's timeouts)."""
+        for ends in list(self._under_lease):
+            await ends.wait()
         inst = self.instance
         if inst is None or inst.process.stopping:
             return
@@ -623,6 +726,88 @@ class Database:
             kept = await asyncio.to_thread(self.databases.set_aside, self.id)
             self.move(State.CONFLICT, "its WAL conflicts with storage")
             log.error("the local copy of %s was moved to %s", self.id, kept)
+
+    # --- online base backups (durability=async) -----------------------------------------------
+    async def base_backup(self, reason: str, *, fast: bool = True) -> Manifest | None:
+        """Take an online base backup of the running instance and make it the current version
+        (gateway/compute/basebackup.py); None if no instance that ships its WAL runs. Clients
+        go on meanwhile: the database's lock is held only to begin and to move the pointer,
+        and the backup counts as a client (no idle stop cuts it off)."""
+        async with self._base_lock:
+            async with self.lock:
+                inst = self.instance
+                if inst is None or not inst.alive or inst.shipper is None:
+                    return None
+                hold(inst)
+            try:
+                return await self._take_base(inst, reason, fast)
+            finally:
+                inst.clients = max(0, inst.clients - 1)
+                inst.last_used = time.monotonic()
+
+    async def _take_base(self, inst: Instance, reason: str, fast: bool) -> Manifest:
+        began = time.monotonic()
+        work = self.catalog.root / f".basebackup-{self.id}"
+        try:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            await asyncio.to_thread(work.mkdir, 0o700)
+            try:
+                taken = await basebackup.take(inst, work / "pgdata", fast=fast)
+            except basebackup.BaseBackupError as e:
+                raise errors.GatewayError(errors.INTERNAL_ERROR, str(e)) from e
+            await basebackup.wait_stored(inst, taken)
+            with contextlib.suppress(psycopg.Error, OSError, asyncio.TimeoutError):
+                await self.launcher.refresh_roles(inst)  # the manifest's roles: today's
+            cur = await self.databases.current(self.id, fresh=True)
+            state = self.databases.state(self.id)
+            if cur is None or cur.manifest.version != state.version:
+                raise storage_errors.PreconditionFailed(
+                    f"storage holds version {cur and cur.manifest.version} of {self.id}, but the "
+                    f"running copy descends from {state.version}; no base backup stored")
+            manifest = await self.databases.store.snapshot(
+                self.id, taken.pgdata, inst.roles or self.catalog.roles(self.id) or {}, expect=cur,
+                note=f"online base backup ({reason})", base_backup=taken.describe(state.wal_prefix),
+                make_current=False)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        async with self.lock:
+            if self.instance is not inst or (self.leases.enabled and not self.leases.valid()):
+                raise storage_errors.PreconditionFailed(
+                    f"database {self.id} stopped (or lost its lease) while its base backup was "
+                    f"stored: version {manifest.version} is kept, not made current")
+            await self.databases.base_made_current(self.id, manifest, cur)
+        inst.base_lsn, inst.base_at = taken.start_lsn, time.time()
+        log.info("base backup of %s stored as %s in %.1f s (%s; WAL %s to %s)", self.id,
+                 manifest.version, time.monotonic() - began, reason, manifest.base_backup["start_lsn"],
+                 manifest.base_backup["end_lsn"])
+        try:
+            await self.databases.store.prune(self.id)
+        except StorageError as e:
+            log.warning("retention after the base backup of %s failed: %s", self.id, e)
+        return manifest
+
+    def base_backup_if_due(self) -> None:
+        """Start a base backup in the background if one is due (basebackup.due)."""
+        inst = self.instance
+        if inst is None or not inst.alive or self.s.closing or self._base_lock.locked() \
+                or time.monotonic() < self._base_retry_at:
+            return
+        why = basebackup.due(inst, self.s.settings)
+        if why is not None:
+            self._base_task = asyncio.create_task(self._due_base_backup(why),
+                                                  name=f"basebackup-{self.id}")
+
+    async def _due_base_backup(self, why: str) -> None:
+        try:
+            await self.base_backup(why, fast=False)
+        except asyncio.CancelledError:
+            log.info("base backup of %s given up: the database stopped", self.id)
+        except Exception as e:  # noqa: BLE001 -- logged; tried again later
+            self._base_retry_at = time.monotonic() + 300.0
+            log.error("base backup of %s (%s) failed; trying again in 5 minutes: %s", self.id, why, e)
+        finally:
+            if self._base_task is asyncio.current_task():
+                self._base_task = None
 
     # --- saving, restoring, evicting ---------------------------------------------------------
     async def retry_save(self) -> None:
@@ -649,12 +834,13 @@ class Database:
             await self._release_if_saved()
 
     async def _save(self) -> None:
-        if self.leases.enabled and not self.leases.valid():
+        if not self.leases.holds(self.id):
             log.warning("not saving %s now: this gateway's lease heartbeat lapsed (retried once "
                         "the lease is claimed again)", self.id)
             return
         try:
-            saved = await self.databases.save(self.id)
+            with self._fence_waits():
+                saved = await self.databases.save(self.id)
         except storage_errors.PreconditionFailed as e:
             # storage moved past this copy (another writer): keep it aside, retrying cannot help
             kept = self.databases.set_aside(self.id)
@@ -713,7 +899,7 @@ class Database:
             # claim, which would overwrite an expired lease of another gateway
             may_create = creating and not self.catalog.exists(self.id) and await self._unknown_to_storage()
             with storage_failures(self.id):
-                fresh = await self.leases.claim(self.id)
+                fresh = await self._claim_after_drains(by)
         try:
             if fresh:
                 async with in_time(self.id, "reading its newest version", by):
@@ -723,6 +909,32 @@ class Database:
         except BaseException:
             await self._release_if_saved()
             raise
+
+    async def _claim_after_drains(self, by: float) -> bool:
+        """Claim the lease; while the gateway holding it drains (it shuts down and gives the
+        database up once saved), wait for that until loop time `by`, so that its clients are
+        served here, not refused."""
+        loop, waiting, idle = asyncio.get_running_loop(), False, False
+        while True:
+            try:
+                return await self.leases.claim(self.id)
+            except LeaseHeld as e:
+                if not e.draining or loop.time() + DRAIN_POLL_SECONDS >= by:
+                    raise
+                if not waiting:
+                    log.info("%s: waiting for gateway %s, which is shutting down, to save and give "
+                             "it up", self.id, e.holder)
+                    waiting = True
+                if idle:  # the last look saw no drain, yet the claim was refused again: no spinning
+                    await asyncio.sleep(DRAIN_POLL_SECONDS)
+                # one series of reads, shared with the logins that wait for the same drain; it
+                # ends before `by`, which the caller's own deadline (in_time) enforces as well:
+                # cancelled by that one, this wait could not tell the client why
+                try:
+                    idle = not await asyncio.wait_for(self.leases.drained(self.id, DRAIN_POLL_SECONDS),
+                                                      by - loop.time() - DRAIN_POLL_SECONDS)
+                except TimeoutError:
+                    raise e from None
 
     async def _catch_up(self) -> None:
         """After a fresh claim: a clean copy older than storage is replaced by the stored

@@ -197,8 +197,3 @@ def for_settings(settings) -> PgInstalls:
         _cache[key] = PgInstalls(settings.pg_bindir, settings.pg_major, run_as=RunAs.resolve(settings.pg_user),
                                  mirror_root=settings.data_path / "_postgres")
     return _cache[key]
-
-
-def default_bindir() -> Path:
-    """The default major's binaries, as found with default settings (benchmarks and tests)."""
-    return PgInstalls().default.bindir

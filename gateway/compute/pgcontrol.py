@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.osuser import RunAs, clean_env
+from storage.wal import parse_lsn
 
 _FIELDS = {
     "state": r"Database cluster state:\s*(.+)",
@@ -58,9 +59,8 @@ def read(bindir: Path, pgdata: Path, run_as: RunAs | None = None) -> Control:
     found = {k: re.search(rx, done.stdout) for k, rx in _FIELDS.items()}
     if done.returncode != 0 or not all(found.values()):
         raise ControlError(f"pg_controldata {pgdata} failed: {(done.stderr or done.stdout).strip()[:300]}")
-    hi, lo = found["location"].group(1).split("/")
     return Control(shut_down=found["state"].group(1).strip() == "shut down",
-                   checkpoint=(int(hi, 16) << 32) | int(lo, 16),
+                   checkpoint=parse_lsn(found["location"].group(1)),
                    timeline=int(found["timeline"].group(1)),
                    segment_size=int(found["segment_size"].group(1)),
                    checksums=found["checksums"].group(1) != "0")
@@ -132,3 +132,37 @@ def checkpoint_end(pgdata: Path, control: Control) -> int | None:
         left -= room
         pos += room  # the next page, after its header (a long one where a segment begins)
         pos += _LONG_PAGE_HEADER if pos % control.segment_size == 0 else _SHORT_PAGE_HEADER
+
+
+@dataclass(frozen=True)
+class BackupLabel:
+    """What a base backup's `backup_label` says: where its replay starts (the redo point of the
+    backup's checkpoint), on which timeline, and that checkpoint's location."""
+    start: int
+    timeline: int
+    checkpoint: int
+
+
+_LABEL_FIELDS = {
+    "start": r"START WAL LOCATION:\s*([0-9A-F]+/[0-9A-F]+)",
+    "checkpoint": r"CHECKPOINT LOCATION:\s*([0-9A-F]+/[0-9A-F]+)",
+    "timeline": r"START TIMELINE:\s*(\d+)",
+}
+
+
+def backup_label(pgdata: Path) -> BackupLabel | None:
+    """The backup label of a data directory that is an online base backup not replayed yet
+    (Postgres renames the file once its recovery has read it); None for any other."""
+    try:
+        text = (pgdata / "backup_label").read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    return parse_backup_label(text)
+
+
+def parse_backup_label(text: str) -> BackupLabel:
+    found = {k: re.search(rx, text) for k, rx in _LABEL_FIELDS.items()}
+    if not all(found.values()):
+        raise ControlError(f"backup_label lacks {[k for k, v in found.items() if not v]}")
+    return BackupLabel(start=parse_lsn(found["start"].group(1)), timeline=int(found["timeline"].group(1)),
+                       checkpoint=parse_lsn(found["checkpoint"].group(1)))

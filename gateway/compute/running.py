@@ -46,6 +46,10 @@ class Instance:
     watcher: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)  # when it became ready
     shipper: WalShipper | None = None  # streams its WAL to storage (durability=async)
+    # its newest stored base: where a replay would start (an LSN) and since when (unix time);
+    # a base backup is due by the WAL since (gateway/compute/basebackup.py)
+    base_lsn: int | None = None
+    base_at: float = field(default_factory=time.time)
 
     @property
     def socket_dir(self) -> Path:
@@ -127,8 +131,15 @@ class Launcher:
 
     @staticmethod
     def abandon(inst: Instance) -> None:
-        """After a failed or cancelled start: nothing of it keeps running, and its lock is free."""
+        """After a failed or cancelled start: nothing of it keeps running, and its lock is free
+        (Postgres' own too: a postmaster killed between creating postmaster.pid and writing it
+        leaves it empty, which the next start takes for a server starting and refuses; one
+        with a dead pid in it is cleared by Postgres itself)."""
         inst.process.kill_group()
+        lockfile = inst.process.pgdata / "postmaster.pid"
+        with contextlib.suppress(OSError):
+            if lockfile.stat().st_size == 0:
+                lockfile.unlink()
         inst.lock.release()
 
     async def halt(self, inst: Instance, *, read_roles: bool = True) -> None:

@@ -9,12 +9,20 @@ copies from that directory: no network, no credentials in the instance. `replay`
 start: Postgres replays, promotes (recovery_target_action=promote), and is stopped cleanly,
 leaving a copy that starts like any other; the lifecycle then saves it as a new base.
 
-A target is exclusive: `target_time` T gives the transactions committed before T,
-`target_lsn` L the records that begin before L. Without a target, everything stored is
-replayed. A target past the stored WAL is refused before anything starts (WalGap), and one
-Postgres does not reach fails the replay. The new timeline (one above the newest history in
-storage) is what fences the old history: WAL a former holder adds later on the old timeline is
-never on the new one's path.
+A time target is exclusive: `target_time` T gives the transactions committed before T. An LSN
+target `target_lsn` L gives the records that begin before L, and with `inclusive` (what
+`db restore --lsn` asks) the record that begins at L (or the first after it) too;
+`immediate` stops at the end of an online base backup (the first consistent point). Without a
+target, everything stored is replayed.
+
+The copy is a snapshot of a stopped data directory (the replay starts at its shutdown
+checkpoint) or an online base backup (gateway/compute/basebackup.py: it has a `backup_label`,
+and the replay starts at the label's start and must pass the backup's end, which Postgres
+checks). A target past the stored WAL is refused before anything starts (WalGap; OutOfReach
+for an inclusive LSN target, which is also refused before the base), and one Postgres does not
+reach fails the replay (OutOfReach when the WAL ended first). The new timeline (one above the
+newest history in storage) is what fences the old history: WAL a former holder adds later on
+the old timeline is never on the new one's path.
 """
 
 from __future__ import annotations
@@ -25,13 +33,24 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import StorageError
+from storage.errors import NotFound, StorageError
 from storage.osuser import RunAs
 from storage.wal import Fetched, WalGap, WalStore, format_lsn
 
 from . import pgcontrol
-from .postgres import PostgresProcess, _tail
+from .postgres import PostgresError, PostgresProcess, _tail
 from .walship import forget_slot
+
+FETCH_ATTEMPTS = 3  # a running shipper may replace a partial segment between a listing and its read
+
+
+class OutOfReach(WalGap):
+    """A restore target that the base and the WAL stored after it do not reach: before the base,
+    or past the stored WAL (a commit after a time target not in storage yet, say)."""
+
+
+class BeforeBase(OutOfReach):
+    """An LSN target before the base's checkpoint: an older version's WAL may hold it."""
 
 
 @dataclass(frozen=True)
@@ -49,24 +68,30 @@ def restore_command(wal_dir: Path) -> str:
 
 async def prepare(pgdata: Path, store: WalStore, wal_dir: Path, bindir: Path, run_as: RunAs, *,
                   target_time: dt.datetime | None = None, target_lsn: int | None = None,
-                  timeline: int | None = None) -> Recovery:
+                  inclusive: bool = False, immediate: bool = False, timeline: int | None = None) -> Recovery:
     """Set up the stopped copy `pgdata` to replay the stored WAL (see the module doc).
     `wal_dir` must not be inside `pgdata`; it is made (or emptied) here."""
-    if target_time is not None and target_lsn is not None:
-        raise ValueError("a restore has one target: a time or an LSN")
+    if (target_time is not None) + (target_lsn is not None) + immediate > 1:
+        raise ValueError("a restore has one target: a time, an LSN or the backup's end")
     if target_time is not None and target_time.tzinfo is None:
         raise ValueError("target_time needs a time zone")
     control = pgcontrol.read(bindir, pgdata, run_as)
-    if not control.shut_down:
-        raise StorageError(f"the base copy {pgdata} was not shut down cleanly; a replay needs "
-                           f"the stopped copy a snapshot holds")
+    start, base_timeline = replay_start(pgdata, control)
     if control.segment_size != store.segment_size:
         raise StorageError(f"the base's WAL segments are {control.segment_size} bytes, the "
                            f"store's {store.segment_size}")
+    if target_lsn is not None and inclusive:
+        await check_reach(store, start, control.timeline, target_lsn)
     shutil.rmtree(wal_dir, ignore_errors=True)
     run_as.make_dir(wal_dir)
-    fetched = await store.fetch(wal_dir, start_lsn=control.checkpoint, timeline=timeline,
-                                until_lsn=target_lsn, base_timeline=control.timeline)
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            fetched = await store.fetch(wal_dir, start_lsn=start, timeline=timeline,
+                                        until_lsn=target_lsn, base_timeline=base_timeline)
+            break
+        except NotFound:  # superseded by a longer partial since the listing: list again
+            if attempt == FETCH_ATTEMPTS - 1:
+                raise
     run_as.chown_tree(wal_dir)
     (pgdata / "standby.signal").unlink(missing_ok=True)
     run_as.write_file(pgdata / "recovery.signal", "")
@@ -80,8 +105,38 @@ async def prepare(pgdata: Path, store: WalStore, wal_dir: Path, bindir: Path, ru
     if target_time is not None:
         options.update(recovery_target_time=target_time.isoformat(), recovery_target_inclusive="off")
     elif target_lsn is not None:
-        options.update(recovery_target_lsn=format_lsn(target_lsn), recovery_target_inclusive="off")
+        options.update(recovery_target_lsn=format_lsn(target_lsn),
+                       recovery_target_inclusive="on" if inclusive else "off")
+    elif immediate:
+        options.update(recovery_target="immediate")
     return Recovery(options, fetched, wal_dir)
+
+
+def replay_start(pgdata: Path, control: pgcontrol.Control) -> tuple[int, int]:
+    """Where a replay onto the stopped copy starts, and on which timeline: a base backup's
+    label, else the shutdown checkpoint (a copy that was not shut down cleanly is refused)."""
+    label = pgcontrol.backup_label(pgdata)
+    if label is not None:
+        return label.start, label.timeline
+    if not control.shut_down:
+        raise StorageError(f"the base copy {pgdata} was not shut down cleanly; a replay needs "
+                           f"the stopped copy a snapshot holds or a base backup")
+    return control.checkpoint, control.timeline
+
+
+async def check_reach(store: WalStore, start: int, timeline: int, lsn: int) -> None:
+    """Refuse an inclusive LSN target that the stopped base (whose replay starts at `start` on
+    `timeline`) and the WAL stored after it do not reach: one before the base (it already
+    holds what came after it), or one whose record is not in storage (the stored WAL ends at
+    or before it)."""
+    if lsn < start:
+        raise BeforeBase(f"{format_lsn(lsn)} is before the base, a copy of the database at "
+                         f"{format_lsn(start)} (timeline {timeline}); the WAL "
+                         f"before it is replayed only onto an older version")
+    newest = await store.newest()
+    if newest is None or newest[1] <= lsn:
+        held = f"up to {format_lsn(newest[1])}" if newest else "none"
+        raise OutOfReach(f"{format_lsn(lsn)} is beyond the WAL in storage after this base ({held})")
 
 
 async def replay(recovery: Recovery, bindir: Path, pgdata: Path, socket_dir: Path, log_path: Path,
@@ -94,6 +149,11 @@ async def replay(recovery: Recovery, bindir: Path, pgdata: Path, socket_dir: Pat
                               {**options, **recovery.options})
     try:
         await process.start(timeout)  # "ready" once promoted (hot_standby is off)
+    except PostgresError as e:
+        if "before configured recovery target was reached" in str(e):
+            raise OutOfReach(f"the WAL in storage ends before the restore target (for a time: no "
+                             f"transaction committed after it is stored yet): {e}") from e
+        raise
     finally:
         await process.stop(60.0)
     shutil.rmtree(recovery.wal_dir, ignore_errors=True)
@@ -104,4 +164,5 @@ async def replay(recovery: Recovery, bindir: Path, pgdata: Path, socket_dir: Pat
     return control
 
 
-__all__ = ["Recovery", "WalGap", "prepare", "replay", "restore_command"]
+__all__ = ["BeforeBase", "OutOfReach", "Recovery", "WalGap", "check_reach", "prepare", "replay", "replay_start",
+           "restore_command"]

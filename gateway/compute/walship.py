@@ -1,76 +1,91 @@
-"""The WAL shipper of one running instance: `pg_receivewal` (the database's own major's) streams
-its WAL over the private socket into a gateway-owned spool, and an upload loop stores each
-completed segment, and the segment being written at least every `rpo_seconds`, through
-storage/wal.py. The instance never sees storage or its credentials.
+"""The WAL shipper of one running instance: the gateway's own receiver (walreceiver.py) streams
+the instance's WAL over its private socket into a gateway-owned spool, and an upload loop
+stores it through storage/wal.py: what arrived since the last upload as a piece of the
+segment being written, at least every `rpo_seconds` / 2 (durability=async) or at once
+(durability=sync), and each segment whole once it is complete. The instance never sees
+storage or its credentials.
 
-How it connects. pg_receivewal logs in as the gateway's admin role by peer authentication on
+How it connects. The receiver logs in as the gateway's admin role by peer authentication on
 the instance's socket: pg_hba.conf has `local replication pgsni_admin peer` (dbroles.hba) and
 no other replication line, so no tenant role can open a replication connection whatever
 attributes it gets. The instance needs wal_level replica and a free WAL sender and slot
-(`instance_options`, Postgres' defaults already). The child's environment is `clean_env()`.
+(`instance_options`, Postgres' defaults already).
 
-The spool (`spool`, e.g. `<data_root>/.wal/<id>`) is a 0700 directory of the gateway's OS user
-outside PGDATA, so the instance's OS user cannot read or plant files there. A spool file is
-deleted only once storage holds it. When storage is down the spool grows; past
-`spool_budget` bytes the receiver is paused and Postgres keeps the WAL instead (the slot
-below), until the spool has drained to half the budget. `lag_bytes` says how far storage is
-behind the instance's flushed WAL, `last_error` and `upload_errors` why.
+What the instance hears as flushed: only what storage holds, in both modes, so the slot
+(below) keeps in Postgres whatever the spool could still lose (the spool is not fsynced per
+batch: walreceiver.py). In durability=sync the instance runs with the receiver as its
+synchronous standby (`synchronous_standby_names`, `instance_options`), so a commit returns to
+its client once its WAL is in storage. Commits that arrive while an upload runs wait for the next one and go together.
+When storage takes no WAL for `sync_timeout` seconds, `sync_fallback` decides: "fail" ends
+the sessions whose commits wait (their clients get an error, not an acknowledgement; the
+instance has the commit locally, storage may not), until storage takes WAL again; "async"
+reports the spool's position instead, fsyncing each batch first (commits go on, acknowledged
+before they are in storage), logs it, counts it (`fallbacks`), and goes back to sync once storage caught up.
+
+The spool (`<spools>/<base>`, e.g. `<data_root>/.wal/<id>/<version>`) is a 0700 directory
+of the gateway's OS user outside PGDATA, so the instance's OS user cannot read or plant files
+there; one per stored version the WAL continues, so what a run left (the gateway died, or
+storage was down at its stop) goes to its own version's prefix even after the database was
+restored to another. A spool file is deleted only once storage holds it. When storage is down
+the spool grows; past `spool_budget` bytes the receiver is disconnected and Postgres keeps the
+WAL instead (the slot below), until the spool has drained to half the budget. `lag_bytes` says
+how far storage is behind the instance's flushed WAL, `last_error` and `upload_errors` why.
 
 The slot `pgsni_walship` (physical, made with WAL reserved from the last checkpoint's redo
-point) makes Postgres keep every segment the receiver has not confirmed, across receiver
-restarts and pauses; a fresh receiver starts at the slot's position. A slot lives in PGDATA
-(`pg_replslot/`), so it travels in snapshots: a copy restored elsewhere brings it along, and
-if no shipper runs there it would hold WAL back without end. So instances run with
-`max_slot_wal_keep_size` (`instance_options`), walrestore.py drops the slot from a copy it
-prepares for replay (the next shipper makes a new one), and a database that runs without a
-shipper should have it dropped too (`forget_slot`, on the stopped copy).
+point) makes Postgres keep every segment the receiver has not reported flushed, across
+receiver restarts and pauses. A new stream starts where the spool or storage ends (whichever
+is further), or, with neither, at the start of the segment of the slot's position. A slot
+lives in PGDATA (`pg_replslot/`), so it travels in snapshots: a copy restored elsewhere
+brings it along, and if no shipper runs there it would hold WAL back without end. So
+instances run with `max_slot_wal_keep_size` (`instance_options`), walrestore.py drops the
+slot from a copy it prepares for replay (the next shipper makes a new one), and a database
+that runs without a shipper should have it dropped too (`forget_slot`, on the stopped copy).
 
-Partial segments. pg_receivewal (run with --synchronous: it fsyncs what it receives and at
-once tells the server how far it got, which moves the slot) fills `<segment>.partial`, which
-it created full of zeros, in order. So whatever the file holds when read is a true prefix of
-the stream followed by zeros. The upload is the prefix up to the receiver's confirmed position
-(asked just before the read), or up to the last non-zero byte if that is further: named by its
-length (storage/wal.py), its content can never change under that name, and zeros cut off are
-zeros again when a restore pads the segment. Known limit: after an instance crash, WAL the receiver got just before the crash (a record
-only partly flushed) can be overwritten by crash recovery; an older, longer partial of that
-segment then shadows the new run's shorter ones until they grow past it.
+WAL the instance has flushed is never rewritten (since Postgres 15 a crash that cut a record
+in two marks the gap with an overwrite-contrecord record instead), so a piece's content can
+never change under its name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from gateway.wire.protocol import ProtocolViolation
 from storage.backend import Backend
 from storage.errors import StorageError
-from storage.osuser import clean_env
-from storage.wal import WalConflict, WalStore, parse_lsn, parse_segment_name
+from storage.wal import StoredWal, WalConflict, WalStore, format_lsn, parse_lsn, parse_segment_name
 
 from . import dbroles
-from .postgres import ChildProcess, _tail
+from .walreceiver import APP, SLOT, WalReceiver, close_leftovers, parse_part_name
 
 log = logging.getLogger("pgsni.walship")
 
-SLOT = "pgsni_walship"
-APP = "pgsni_walship"
-PARTIAL_SUFFIX = ".partial"
+CONSOLIDATE = 64  # pieces of one segment before one piece from its start replaces them
+INLINE = 256 << 10  # pieces up to this size are read in the event loop (page cache, microseconds)
+FALLBACKS = ("fail", "async")
 
 
-def instance_options(keep_wal_mb: int = 4096) -> dict[str, str]:
+def instance_options(keep_wal_mb: int = 4096, *, sync: bool = False) -> dict[str, str]:
     """Settings an instance needs while a shipper streams from it: pinned on the command line,
-    so neither an imported postgresql.conf nor ALTER SYSTEM turns them off."""
-    return {"wal_level": "replica", "max_wal_senders": "4", "max_replication_slots": "4",
-            "max_slot_wal_keep_size": f"{keep_wal_mb}MB"}
+    so neither an imported postgresql.conf nor ALTER SYSTEM turns them off. `sync`: the
+    receiver is the synchronous standby (durability=sync)."""
+    options = {"wal_level": "replica", "max_wal_senders": "4", "max_replication_slots": "4",
+               "max_slot_wal_keep_size": f"{keep_wal_mb}MB"}
+    if sync:
+        options["synchronous_standby_names"] = f'"{APP}"'
+    return options
 
 
 def forget_slot(pgdata: Path) -> None:
@@ -79,11 +94,11 @@ def forget_slot(pgdata: Path) -> None:
     shutil.rmtree(pgdata / "pg_replslot" / SLOT, ignore_errors=True)
 
 
-def remove_spool(spool: Path) -> None:
-    """Remove a spool and what its shipper keeps beside it: the backlogs of earlier runs
-    (`<spool>.backlog-*`) and the receiver's log (`<spool>.log`, `<spool>.log.1`)."""
-    shutil.rmtree(spool, ignore_errors=True)
-    for path in spool.parent.glob(f"{spool.name}.*"):
+def remove_spool(spools: Path) -> None:
+    """Remove a database's spools (one per version its WAL continued), and what the earlier
+    pg_receivewal-based shipper left beside them (`<id>.backlog-*`, `<id>.log*`)."""
+    shutil.rmtree(spools, ignore_errors=True)
+    for path in spools.parent.glob(f"{spools.name}.*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -91,6 +106,7 @@ def remove_spool(spool: Path) -> None:
 
 
 def replication_conninfo(socket_dir: Path) -> str:
+    """A libpq replication connection string as the admin (pg_basebackup, pg_receivewal)."""
     return make_conninfo(host=str(socket_dir), user=dbroles.ADMIN, application_name=APP,
                          connect_timeout=dbroles.CONNECT_TIMEOUT)
 
@@ -98,36 +114,49 @@ def replication_conninfo(socket_dir: Path) -> str:
 class WalShipper:
     """Ships one instance's WAL to `backend` under database `db_id` (see the module doc)."""
 
-    def __init__(self, backend: Backend, db_id: str, bindir: Path, socket_dir: Path, spool: Path, *,
-                 rpo_seconds: float = 1.0, spool_budget: int = 1 << 30, base: str | None = None) -> None:
-        """`base`: the stored version the instance's copy descends from (storage/wal.py)."""
-        self.backend, self.db_id, self.bindir, self.base = backend, db_id, bindir, base
-        self.socket_dir, self.spool = socket_dir, spool
+    def __init__(self, backend: Backend, db_id: str, socket_dir: Path, spools: Path, *, base: str,
+                 rpo_seconds: float = 1.0, spool_budget: int = 1 << 30, sync: bool = False,
+                 sync_timeout: float = 10.0, sync_fallback: str = "fail",
+                 count: Callable[[str, int], None] = lambda event, n: None) -> None:
+        """`base`: the stored version the instance's copy descends from (storage/wal.py);
+        `spools`: the database's spool directory (one spool per base in it); `count(event,
+        n)`: durability=sync's "fallback" and "failed_commits", for the metrics."""
+        if sync_fallback not in FALLBACKS:
+            raise ValueError(f"sync_fallback must be one of {FALLBACKS}")
+        self.backend, self.db_id, self.base = backend, db_id, base
+        self.socket_dir, self.spools, self.spool = socket_dir, spools, spools / base
         self.rpo_seconds, self.spool_budget = rpo_seconds, spool_budget
+        self.sync, self.sync_timeout, self.sync_fallback = sync, sync_timeout, sync_fallback
+        self._count = count
         self.partial_every = rpo_seconds / 2  # a commit waits at most this, plus one upload
         self.poll = min(0.2, rpo_seconds / 4)
         self.store: WalStore | None = None
         self.stored: tuple[int, int] | None = None  # (timeline, LSN) storage holds up to
         self.flushed: int | None = None  # the instance's flushed WAL, when last asked
-        self.confirmed: int | None = None  # what the receiver confirmed to it
+        self.receiver: WalReceiver | None = None
         self.upload_errors = 0  # failed rounds in all
-        self._failing = 0  # in a row: the retry backs off
         self.last_error: str | None = None
         self.failed: WalConflict | None = None  # fatal: someone else writes this history
-        self.paused = False  # receiver stopped for the spool budget
-        self._receiver: ChildProcess | None = None
-        self._receiver_starts = 0
-        self._receiver_since = 0.0
-        self._next_receiver = 0.0
-        self._backlogs: list[Path] = []  # spools of earlier runs, uploaded first
-        self._partials: dict[Path, str] = {}  # spool dir -> key of the partial it last stored
+        self.paused = False  # receiver disconnected for the spool budget
+        self.degraded = False  # sync_fallback=async in force: commits no longer wait for storage
+        self._spool_lock = threading.RLock()  # spool files are written, closed and renamed under it
+        self.fallbacks = 0  # times sync fell back to async
+        self.failed_commits = 0  # sessions ended with their commit waiting (sync_fallback=fail)
+        self._failing = 0  # failed rounds in a row: the retry backs off
+        self._listings: dict[str, StoredWal] = {}  # base -> what its prefix holds (kept current)
+        self._unstored: collections.deque[tuple[int, float]] = collections.deque()  # (written, first arrived)
+        self._arrived = asyncio.Event()
         self._partial_at = 0.0
         self._asked_at = 0.0
         self._caught_up_at = time.monotonic()
         self._retry_at = 0.0
+        self._streaming_since: float | None = None
+        self._down_since = time.monotonic()
+        self._waiters: dict[tuple, float] = {}  # (pid, transaction start) -> first seen waiting
         self._conn: psycopg.AsyncConnection | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._asking = asyncio.Lock()
 
     # --- what the lifecycle reads ----------------------------------------------------------------
     @property
@@ -142,27 +171,26 @@ class WalShipper:
 
     @property
     def lag_seconds(self) -> float:
-        """How long storage has been behind the instance's flushed WAL (0: caught up when
-        last asked)."""
+        """How long the oldest WAL received and not in storage has waited; without a receiver,
+        how long storage has been behind the instance's flushed WAL (0: caught up)."""
+        now = time.monotonic()
+        if self._unstored:
+            return now - self._unstored[0][1]
         lag = self.lag_bytes
-        return 0.0 if not lag else time.monotonic() - self._caught_up_at
-
-    @property
-    def log_path(self) -> Path:
-        return self.spool.with_name(self.spool.name + ".log")
+        return 0.0 if not lag or self.receiver is not None else now - self._caught_up_at
 
     # --- start and stop --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Check the instance, make the slot, take over what an earlier run left in the spool,
-        start the receiver and the upload loop. Raises if the instance cannot stream."""
+        """Check the instance, make the slot, start the receiver, the upload loop and the
+        watch. Raises if the instance cannot stream."""
         await asyncio.to_thread(self._prepare_spool)
         try:
             await self._begin()
         except BaseException:
             await self._close_conn()
             raise
-        self._start_receiver()
-        self._tasks = [asyncio.create_task(self._upload_loop(), name=f"walship-{self.db_id}"),
+        self._tasks = [asyncio.create_task(self._receive_loop(), name=f"walrecv-{self.db_id}"),
+                       asyncio.create_task(self._upload_loop(), name=f"walship-{self.db_id}"),
                        asyncio.create_task(self._watch(), name=f"walship-watch-{self.db_id}")]
 
     async def _begin(self) -> None:
@@ -176,29 +204,43 @@ class WalShipper:
                                f"max_wal_senders={senders} (needs replica and at least 1)")
         await conn.execute("SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS "
                            "(SELECT FROM pg_replication_slots WHERE slot_name = %s)", (SLOT, SLOT))
-        self.store = WalStore(self.backend, self.db_id, segment_size=int(segment_size), base=self.base)
+        self.store = self._store(self.base, int(segment_size))
         try:
-            self.stored = await self.store.newest()
+            self.stored = (await self._listing(self.base)).newest()
         except StorageError as e:
             self._failed_round(e)
 
+    def _store(self, base: str, segment_size: int | None = None) -> WalStore:
+        size = segment_size or self.store.segment_size
+        return WalStore(self.backend, self.db_id, segment_size=size, base=base)
+
+    async def _listing(self, base: str) -> StoredWal:
+        if base not in self._listings:
+            self._listings[base] = await self._store(base).listing()
+        return self._listings[base]
+
     async def stop(self, timeout: float = 30.0) -> bool:
-        """Take in what the instance has flushed (if it still runs), stop the receiver, and
+        """After the instance stopped: take in the end of its stream, stop the receiver, and
         upload what is left, trying until `timeout` or until storage fails. True if the spool
         is empty: storage then holds all the WAL received. What is left stays in the spool for
         the next run."""
         self._stopping = True
         deadline = time.monotonic() + timeout
-        for task in self._tasks:
+        receive, *others = self._tasks or [None]
+        for task in others:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        if receive is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(receive), min(5.0, max(0.1, timeout / 3)))
+            receive.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._drain(min(5.0, timeout / 3))
-        await self._stop_receiver()
+        await asyncio.to_thread(self._close_leftovers)  # no receiver writes any more
         done, failures = False, self.upload_errors
         while self.failed is None and not done and time.monotonic() < deadline:
             try:
-                done = await asyncio.wait_for(self._round(final=True), deadline - time.monotonic())
+                done = await asyncio.wait_for(self._round(due=True), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 break
             if not done and self.upload_errors > failures:
@@ -209,212 +251,365 @@ class WalShipper:
         return done
 
     def _prepare_spool(self) -> None:
-        """The spool of an earlier run (the gateway died, or storage was down at its stop) is
-        renamed to a backlog and uploaded before anything new: the new receiver starts from
-        the slot, not from files that may belong to another history."""
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        if self.spool.exists() and any(self.spool.iterdir()):
-            self.spool.rename(self.spool.with_name(f"{self.spool.name}.backlog-{time.time_ns()}"))
-        self._backlogs = sorted(self.spool.parent.glob(f"{self.spool.name}.backlog-*"))
-        self.spool.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.spool, 0o700)
+        self.spools.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.spools, self.spool):
+            path.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+        self._close_leftovers()  # before anything reads the spool: a dead process's files
 
-    # --- the loop --------------------------------------------------------------------------------
+    def _close_leftovers(self) -> None:
+        with self._spool_lock:  # a cancelled receiver's thread may still be closing its file
+            close_leftovers(self.spool)
+
+    # --- receiving -------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        """Keep a receiver streaming (a new one after the instance ended a stream, a network
+        hiccup on the socket, or a pause), backing off while it keeps failing."""
+        failures = 0
+        while self.failed is None and not self._stopping:
+            if self.paused:
+                await asyncio.sleep(self.poll)
+                continue
+            receiver = WalReceiver(self.socket_dir, self.spool, self.store.segment_size,
+                                   flushed=self._flush_report, on_written=self._written,
+                                   fsync_batches=lambda: self.degraded, files_lock=self._spool_lock)
+            began = time.monotonic()
+            try:
+                await receiver.connect()
+                timeline, server_end = await receiver.identify()
+                await receiver.fetch_history(timeline)
+                start = await self._start_point(timeline, server_end)
+                self.receiver, self._streaming_since = receiver, time.monotonic()
+                await receiver.stream(start)
+            except WalConflict as e:
+                self._fail(e)
+            except (StorageError, OSError, ProtocolViolation, psycopg.Error) as e:
+                if not self._stopping and not self.paused:
+                    self.last_error = f"WAL receiver: {e}"
+                    log.warning("WAL receiver of %s: %s", self.db_id, e)
+            except Exception as e:  # noqa: BLE001 -- a bug must not end receiving for good
+                self.last_error = f"WAL receiver: {e!r}"
+                log.exception("WAL receiver of %s failed", self.db_id)
+            finally:
+                if self._streaming_since is not None:  # down since the last stream that ran
+                    self._down_since = time.monotonic()
+                self.receiver, self._streaming_since = None, None
+                await receiver.close()
+            failures = 0 if time.monotonic() - began > 30 else failures + 1
+            if not self._stopping:
+                await asyncio.sleep(min(10.0, 0.2 * failures))
+
+    async def _start_point(self, timeline: int, server_end: int) -> int:
+        """Where a new stream starts: where the spool or storage ends on this timeline, or the
+        segment of the slot's position if that is further (WAL between is lost to shipping:
+        Postgres no longer has it)."""
+        conn = await self._connect()
+        row = await (await conn.execute("SELECT restart_lsn::text FROM pg_replication_slots "
+                                        "WHERE slot_name = %s", (SLOT,))).fetchone()
+        restart = parse_lsn(row[0]) if row and row[0] else server_end
+        size = self.store.segment_size
+        stored = self.stored
+        if stored is not None and (stored[0] > timeline or (stored[0] == timeline and stored[1] > server_end)):
+            raise WalConflict(f"storage holds WAL of {self.db_id} at timeline {stored[0]} "
+                              f"{format_lsn(stored[1])}, beyond this copy (timeline {timeline} "
+                              f"{format_lsn(server_end)}): another writer went on with its history")
+        ends = [stored[1]] if stored is not None and stored[0] == timeline else []
+        local = await asyncio.to_thread(self._spool_end, timeline)
+        if local is not None and local > server_end:  # not this copy's history: start from storage
+            log.error("the WAL spool of %s ends at %s, beyond the instance's %s: not streamed on from "
+                      "there", self.db_id, format_lsn(local), format_lsn(server_end))
+        elif local is not None:
+            ends.append(local)
+        if ends and max(ends) >= restart:
+            return max(ends)
+        if ends:
+            log.error("WAL of %s from %s to %s is not in storage and no longer on the instance: "
+                      "restores past it need the next stored version", self.db_id,
+                      format_lsn(max(ends)), format_lsn(restart))
+        return restart - restart % size
+
+    def _spool_end(self, timeline: int) -> int | None:
+        """Where the WAL of `timeline` in the own spool ends (its newest file's end)."""
+        ends = [begin + size for tli, begin, size, _, _ in self._files(self.spool) if tli == timeline]
+        return max(ends, default=None)
+
+    def _flush_report(self, written: int, synced: int) -> int:
+        """What the receiver tells the instance is flushed (see the module doc)."""
+        if self.degraded:
+            return synced
+        stored = self.stored
+        timeline = self.receiver.timeline if self.receiver else None
+        if stored is None or stored[0] != timeline:
+            return 0  # nothing of this timeline in storage yet (0: not known)
+        return min(written, stored[1])
+
+    def _written(self, written: int) -> None:
+        now = time.monotonic()
+        if self._unstored and now - self._unstored[-1][1] < 0.05:
+            self._unstored[-1] = (written, self._unstored[-1][1])  # a few entries a second at most
+        else:
+            self._unstored.append((written, now))
+        self._arrived.set()
+        behind = written - (self.stored_lsn or written)
+        if behind > self.spool_budget and not self.paused:  # at once: the watch looks only now and then
+            self._pause(behind)
+
+    def _pause(self, spooled: int) -> None:
+        self.paused = True
+        log.error("WAL spool of %s holds %d bytes, over its budget of %d: receiver paused, "
+                  "Postgres keeps the WAL until storage takes it", self.db_id, spooled, self.spool_budget)
+        if self.receiver is not None:
+            asyncio.ensure_future(self.receiver.close())
+
+    # --- uploading -------------------------------------------------------------------------------
     async def _upload_loop(self) -> None:
         while self.failed is None:
+            now = time.monotonic()
+            due = self.sync or now - self._partial_at >= self.partial_every
             try:
-                if time.monotonic() >= self._retry_at:
-                    await self._round(final=False)
+                if now >= self._retry_at:
+                    self._arrived.clear()
+                    if due:
+                        self._partial_at = now
+                    await self._round(due=due)
             except Exception as e:  # noqa: BLE001 -- a bug must not end shipping for good
                 log.exception("WAL shipping of %s failed a round", self.db_id)
                 self._failed_round(e)
-            partial_in = self._partial_at + self.partial_every - time.monotonic()
-            await asyncio.sleep(max(0.01, min(self.poll, partial_in)))
+            wait = max(0.01, min(self.poll, self._partial_at + self.partial_every - time.monotonic()))
+            if self.sync and time.monotonic() >= self._retry_at:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), self.poll)
+            else:
+                await asyncio.sleep(wait)
 
-    async def _watch(self) -> None:
-        """The receiver, the spool budget and the instance's position, on their own beat: an
-        upload that hangs on storage for its whole retry budget does not hold them up."""
-        while self.failed is None:
-            try:
-                await asyncio.to_thread(self._budget)
-                self._keep_receiving()
-                if time.monotonic() - self._asked_at >= self.partial_every:
-                    await self._ask_position()  # lag keeps growing while storage is down
-            except Exception:  # noqa: BLE001
-                log.exception("watching the WAL receiver of %s failed", self.db_id)
-            await asyncio.sleep(self.poll)
-
-    async def _round(self, *, final: bool) -> bool:
-        """One pass: backlogs, then the live spool. True if nothing is left to upload."""
-        now = time.monotonic()
-        partial_due = final or now - self._partial_at >= self.partial_every
+    async def _round(self, *, due: bool) -> bool:
+        """One pass over the spools: other versions' first, then this one's. `due`: also what
+        arrived in the segment being written. True if nothing is left to upload."""
         try:
-            for backlog in list(self._backlogs):
-                if await self._ship(backlog, with_partial=True):
-                    await asyncio.to_thread(shutil.rmtree, backlog, True)
-                    self._backlogs.remove(backlog)
-            if partial_due:
-                self._partial_at = now
-                await self._ask_position()  # before the partial is read: it holds at least this
-            empty = await self._ship(self.spool, with_partial=partial_due)
+            empty = True
+            for spool, histories, files in await asyncio.to_thread(self._scan):
+                empty = await self._ship(spool, histories, files, due=due) and empty
             self._failing = 0
         except WalConflict as e:
-            self.failed = e
-            log.error("WAL shipping of %s stopped: %s", self.db_id, e)
-            await self._stop_receiver()
+            self._fail(e)
             return False
         except (StorageError, OSError) as e:
             self._failed_round(e)
             return False
-        return empty and not self._backlogs
+        return empty
+
+    def _spools(self) -> list[Path]:
+        others = sorted(p for p in self.spools.iterdir() if p.is_dir() and p != self.spool)
+        return [*others, self.spool]
+
+    def _scan(self) -> list[tuple[Path, list[Path], list[tuple[int, int, int, str, Path]]]]:
+        """Each spool with its history files and WAL files (one thread hop per round)."""
+        return [(spool, sorted(spool.glob("*.history")), self._files(spool)) for spool in self._spools()]
+
+    def _fail(self, e: WalConflict) -> None:
+        self.failed = e
+        log.error("WAL shipping of %s stopped: %s", self.db_id, e)
 
     def _failed_round(self, e: Exception) -> None:
         self.upload_errors += 1
         self._failing += 1
         self.last_error = str(e)
-        self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** min(self._failing, 5))
+        cap = 1.0 if self.sync else 10.0  # sync: commits wait for the retry
+        self._retry_at = time.monotonic() + min(cap, 0.5 * 2 ** min(self._failing, 5))
         log.warning("WAL of %s not uploaded (lag %s bytes): %s", self.db_id, self.lag_bytes, e)
 
-    async def _ship(self, spool: Path, *, with_partial: bool) -> bool:
-        """Upload histories and completed segments in order, deleting each once stored, then
-        (if asked) the written part of the partial segment. True if nothing is left."""
-        assert self.store is not None
-        histories, segments, partial = await asyncio.to_thread(self._scan, spool)
+    async def _ship(self, spool: Path, histories: list[Path], files, *, due: bool) -> bool:
+        """Upload one spool's history files, then its WAL files in order (`_scan`), deleting
+        each once storage holds it (the one being written: never). True if the spool is empty."""
+        own = spool == self.spool
+        store = self.store if own else self._store(spool.name)
+        listing = await self._listing(spool.name)
         for path in histories:
-            await self.store.put_history(path.name, await asyncio.to_thread(path.read_bytes))
+            await store.put_history(path.name, await asyncio.to_thread(path.read_bytes))
+            listing.histories[int(path.name[:8], 16)] = store.prefix + path.name
             await asyncio.to_thread(path.unlink)
-        for (tli, segno), path in segments:
-            await self.store.put_segment(path.name, await asyncio.to_thread(path.read_bytes))
-            self._advance(tli, (segno + 1) * self.store.segment_size)
-            await asyncio.to_thread(path.unlink)
-            await self._forget_partial(spool)
-        if partial is None or not with_partial:
-            return partial is None
-        (tli, segno), path = partial
-        start = segno * self.store.segment_size
-        confirmed = self.confirmed if spool == self.spool else None
-        at_least = confirmed - start if confirmed is not None and confirmed >= start else 0
-        try:
-            data = await asyncio.to_thread(_written_part, path, min(at_least, self.store.segment_size))
-        except FileNotFoundError:
-            return False  # completed and renamed meanwhile: the next round ships it whole
-        end = start + len(data)
-        if data and (tli, end) > (self.stored or (0, 0)):
-            key = await self.store.put_partial(path.name[:-len(PARTIAL_SUFFIX)], data)
-            self._advance(tli, end)
-            await self._forget_partial(spool)
-            self._partials[spool] = key
-        if spool != self.spool or self._stopping:  # nobody writes it any more
-            await asyncio.to_thread(path.unlink)
-            self._partials.pop(spool, None)
-            return True
-        return False
-
-    def _scan(self, spool: Path):
-        """(history files, [(segment id, path)] in order, (segment id, path) of the partial)."""
-        assert self.store is not None
-        histories, segments, partials = [], [], []
-        for path in spool.iterdir():
-            name = path.name
-            if name.endswith(".history"):
-                histories.append(path)
-            elif seg := parse_segment_name(name, self.store.segment_size):
-                segments.append((seg, path))
-            elif name.endswith(PARTIAL_SUFFIX) and (
-                    seg := parse_segment_name(name[:-len(PARTIAL_SUFFIX)], self.store.segment_size)):
-                partials.append((seg, path))
-        return sorted(histories), sorted(segments), max(partials, default=None)
-
-    def _advance(self, tli: int, lsn: int) -> None:
-        if self.stored is None or (tli, lsn) > self.stored:
-            self.stored = (tli, lsn)
-
-    async def _forget_partial(self, spool: Path) -> None:
-        """Delete the partial this spool stored last (superseded now); best effort, retention
-        and `WalStore.remove_superseded` catch what is left."""
-        key = self._partials.pop(spool, None)
-        if key is not None:
+        receiver = self.receiver if own else None
+        left = False
+        for tli, begin, size, kind, path in files:
+            live = own and kind == "part"  # a receiver writes it: never deleted here
+            if live:
+                written = receiver.written if receiver is not None and path == receiver.current_file else None
+                size = min(size, written - begin) if written is not None else size
+                if not due:
+                    left = True
+                    continue
             try:
-                await self.backend.delete([key])
-            except StorageError as e:
-                log.info("could not delete superseded WAL %s: %s", key, e)
+                await self._upload_file(store, listing, tli, begin, size, kind == "full", path)
+            except FileNotFoundError:
+                left = True  # closed and renamed meanwhile: the next round ships it, then the rest
+                break
+            if live:
+                left = True
+            else:
+                await asyncio.to_thread(path.unlink)
+        if not own and not left:
+            await asyncio.to_thread(shutil.rmtree, spool, True)
+        return not left
 
-    # --- the receiver ----------------------------------------------------------------------------
-    def _start_receiver(self) -> None:
-        if self.log_path.exists() and self.log_path.stat().st_size > 10 << 20:
-            self.log_path.replace(self.log_path.with_suffix(".log.1"))
-        argv = [str(self.bindir / "pg_receivewal"), "-D", str(self.spool),
-                "-d", replication_conninfo(self.socket_dir), "--slot", SLOT, "--no-loop",
-                "--synchronous", "--no-password", "--verbose"]
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        with open(fd, "ab") as logf:
-            self._receiver = ChildProcess(subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=clean_env(), start_new_session=True))
-        self._receiver_starts += 1
-        self._receiver_since = time.monotonic()
-
-    def _keep_receiving(self) -> None:
-        """Restart a receiver that exited (the instance restarted its walsender, a network
-        hiccup on the socket), backing off while it keeps failing."""
-        proc = self._receiver
-        if self._stopping or (proc is not None and proc.returncode is None):
+    async def _upload_file(self, store: WalStore, listing: StoredWal, tli: int, begin: int, size: int,
+                           full: bool, path: Path) -> None:
+        """Store what storage lacks of one spool file: the whole segment if the file holds it
+        all, else the bytes past what is stored as a piece (now and then one from the segment's
+        start instead, replacing the pieces before it)."""
+        seg_size = store.segment_size
+        segno, offset = divmod(begin, seg_size)
+        seg = (tli, segno)
+        name = path.name.split(".")[0]
+        if seg in listing.segments:
             return
-        if proc is not None:
-            self._receiver = None
-            if not self.paused:
-                self.last_error = f"pg_receivewal exited with {proc.returncode}: {_tail(self.log_path, 2)}"
-                log.warning("WAL receiver of %s: %s", self.db_id, self.last_error)
-            if time.monotonic() - self._receiver_since > 30:
-                self._receiver_starts = 0  # it had been running well: restart at once
-            self._next_receiver = time.monotonic() + min(10.0, 0.5 * self._receiver_starts)
-        if not self.paused and time.monotonic() >= self._next_receiver:
-            self._start_receiver()
-
-    async def _stop_receiver(self) -> None:
-        proc, self._receiver = self._receiver, None
-        if proc is None:
+        if full and offset == 0:
+            key = await store.put_segment(name, await asyncio.to_thread(_read, path, 0, seg_size))
+            listing.segments[seg] = key
+            await self._forget_superseded(listing)
+            self._advance(store, tli, (segno + 1) * seg_size, segno * seg_size)
             return
-        for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), wait)
-                return
-
-    async def _drain(self, timeout: float) -> None:
-        """Let the receiver take in all the instance has flushed (or, if the instance is
-        gone, until the receiver exits on its own) before it is stopped."""
-        proc = self._receiver
-        if proc is None or self.store is None:
+        reach = listing.cover(*seg)[0] if seg in listing.partials else 0
+        end = offset + size
+        if end <= reach:
             return
-        await self._ask_position()
-        target, deadline = self.flushed, time.monotonic() + timeout
-        while proc.returncode is None and time.monotonic() < deadline:
-            if target is not None and (self.confirmed or 0) >= target:
-                return
-            await asyncio.sleep(0.02)
-            await self._ask_position()
+        start = max(reach, offset)
+        consolidate = len(listing.cover(*seg)[1]) + 1 >= CONSOLIDATE
+        if consolidate:
+            start = offset  # one piece from where the file begins replaces the ones in it
+        if end - start <= INLINE:  # what a commit or a few add: no thread hop
+            data = _read(path, start - offset, end - start)
+        else:
+            data = await asyncio.to_thread(_read, path, start - offset, end - start)
+        key = await store.put_partial(name, data, start)
+        listing.partials.setdefault(seg, []).append((start, end, key))
+        if consolidate:
+            await self._forget_superseded(listing)
+        self._advance(store, tli, segno * seg_size + end, segno * seg_size + start)
+
+    async def _forget_superseded(self, listing: StoredWal) -> None:
+        """Delete pieces storage no longer needs (best effort: retention and
+        `WalStore.remove_superseded` catch what is left)."""
+        keys = set(listing.superseded())
+        if not keys:
+            return
+        for seg, found in list(listing.partials.items()):
+            listing.partials[seg] = [p for p in found if p[2] not in keys]
+        try:
+            await self.backend.delete(sorted(keys))
+        except StorageError as e:
+            log.info("could not delete superseded WAL of %s: %s", self.db_id, e)
+
+    def _advance(self, store: WalStore, tli: int, lsn: int, start: int) -> None:
+        """Storage now holds this instance's WAL from `start` to `lsn` on timeline `tli`. In
+        durability=sync what storage holds counts only without a hole (it is what commits are
+        acknowledged for): WAL stored past one does not move `stored`."""
+        if store is not self.store or (self.stored is not None and (tli, lsn) <= self.stored):
+            return
+        if self.sync and self.stored is not None and self.stored[0] == tli and start > self.stored[1]:
+            log.warning("WAL of %s stored from %s, past a hole at %s: not counted as stored",
+                        self.db_id, format_lsn(start), format_lsn(self.stored[1]))
+            return
+        self.stored = (tli, lsn)
+        while self._unstored and self._unstored[0][0] <= lsn:
+            self._unstored.popleft()
+        if self.receiver is not None:
+            self.receiver.report()  # durability=sync: the commits waiting for this return now
+
+    def _files(self, spool: Path) -> list[tuple[int, int, int, str, Path]]:
+        """The WAL files of a spool in order: (timeline, LSN of its first byte, size, kind, path)."""
+        files = []
+        seg_size = self.store.segment_size
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(spool):
+                parsed = parse_part_name(entry.name)
+                seg = parsed and parse_segment_name(parsed[0], seg_size)
+                if not seg:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    size = entry.stat().st_size
+                    files.append((seg[0], seg[1] * seg_size + parsed[1], size, parsed[2], Path(entry.path)))
+        return sorted(files)
+
+    # --- the watch: budget, position, sync timeout -----------------------------------------------
+    async def _watch(self) -> None:
+        """The spool budget, the instance's position and the sync timeout, on their own beat:
+        an upload that hangs on storage for its whole retry budget does not hold them up."""
+        while self.failed is None:
+            try:
+                await self._budget()
+                if time.monotonic() - self._asked_at >= self.partial_every:
+                    await self.ask_position()  # lag keeps growing while storage is down
+                if self.sync:
+                    await self._sync_timeout()
+            except Exception:  # noqa: BLE001
+                log.exception("watching the WAL shipping of %s failed", self.db_id)
+            await asyncio.sleep(self.poll)
+
+    def stuck_for(self) -> float:
+        """How long the oldest WAL received but not in storage has waited (0: none waits), or
+        how long no receiver has streamed."""
+        now = time.monotonic()
+        if self._streaming_since is None:
+            return now - self._down_since
+        return now - self._unstored[0][1] if self._unstored else 0.0
+
+    async def _sync_timeout(self) -> None:
+        stuck = self.stuck_for()
+        if self.degraded and not self._unstored and self.receiver is not None:
+            self.degraded = False
+            log.warning("WAL of %s is in storage again: commits wait for storage again (durability=sync)",
+                        self.db_id)
+        if self.sync_fallback == "async":
+            if stuck >= self.sync_timeout and not self.degraded:
+                self.degraded, self.fallbacks = True, self.fallbacks + 1
+                self._count("fallback", 1)
+                log.error("storage has taken no WAL of %s for %.0f s: commits are acknowledged "
+                          "before their WAL is in storage until it catches up (sync_fallback=async)",
+                          self.db_id, stuck)
+                if self.receiver is not None:
+                    await self.receiver.sync_spool()
+                    self.receiver.report()
+            return
+        if stuck < min(0.5, self.sync_timeout / 2):
+            self._waiters.clear()
+            return
+        try:
+            await self._end_waiting_commits()
+        except (psycopg.Error, OSError):
+            await self._close_conn()  # the instance is stopping: nothing waits any more
+
+    async def _end_waiting_commits(self) -> None:
+        """sync_fallback=fail: end the sessions whose commit has waited for storage for
+        `sync_timeout` (as seen from here: each waiting transaction is timed from when it was
+        first seen waiting)."""
+        conn = await self._connect()
+        rows = await (await conn.execute(
+            "SELECT pid, xact_start FROM pg_stat_activity WHERE wait_event = 'SyncRep' "
+            "AND backend_type = 'client backend'")).fetchall()
+        now = time.monotonic()
+        self._waiters = {key: self._waiters.get(key, now) for key in map(tuple, rows)}
+        due = [pid for (pid, _), since in self._waiters.items() if now - since >= self.sync_timeout]
+        if not due:
+            return
+        rows = await (await conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid",
+                                         (due,))).fetchall()
+        ended = sum(1 for (ok,) in rows if ok)
+        self.failed_commits += ended
+        self._count("failed_commits", ended)
+        log.error("a commit of %s waited %.0f s for storage to take its WAL: %d session(s) ended "
+                  "unacknowledged (sync_fallback=fail)", self.db_id, self.sync_timeout, ended)
 
     def spooled_bytes(self) -> int:
         total = 0
-        for d in (self.spool, *self._backlogs):
-            with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(d):
-                    with contextlib.suppress(FileNotFoundError):
-                        total += entry.stat().st_size
+        for spool in self._spools():
+            total += sum(size for _, _, size, _, _ in self._files(spool))
         return total
 
-    def _budget(self) -> None:
-        """Pause the receiver while the spool is over budget (a thread: it stats files)."""
-        spooled = self.spooled_bytes()
+    async def _budget(self) -> None:
+        """Disconnect the receiver while the spool is over budget."""
+        spooled = await asyncio.to_thread(self.spooled_bytes)
         if not self.paused and spooled > self.spool_budget:
-            self.paused = True
-            log.error("WAL spool of %s holds %d bytes, over its budget of %d: receiver paused, "
-                      "Postgres keeps the WAL until storage takes it", self.db_id, spooled, self.spool_budget)
-            proc = self._receiver
-            if proc is not None:
-                proc.send_signal(signal.SIGINT)  # _keep_receiving reaps it, and starts none
+            self._pause(spooled)
         elif self.paused and spooled <= self.spool_budget // 2:
             self.paused = False
             log.info("WAL spool of %s drained: receiver resumed", self.db_id)
@@ -422,25 +617,24 @@ class WalShipper:
     # --- the instance's position -----------------------------------------------------------------
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
-            self._conn = await dbroles.connect(self.socket_dir, app=APP)
+            self._conn = await dbroles.connect(self.socket_dir, app=f"{APP}-watch")
         return self._conn
 
-    async def _ask_position(self) -> None:
-        self._asked_at = time.monotonic()
-        try:
-            conn = await self._connect()
-            row = await (await conn.execute(
-                # the newest walsender's: one that is going away may have confirmed more
-                # than a receiver that has just started has written again
-                "SELECT pg_current_wal_flush_lsn()::text, (SELECT flush_lsn::text FROM "
-                "pg_stat_replication WHERE application_name = %s ORDER BY backend_start DESC "
-                "LIMIT 1)", (APP,))).fetchone()
-            self.flushed = parse_lsn(row[0])
-            self.confirmed = parse_lsn(row[1]) if row[1] else None
-            if (self.stored_lsn or 0) >= self.flushed:
-                self._caught_up_at = time.monotonic()
-        except (psycopg.Error, OSError):
-            await self._close_conn()  # the instance is stopping, or restarting: ask again later
+    async def ask_position(self) -> None:
+        """Ask the instance how far its WAL is flushed (the watch, and db info, which must not
+        read a lag from before the latest commit). One asks at a time, on one connection."""
+        async with self._asking:
+            if self._stopping:
+                return
+            self._asked_at = time.monotonic()
+            try:
+                conn = await self._connect()
+                row = await (await conn.execute("SELECT pg_current_wal_flush_lsn()::text")).fetchone()
+                self.flushed = parse_lsn(row[0])
+                if (self.stored_lsn or 0) >= self.flushed:
+                    self._caught_up_at = time.monotonic()
+            except (psycopg.Error, OSError):
+                await self._close_conn()  # the instance is stopping, or restarting: ask again later
 
     async def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
@@ -449,10 +643,10 @@ class WalShipper:
                 await conn.close()
 
 
-def _written_part(path: Path, at_least: int = 0) -> bytes:
-    """A partial segment's content without the zeros pg_receivewal created it with, but at
-    least `at_least` bytes (confirmed written: zeros there are WAL)."""
+def _read(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
-        data = f.read()
-    stripped = data.rstrip(b"\0")
-    return stripped if len(stripped) >= at_least else data[:at_least]
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"{path} holds {offset + len(data)} bytes, expected {offset + length}")
+    return data

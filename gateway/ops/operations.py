@@ -10,11 +10,11 @@ method checks everything it can, changes nothing and returns a `Plan` (action, i
     list() -> list[Summary]
     info(id) -> Info
     delete(id, force=False) -> Deleted
-    fork(src, new, version=None) -> Forked
-    snapshot(id, force=False) -> Snapshot
+    fork(src, new, version=None, time=None, lsn=None) -> Forked
+    snapshot(id, force=False, stop=False) -> Snapshot
     versions(id) -> list[Version]
     exists(id) -> bool
-    restore(id, version, force=False) -> Restored
+    restore(id, version=None, time=None, lsn=None, force=False) -> Restored
     verify(id) -> Verified
     set_password(id, role="postgres", password=None) -> PasswordSet
     secure(id, drop_untrusted=False) -> Secured
@@ -22,7 +22,8 @@ method checks everything it can, changes nothing and returns a `Plan` (action, i
 
 A database running in this process (the gateway's manager) is stopped through the manager
 first by delete, restore and snapshot (saving its changes, except for delete); with clients
-connected they refuse with `busy` unless `force=True`. A database another process runs (a
+connected they refuse with `busy` unless `force=True`. A snapshot of one that ships its WAL
+(durability=async) is an online base backup instead, unless `stop=True`: it keeps running. A database another process runs (a
 gateway, when called from the CLI) is refused with `busy` (its lock).
 """
 
@@ -32,18 +33,21 @@ import asyncio
 import datetime as dt
 import contextlib
 import logging
+import re
 from typing import Sequence
 
-from gateway.compute import dbroles, durability, securing
+from gateway.compute import dbroles, durability, pitr, securing, walrestore
 from gateway.compute.instances import InstanceManager
 from gateway.compute.pgbins import PgNotInstalled
 from gateway.config import Settings
 from gateway.errors import CANNOT_CONNECT_NOW, TOO_MANY_CONNECTIONS, UNKNOWN_DATABASE, GatewayError
 from storage import errors as storage_errors
+from storage import snapshots
 from storage.cache import Databases, disk_usage
 from storage.ids import ID_RULE, valid_id
 from storage.leases import LeaseHeld
 from storage.local import DatabaseBusy, DatabaseExists, LocalCatalog
+from storage.wal import format_lsn, parse_lsn
 
 from . import steps
 from .create_from import create_from
@@ -74,6 +78,9 @@ def translated():
                              "until it has stopped the database.") from e
     except storage_errors.NotFound as e:
         raise OperationError("not_found", str(e)) from e
+    except walrestore.OutOfReach as e:
+        raise OperationError("invalid", str(e), hint="`pgsni db info` shows the WAL in storage of a "
+                             "running database; `pgsni db versions` the versions kept.") from e
     except storage_errors.PreconditionFailed as e:
         raise OperationError("conflict", str(e)) from e
     except storage_errors.StorageUnavailable as e:
@@ -86,6 +93,35 @@ def translated():
             kind = "busy" if "in use" in e.message else \
                 "unavailable" if "unavailable" in e.message else "failed"
         raise OperationError(kind, e.message + (f": {e.detail}" if e.detail else ""), hint=e.hint) from e
+
+
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+
+
+def check_lsn(text: str | None) -> int | None:
+    """A WAL location as Postgres writes it (`0/16B3748`), or None."""
+    if text is None:
+        return None
+    if not _LSN.fullmatch(text):
+        raise OperationError("invalid", f"{text!r} is not an LSN: two hexadecimal numbers of up to 8 "
+                             "digits with a slash between, as pg_current_wal_lsn() shows (0/16B3748)")
+    return parse_lsn(text)
+
+
+def point_target(time: dt.datetime | None, lsn: int | None) -> tuple[str, dict]:
+    """How a restore or fork to a point names its target: (words for notes, keyword arguments)."""
+    if lsn is not None:
+        return f"LSN {format_lsn(lsn)}", {"target_lsn": lsn}
+    return time.isoformat(), {"target_time": time}
+
+
+def one_target(version, time: dt.datetime | None, lsn, *, required: bool) -> None:
+    given = sum(x is not None for x in (version, time, lsn))
+    if given > 1 or (required and not given):
+        raise OperationError("invalid", "give " + ("one" if required else "at most one") +
+                             " of a version, a time or an LSN")
+    if time is not None and time.tzinfo is None:
+        raise OperationError("invalid", "the time needs a time zone (e.g. 2026-12-03T12:00:00Z)")
 
 
 def check_id(db_id: str) -> str:
@@ -252,7 +288,8 @@ class Ops:
                     versions, [str(p) for p in set_aside],
                     (await self.manager.database(db_id).state(stored=cur is not None,
                                                               set_aside=set_aside)).value,
-                    durability.shipping(inst) if inst is not None and inst.alive else None)
+                    wal := (await durability.shipping(inst) if inst is not None and inst.alive else None),
+                    restorable_range(versions, manifest.version if manifest else None, wal))
 
     async def versions(self, db_id: str) -> list[Version]:
         check_id(db_id)
@@ -279,11 +316,19 @@ class Ops:
 
     # --- fork ----------------------------------------------------------------------------------
     async def fork(self, src: str, new: str, version: str | None = None, *,
+                   time: dt.datetime | None = None, lsn: str | None = None,
                    dry_run: bool = False) -> Forked | Plan:
+        """A new database from a stored `version` of `src` (default: its current one), or from
+        `src` at a past `time` or `lsn`: the version saved before it plus the stored WAL
+        replayed up to it (`src` is only read then, and may keep running)."""
+        target_lsn = check_lsn(lsn)
+        one_target(version, time, lsn, required=False)
         await self._require(src)
         check_id(new)
         if await self._exists(new):
             raise OperationError("conflict", f'database "{new}" already exists')
+        if time is not None or target_lsn is not None:
+            return await self._fork_at(src, new, time, target_lsn, dry_run)
         saved = None
         unsaved = version is None and self._unsaved(src)
         with translated():
@@ -314,19 +359,48 @@ class Ops:
             forked = await self.manager.fork(new, manifest)
         return Forked(new, src, manifest.version, forked.version, manifest.archive["size"], saved)
 
+    async def _fork_at(self, src: str, new: str, time: dt.datetime | None, lsn: int | None,
+                       dry_run: bool) -> Forked | Plan:
+        what, target = point_target(time, lsn)
+        with translated():
+            # SRC is not stopped: what storage holds of it now is what the fork gets
+            bases = await self._bases(src, time, lsn, growing=False)
+            if dry_run:
+                return Plan("fork", new, [
+                    f"download version {bases[0].version} of {src} and replay its stored WAL up "
+                    f"to {what} (nothing of {src} changes)",
+                    f"store the result as the first version of {new} (roles and passwords of that "
+                    "version)"])
+            base, forked = await self.manager.fork_at(new, bases, what, **target)
+        return Forked(new, src, base.version, forked.version, forked.archive["size"],
+                      time=time.isoformat() if time else None, lsn=format_lsn(lsn) if lsn is not None else None)
+
     def _unsaved(self, db_id: str) -> bool:
         if self.manager.instances.get(db_id) is not None:
             return True  # running here: may have changes; stopping tells
         return self.catalog.exists(db_id) and self.databases.state(db_id).dirty
 
     # --- snapshot and restore ------------------------------------------------------------------
-    async def snapshot(self, db_id: str, *, force: bool = False, dry_run: bool = False) -> Snapshot | Plan:
+    async def snapshot(self, db_id: str, *, force: bool = False, stop: bool = False,
+                       dry_run: bool = False) -> Snapshot | Plan:
+        """Save the local copy as a new version if it changed; a database running here that
+        ships its WAL gets an online base backup instead (it keeps running), unless `stop`."""
         check_id(db_id)
         if not self.catalog.exists(db_id):
             if not await self._exists(db_id):
                 raise OperationError("not_found", f'database "{db_id}" does not exist')
             raise OperationError("not_found", f'database "{db_id}" has no local copy here',
                                  hint="Storage already holds everything there is.")
+        inst = self.manager.instances.get(db_id)
+        if not stop and inst is not None and inst.alive and inst.shipper is not None:
+            if dry_run:
+                return Plan("snapshot", db_id, ["take an online base backup of the running instance "
+                                                "(it keeps serving) and make it the current version"])
+            with translated():
+                manifest = await self.manager.base_backup(db_id, "pgsni db snapshot")
+            if manifest is not None:
+                return Snapshot(db_id, manifest.version, True, False, base_backup=True)
+            # it stopped meanwhile: its stopped copy is saved as usual
         self._check_idle(db_id, force, "snapshotting stops the instance, which")
         if dry_run:
             running = self._running(db_id)
@@ -344,41 +418,47 @@ class Ops:
         return Snapshot(db_id, after if after != before else None, after != before, held.stopped)
 
     async def restore(self, db_id: str, version: str | None = None, *, time: dt.datetime | None = None,
-                      force: bool = False, dry_run: bool = False) -> Restored | Plan:
-        """Roll back to a stored `version`, or restore to a point in `time`: the newest version
-        saved before it plus the stored WAL up to it (the transactions committed before it)."""
-        if (version is None) == (time is None):
-            raise OperationError("invalid", "give a version or a time to restore to (one of them)")
-        if time is not None and time.tzinfo is None:
-            raise OperationError("invalid", "the time needs a time zone (e.g. 2026-12-03T12:00:00Z)")
+                      lsn: str | None = None, force: bool = False, dry_run: bool = False) -> Restored | Plan:
+        """Roll back to a stored `version`, or restore to a point: a `time` (the transactions
+        committed before it) or an `lsn` (the WAL up to and including the record at it), from
+        the newest version saved before it plus the stored WAL."""
+        target_lsn = check_lsn(lsn)
+        one_target(version, time, lsn, required=True)
         await self._require(db_id)
         self._check_idle(db_id, force, "restoring it")
         with translated():  # an unknown version is refused before anything stops or saves
-            target = await (self.store.manifest(db_id, version) if version is not None
-                            else self._version_before(db_id, time))
+            bases = [await self.store.manifest(db_id, version)] if version is not None else \
+                await self._bases(db_id, time, target_lsn, growing=self._running(db_id))
+        target = bases[0]
         if dry_run:
             changes = (["stop the running instance"] if self._running(db_id) else []) + \
                 (["save unsaved local changes as a new version"] if self._unsaved(db_id) else []) + \
                 [f"replace the local copy with version {target.version}"]
-            changes += ([f"replay the stored WAL up to {time.isoformat()} and store the result as a "
-                         "new current version"] if time is not None else
+            changes += ([f"replay the stored WAL up to {point_target(time, target_lsn)[0]} and store "
+                         "the result as a new current version"] if version is None else
                         [f"make {target.version} the current version"])
             return Plan("restore", db_id, changes)
         async with self._held(db_id, f"restoring {target.version}") as held:
-            if time is None:
+            if version is not None:
                 saved, target = await held.roll_back(target.version)
             else:
-                saved, target = await held.restore_to(target.version, time)
+                what, point = point_target(time, target_lsn)
+                saved, target = await held.restore_to([b.version for b in bases], what, **point)
             now = self.databases.state(db_id).version
         return Restored(db_id, now or target.version, saved.version if saved else None, held.stopped,
-                        base=target.version, time=time.isoformat() if time else None)
+                        base=target.version, time=time.isoformat() if time else None,
+                        lsn=format_lsn(target_lsn) if target_lsn is not None else None)
 
-    async def _version_before(self, db_id: str, time: dt.datetime):
-        """The manifest of the newest stored version saved before `time`."""
+    async def _bases(self, db_id: str, time: dt.datetime | None, lsn: int | None, *, growing: bool):
+        """The stored versions a restore to a point replays from, in the order to try them:
+        the newest saved before `time`, or those an `lsn` may lie after (pitr.bases_for_lsn;
+        `growing`: the database runs here and its stop ships the rest of its WAL)."""
+        if lsn is not None:
+            return await pitr.bases_for_lsn(self.store, db_id, lsn, growing=growing)
         for info in sorted(await self.store.versions(db_id), key=lambda i: i.version, reverse=True):
             manifest = await self.store.manifest(db_id, info.version)
             if dt.datetime.fromisoformat(manifest.created) < time:
-                return manifest
+                return [manifest]
         raise OperationError("not_found", f'database "{db_id}" has no version saved before '
                              f"{time.isoformat()}", hint="Retention keeps retention_keep versions "
                              "(and those younger than retention_days).")
@@ -457,3 +537,17 @@ class Ops:
             except UpgradeError as e:
                 raise OperationError("failed", f'database "{db_id}" was not changed: {e}') from None
         return UpgradedResult(done.id, done.from_major, done.to_major, done.version, done.previous_version)
+
+
+def restorable_range(versions: list[Version], current: str | None, wal: dict | None) -> dict | None:
+    """What `db restore --time` can reach (Info.restorable), from the kept versions' names and
+    the WAL shipping of a database running here."""
+    times = [t for t in (snapshots.version_time(v.version) for v in versions) if t is not None]
+    if not times:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    if wal is not None:
+        to, rpo = now - dt.timedelta(seconds=wal["lag_seconds"]), wal["lag_seconds"]
+    else:
+        to, rpo = snapshots.version_time(current or "") or max(times), None
+    return {"from": min(times).isoformat(), "to": to.isoformat(), "rpo_seconds": rpo}

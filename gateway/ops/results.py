@@ -96,6 +96,10 @@ class Info(_Result):
     # durability=async, running in the gateway asked: {"stored_lsn", "timeline", "lag_bytes",
     # "lag_seconds", "upload_errors", "paused", "last_error"} of its WAL shipping
     wal: dict | None = None
+    # what a restore to a point can reach: {"from": the oldest kept version's time, "to": now
+    # minus the WAL lag while it runs here with WAL shipping, else the current version's time
+    # (WAL stored after it may reach later), "rpo_seconds": the lag now, while it runs here}
+    restorable: dict | None = None
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Forked(_Result):
     version: str
     bytes: int
     source_saved: str | None = None  # a version of SRC saved first (it had unsaved changes)
+    time: str | None = None  # forked SRC as it was at this time (its WAL replayed up to it)
+    lsn: str | None = None  # ... or at this LSN
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Snapshot(_Result):
     version: str | None  # None: nothing changed since the stored version
     saved: bool
     stopped: bool = False
+    base_backup: bool = False  # an online base backup of the running database (it kept running)
 
 
 @dataclass
@@ -132,6 +139,7 @@ class Restored(_Result):
     stopped: bool = False
     base: str | None = None  # the stored version restored from
     time: str | None = None  # restored to this point in time (WAL replayed up to it)
+    lsn: str | None = None  # restored to this LSN (WAL replayed up to the record at it)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from storage.roles import Role
 
 from .cancel import CancelTable
 from .conn import PgConnection
+from .forward import Forwarding
 from .limits import Limits
 
 
@@ -28,6 +29,7 @@ class ProxyContext:
     dev_role: Role | None = None  # create_on_connect: role postgres of a database made on connect
     ssl_context: ssl.SSLContext | None = None  # the pair new handshakes present
     cert_pem: str | None = None  # its leaf certificate, for channel binding
+    forwarding: Forwarding | None = None  # with a fleet: clients of databases held elsewhere go there
     shutting_down: bool = False
     sessions: set[asyncio.Task] = field(default_factory=set)
     early_logins: dict[str, int] = field(default_factory=dict)  # running ahead of auth, per db
@@ -42,6 +44,7 @@ class ClientInfo:
     cert_pem: str | None = None  # the certificate presented in this TLS handshake
     tls_version: str | None = None
     cipher: str | None = None
+    handed: bool = False  # its TLS ended at another gateway, which handed the session here
 
     def settings(self) -> dict[str, str]:
         """What the backend cannot know (it sees a unix socket), as custom settings a session

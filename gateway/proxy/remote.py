@@ -25,6 +25,7 @@ from gateway.wire.scram import SCRAM, SCRAM_PLUS
 from . import relay
 from .cancel import CancelTarget
 from .context import ProxyContext, SessionView
+from .sockets import connect_tcp
 from .conn import TLS_SHUTDOWN_TIMEOUT, ConnectionClosed, PgConnection
 
 
@@ -95,7 +96,7 @@ async def connect(route: RemoteRoute, timeout: float, db_id: str) -> PgConnectio
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            sock = await _tcp(loop, route)
+            sock = await connect_tcp(route.host, route.port)
             try:
                 return await _open(loop, sock, route, timeout)
             except BaseException:
@@ -116,26 +117,6 @@ async def connect(route: RemoteRoute, timeout: float, db_id: str) -> PgConnectio
     log.warning("remote route %s (%s, sslmode=%s) unreachable: %s", db_id, route.address,
                 route.sslmode, logged)
     raise unreachable(db_id, reason)
-
-
-async def _tcp(loop: asyncio.AbstractEventLoop, route: RemoteRoute) -> socket.socket:
-    error: OSError | None = None
-    for family, kind, proto, _, addr in await loop.getaddrinfo(route.host, route.port,
-                                                               type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-        except OSError as e:
-            sock.close()
-            error = e
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise error or OSError(f"{route.host} has no address")
 
 
 async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, route: RemoteRoute,

@@ -12,6 +12,7 @@ from gateway.compute import dbroles
 from gateway.errors import GatewayError
 from gateway.metrics import auth_reason
 from gateway.wire import protocol as p
+from gateway.wire.link import HandedSession
 from storage.roles import Role
 
 from . import auth, login, relay, remote, routing
@@ -76,6 +77,11 @@ class Session:
             if self.refusal is not None:
                 raise self.refusal
             db_id, backend_params = self._route(startup)
+            handed = await self._hand_over(db_id, startup)
+            if handed is not None:
+                deadline.reschedule(None)  # the holder's session has its own
+                far, _link = handed
+                return await relay.pipe(self.conn, far)
             limits, ip = self.gw.limits, self.client.peer.rpartition(":")[0]
             limits.enter_db(db_id)
             self.counted_db = db_id
@@ -111,6 +117,28 @@ class Session:
             self.meter_auth(db_id)
             self.conn.send(p.Authentication(p.AUTH_OK).encode())
         await self._serve(db_id, backend_params, keys, early)
+
+    async def _hand_over(self, db_id: str, startup: p.StartupMessage) -> tuple[PgConnection, object] | None:
+        """With a fleet, a client that named its database in its startup message only (no
+        server name to forward it by before TLS), whose database another gateway serves:
+        the link carrying the session there (forward.py); None to serve it here."""
+        forwarding = self.gw.forwarding
+        if forwarding is None or self.client.handed or self.log.method != "options" or not self.client.tls:
+            return None
+        handed = HandedSession(self.client.peer, self.client.tls_version or "", self.client.cipher or "",
+                               self.client.cert_pem or self.gw.cert_pem or "")
+        # as negotiated here already (NegotiateProtocolVersion was sent, if it had to be)
+        first = p.StartupMessage(3, self.protocol_minor, {k: v for k, v in startup.params.items()
+                                                          if not k.startswith("_pq_.")}).encode()
+        max_length = self.gw.settings.max_message_size
+        far = await forwarding.link_for(
+            f"session of {self.client.peer} for {db_id}", lambda fresh: forwarding.serves_elsewhere(db_id, fresh),
+            lambda address: forwarding.hand_session(address, handed, first, lambda: PgConnection(
+                p.MessageReader(startup=False, max_length=max_length))))
+        if far is not None:
+            self.gw.metrics.forwarded("out")
+            self.log.outcome = "handed to the gateway that serves its database"
+        return far
 
     async def _read_startup(self) -> p.StartupMessage | None:
         event = await self.conn.next_event()

@@ -104,6 +104,65 @@ def test_density_and_charts(tmp_path):
     assert made and all(p.stat().st_size > 1000 for p in made)
 
 
+@needs
+def test_durability(tmp_path):
+    from bench import durability, markdown
+
+    durability.run(runs=1, quick=True, out=tmp_path, seconds=1, scale=1, clients=(2,), wal_mb=(2,))
+    res = _doc(tmp_path, "durability")
+    rows = {r["mode"]: r for r in res["tps"]}
+    assert list(rows) == ["snapshot", "async", "sync"]
+    for mode, r in rows.items():
+        assert r["clients"] == 2
+        if mode != "sync" or r["available"]:  # sync: measured once the gateway takes it
+            assert r["available"] and r["tps"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["vs_snapshot"] > 0
+            assert r["wal_mb_s"] > 0 and r["gateway_cpu"] > 0 and r["storage_cpu"] >= 0
+        else:
+            assert "durability" in r["reason"]
+    lag = rows["async"]
+    assert lag["lag_samples"] > 0 and lag["lag_seconds_max"] >= lag["lag_seconds_p50"]
+    assert lag["behind_seconds_max"] >= lag["behind_seconds_p50"] >= 0
+    (r,) = res["restore"]
+    assert r["wal_bytes"] >= 2 << 20 and r["baseline_wal_bytes"] >= 2 << 20
+    assert r["rows"] > 0 and r["pgsni_rows_lost"] == r["baseline_rows_lost"] == 0  # every row back, both ways
+    assert r["runs"] == 1 and r["pgsni_s"] > 0 and r["baseline_s"] > 0 and r["ratio"] > 0
+    assert r["pgsni_phases_ms"]["replay"] > 0  # the new gateway replayed stored WAL
+    text = "\n".join(markdown.durability(json.loads((tmp_path / "durability.json").read_text())))
+    assert "÷ snapshot" in text and ("not available" in text) != rows["sync"]["available"]
+
+
+@needs
+def test_forwarding(tmp_path):
+    from bench import forwarding, markdown
+
+    forwarding.run(runs=1, quick=True, out=tmp_path, seconds=1, clients=(2,), connects=3)
+    res = _doc(tmp_path, "forwarding")
+    assert [(r["mode"], r["clients"]) for r in res["pgbench"]] == [("select-only", 2), ("tpcb-like", 2)]
+    for r in res["pgbench"]:
+        assert r["holder_tps"] > 0 and r["forwarded_tps"] > 0 and r["ratio"] > 0
+    assert res["connect"]["holder"]["count"] == res["connect"]["forwarded"]["count"] == 3
+    assert res["forwarded_clients"] >= 2 + 3  # pgbench's clients, the connects: all went over a link
+    text = "\n".join(markdown.forwarding(json.loads((tmp_path / "forwarding.json").read_text())))
+    assert "forwarded ÷ holder" in text
+
+
+@needs
+def test_workers(tmp_path):
+    from bench import markdown, workers
+
+    workers.run(runs=1, quick=True, out=tmp_path, seconds=1, databases=2)
+    res = _doc(tmp_path, "workers")
+    assert [r["mode"] for r in res["pgbench"]] == ["select-only", "tpcb-like"]
+    for r in res["pgbench"]:
+        assert r["one_tps"] > 0 and r["two_tps"] > 0 and r["ratio"] > 0
+        for key in ("gateway", "postgres", "client"):  # the CPU of each party was seen
+            assert r[f"one_{key}_ms_per_tx"] > 0 and r[f"two_{key}_ms_per_tx"] > 0
+    for m in res["model"]:
+        assert m["predicted_two_here"] >= m["predicted_one_here"] > 0
+    text = "\n".join(markdown.workers(json.loads((tmp_path / "workers.json").read_text())))
+    assert "2 ÷ 1" in text and "16 cores" in text
+
+
 def test_cli_lists_every_suite():
     from click.testing import CliRunner
 
@@ -111,7 +170,7 @@ def test_cli_lists_every_suite():
 
     out = CliRunner().invoke(main, ["--help"])
     assert out.exit_code == 0
-    for suite in ("datapath", "connect", "coldstart", "density", "storage", "all"):
+    for suite in ("datapath", "connect", "coldstart", "density", "storage", "durability", "forwarding", "workers", "all"):
         assert suite in out.output
     sub = CliRunner().invoke(main, ["datapath", "--help"])
     assert "--quick" in sub.output and "--runs" in sub.output and "--out" in sub.output

@@ -1,20 +1,29 @@
 """Helpers for the deployment files (docker/, compose.yaml, fly.toml): a small Dockerfile
-parser, the settings' environment names, and the documented entrypoint variables."""
+parser, the settings' environment names, the documented entrypoint variables, the entrypoint
+run with a stub in place of pgsni, the image's health check command, and the lease timing
+check the gateway makes at start."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gateway.config import ENV_PREFIX, Settings
+from storage.factory import retry_budget
+from storage.leases import check_timing, default_margin
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+PGSNI = Path(sys.executable).parent / "pgsni"
 
 
 def setting_env_names() -> set[str]:
@@ -141,6 +150,29 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     return excluded
 
 
+def healthcheck_argv(stage: Stage) -> list[str]:
+    """The command of a stage's HEALTHCHECK (exec form)."""
+    (hc,) = stage.all("HEALTHCHECK")
+    cmd = re.search(r"CMD (\[.*\])", hc.args)
+    assert cmd, hc.args
+    return json.loads(cmd.group(1))
+
+
+def image_healthcheck_here() -> list[str]:
+    """The image's HEALTHCHECK command with its paths mapped to this checkout, to run it as
+    the container would: with the container's environment, not the entrypoint's."""
+    _, stages = parse_dockerfile(DOCKER / "Dockerfile")
+    here = {"/opt/pgsni/bin/python": sys.executable}
+    return [here.get(a, a.replace("/opt/pgsni/docker/", f"{DOCKER}/")) for a in healthcheck_argv(stages[-1])]
+
+
+def check_lease_timing(settings: Settings) -> None:
+    """LeaseTimingError where the gateway would refuse to start with these settings' lease
+    and storage retries (gateway/app.py makes the same check)."""
+    assert settings.lease_seconds > 0, "gateways find each other by their heartbeats"
+    check_timing(settings.lease_seconds, default_margin(settings.lease_seconds), retry_budget(settings))
+
+
 def documented_in_deploy_doc(name: str) -> bool:
     return re.search(rf"(?<![A-Z0-9_]){re.escape(name)}(?![A-Z0-9_])", DEPLOY_DOC.read_text()) is not None
 
@@ -152,6 +184,48 @@ def entrypoint_vars() -> set[str]:
     code = "\n".join(line.split(" # ", 1)[0] for line in text.splitlines()
                      if not line.lstrip().startswith("#"))
     return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", code))
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """A clean environment: no PGSNI_*/AWS_*/FLY_* from the test process leaks in."""
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith(("PGSNI_", "AWS_", "FLY_")) and k not in ("BUCKET_NAME", "TMPDIR")}
+    return keep | extra
+
+
+class EntrypointStub:
+    """docker/entrypoint.sh run for real with a stub in place of pgsni (PGSNI_BIN): `certs ...`
+    runs the real pgsni, `serve ...` records its argv and environment."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.out = tmp_path / "stub-out"
+        self.out.mkdir()
+        self.cwd = tmp_path
+        self.path = tmp_path / "pgsni-stub"
+        self.path.write_text(f"""#!/bin/sh
+if [ "$1" = certs ]; then exec {PGSNI} "$@"; fi
+printf '%s\\n' "$@" > {self.out}/argv
+env > {self.out}/env
+""")
+        self.path.chmod(0o755)
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        for f in self.out.iterdir():
+            f.unlink()
+        return subprocess.run([str(ENTRYPOINT), *args], env=base_env(PGSNI_BIN=str(self.path), **env),
+                              capture_output=True, text=True, timeout=60, cwd=self.cwd)
+
+    @property
+    def served(self) -> bool:
+        return (self.out / "argv").exists()
+
+    @property
+    def argv(self) -> list[str]:
+        return (self.out / "argv").read_text().splitlines()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in (self.out / "env").read_text().splitlines() if "=" in line)
 
 
 def wait_listening(proc, port: int, log: Path, what: str, timeout: float = 120) -> None:

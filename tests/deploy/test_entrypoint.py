@@ -10,7 +10,6 @@ database from storage."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import signal
 import socket
@@ -27,20 +26,11 @@ from ..conftest import PG_OPTIONS, reachable_tmpdir, seed_template
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)
 from ..support.harness import DOMAIN, postmasters, psql, wait_until
 from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY, free_port
-from .conftest import DOCKER, ROOT, documented_in_deploy_doc, entrypoint_vars, setting_env_names
+from .conftest import (DOCKER, ENTRYPOINT, PGSNI, ROOT, EntrypointStub, base_env, documented_in_deploy_doc,
+                       entrypoint_vars, image_healthcheck_here, setting_env_names)
 
-ENTRYPOINT = DOCKER / "entrypoint.sh"
 HEALTHCHECK = DOCKER / "healthcheck.py"
-VENV_BIN = Path(sys.executable).parent
-PGSNI = VENV_BIN / "pgsni"
 PY_ENV = {"PYTHONPATH": str(ROOT)}  # healthcheck.py imports gateway.config
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    """A clean environment: no PGSNI_*/AWS_* from the test process leaks in."""
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith(("PGSNI_", "AWS_")) and k not in ("BUCKET_NAME", "TMPDIR")}
-    return keep | extra
 
 
 # --- every variable it reads is documented ----------------------------------------------------
@@ -58,39 +48,7 @@ def test_every_variable_the_entrypoint_reads_is_a_setting_or_documented():
 # --- fast: a stub instead of pgsni ------------------------------------------------------------
 @pytest.fixture
 def stub(tmp_path):
-    """PGSNI_BIN stub: `certs ...` runs the real pgsni, `serve ...` records argv and env."""
-    out = tmp_path / "stub-out"
-    out.mkdir()
-    script = tmp_path / "pgsni-stub"
-    script.write_text(f"""#!/bin/sh
-if [ "$1" = certs ]; then exec {PGSNI} "$@"; fi
-printf '%s\\n' "$@" > {out}/argv
-env > {out}/env
-""")
-    script.chmod(0o755)
-
-    class Stub:
-        path = script
-
-        def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-            for f in out.iterdir():
-                f.unlink()
-            return subprocess.run([str(ENTRYPOINT), *args], env=base_env(PGSNI_BIN=str(script), **env),
-                                  capture_output=True, text=True, timeout=60, cwd=tmp_path)
-
-        @property
-        def served(self) -> bool:
-            return (out / "argv").exists()
-
-        @property
-        def argv(self) -> list[str]:
-            return (out / "argv").read_text().splitlines()
-
-        @property
-        def env(self) -> dict[str, str]:
-            return dict(line.split("=", 1) for line in (out / "env").read_text().splitlines() if "=" in line)
-
-    return Stub()
+    return EntrypointStub(tmp_path)
 
 
 def test_refuses_to_start_without_a_certificate(stub):
@@ -194,6 +152,84 @@ def test_other_commands_run_as_given_with_the_s3_mapping(stub, tmp_path):
     assert "TLS certificate" not in r.stderr, "no certificate preparation for other commands"
 
 
+# --- fleet: the advertised address on Fly.io ---------------------------------------------------
+FLY_IP = "fdaa:0:1:a7b:1f5:2e1c:9f3b:2"
+
+
+def test_a_fly_machine_advertises_its_6pn_address_with_the_cluster_port(stub):
+    r = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN="fly-local-6pn:5433", FLY_PRIVATE_IP=FLY_IP)
+    assert r.returncode == 0, r.stderr
+    assert stub.env["PGSNI_ADVERTISE_ADDRESS"] == f"[{FLY_IP}]:5433"
+    assert stub.env["PGSNI_CLUSTER_LISTEN"] == "fly-local-6pn:5433", "left as it was"
+    assert f"[{FLY_IP}]:5433" in r.stderr
+    # the port is cluster_listen's, also when that is a bracketed address
+    r = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN=f"[{FLY_IP}]:7000", FLY_PRIVATE_IP=FLY_IP)
+    assert r.returncode == 0, r.stderr
+    assert stub.env["PGSNI_ADVERTISE_ADDRESS"] == f"[{FLY_IP}]:7000"
+    # an IPv4 address has no brackets
+    r = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN="0.0.0.0:5433", FLY_PRIVATE_IP="10.0.0.7")
+    assert stub.env["PGSNI_ADVERTISE_ADDRESS"] == "10.0.0.7:5433"
+
+
+def test_the_address_is_derived_only_when_it_is_missing_and_links_are_configured(stub):
+    explicit = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN="fly-local-6pn:5433",
+                        FLY_PRIVATE_IP=FLY_IP, PGSNI_ADVERTISE_ADDRESS="gw1.internal:5433")
+    assert explicit.returncode == 0, explicit.stderr
+    assert stub.env["PGSNI_ADVERTISE_ADDRESS"] == "gw1.internal:5433"
+    # a single gateway on Fly (no cluster_listen) has no links: nothing is derived
+    single = stub.run(PGSNI_TLS_FROM_STORAGE="1", FLY_PRIVATE_IP=FLY_IP)
+    assert single.returncode == 0, single.stderr
+    assert "PGSNI_ADVERTISE_ADDRESS" not in stub.env
+    # not on Fly: nothing to derive from; the gateway names what is missing
+    elsewhere = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN="10.0.0.7:5433")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "PGSNI_ADVERTISE_ADDRESS" not in stub.env
+    # a cluster_listen without a port cannot give one
+    bad = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_LISTEN="fly-local-6pn", FLY_PRIVATE_IP=FLY_IP)
+    assert bad.returncode == 64 and "PGSNI_CLUSTER_LISTEN" in bad.stderr
+    assert not stub.served
+
+
+def test_other_commands_get_the_derived_address_too(stub, tmp_path):
+    """`fly ssh console -C "entrypoint.sh pgsni db list"` loads the same settings as the
+    gateway: with cluster_listen but no advertise_address they would be refused."""
+    fly = dict(PGSNI_STORAGE="local", PGSNI_STORAGE_PATH=str(tmp_path / "st"), PGSNI_DATA_ROOT=str(tmp_path / "d"),
+               PGSNI_CLUSTER_LISTEN="fly-local-6pn:5433", PGSNI_CLUSTER_CA="/c/ca.pem",
+               PGSNI_CLUSTER_CERT="/c/gw.pem", PGSNI_CLUSTER_KEY="/c/gw-key.pem", FLY_PRIVATE_IP=FLY_IP)
+    r = stub.run(str(PGSNI), "config", "show", **fly)
+    assert r.returncode == 0, r.stderr
+    assert f'"advertise_address": "[{FLY_IP}]:5433"' in r.stdout
+    assert not stub.served
+
+
+def test_secrets_stay_out_of_the_gateways_environment_with_links_too(stub, tls):
+    """The derivation adds one variable and keeps the PEM texts out, as without links."""
+    cert, key = tls["cert"].read_text(), tls["key"].read_text()
+    r = stub.run(PGSNI_TLS_CERT_PEM=cert, PGSNI_TLS_KEY_PEM=key, PGSNI_CLUSTER_LISTEN="fly-local-6pn:5433",
+                 FLY_PRIVATE_IP=FLY_IP)
+    assert r.returncode == 0, r.stderr
+    assert "PGSNI_TLS_KEY_PEM" not in stub.env and "PGSNI_TLS_CERT_PEM" not in stub.env
+    assert not any("PRIVATE KEY" in v for v in stub.env.values())
+    added = {k for k in stub.env if k.startswith("PGSNI_")} - {
+        "PGSNI_BIN", "PGSNI_CLUSTER_LISTEN", "PGSNI_TLS_CERT", "PGSNI_TLS_KEY"}
+    assert added == {"PGSNI_ADVERTISE_ADDRESS"}
+
+
+def test_a_cluster_key_readable_by_others_is_made_private(stub, tmp_path):
+    """Fly writes [[files]] with a mode of its own: the key must not stay readable by the
+    uids Postgres runs as."""
+    key = tmp_path / "member-key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    r = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_KEY=str(key))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    # a private key is left alone (it may be on a read-only mount), as is a missing one,
+    # which the gateway reports by its setting's name
+    r = stub.run(PGSNI_TLS_FROM_STORAGE="1", PGSNI_CLUSTER_KEY=str(tmp_path / "missing.pem"))
+    assert r.returncode == 0, r.stderr
+
+
 # --- healthcheck.py -------------------------------------------------------------------------------
 def _healthcheck(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HEALTHCHECK)], env=base_env(**PY_ENV, **env),
@@ -221,6 +257,24 @@ def test_healthcheck_fails_when_the_admin_api_does_not_answer():
     assert bad.returncode == 1 and "configuration" in bad.stderr
 
 
+def test_the_images_health_check_loads_the_settings_the_gateway_was_given():
+    """Docker runs HEALTHCHECK with the container's environment, not with what the entrypoint
+    exported for the gateway: on a Fly machine (bucket from BUCKET_NAME, advertise_address
+    from FLY_PRIVATE_IP) the settings alone are refused, so the image's check must complete
+    them the same way."""
+    fly = dict(PGSNI_ADMIN_PORT="0", PGSNI_LISTEN_HOST="0.0.0.0", PGSNI_STORAGE="s3", BUCKET_NAME="from-fly",
+               PGSNI_CLUSTER_LISTEN="fly-local-6pn:5433", PGSNI_CLUSTER_CA="/c/ca.pem",
+               PGSNI_CLUSTER_CERT="/c/gw.pem", PGSNI_CLUSTER_KEY="/c/gw-key.pem", FLY_PRIVATE_IP=FLY_IP)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        env = base_env(**PY_ENV, **fly, PGSNI_LISTEN_PORT=str(s.getsockname()[1]))
+        r = subprocess.run(image_healthcheck_here(), env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run(image_healthcheck_here(), env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "unhealthy" in r.stderr, "and it still fails when nothing listens"
+
+
 # --- slow: the real gateway through the entrypoint, against moto ---------------------------------
 HAS_ADMIN = importlib.util.find_spec("gateway.admin") is not None
 
@@ -246,8 +300,8 @@ class Entrypoint:
             return False
 
     def healthcheck(self) -> subprocess.CompletedProcess:
-        """docker/healthcheck.py as the image's HEALTHCHECK runs it, with this environment."""
-        return subprocess.run([sys.executable, str(HEALTHCHECK)], env=self.env | PY_ENV,
+        """The image's HEALTHCHECK, with the environment the entrypoint was started with."""
+        return subprocess.run(image_healthcheck_here(), env=self.env | PY_ENV,
                               capture_output=True, text=True, timeout=30)
 
     def output(self) -> str:
@@ -368,3 +422,47 @@ def test_sigterm_while_a_client_is_connected_exits_cleanly(run_entrypoint):
         conn.execute("select 1")
     conn.close()
     assert postmasters(run_entrypoint.work / "data" / "app1" / "pgdata") == []
+
+
+@pytest.mark.slow
+def test_two_fly_style_gateways_link_on_the_addresses_the_entrypoint_derives(run_entrypoint):
+    """Two gateways on one bucket, configured as fly.toml configures a machine (cluster_listen
+    on the machine's own IPv6 address, no advertise_address, FLY_PRIVATE_IP set by the
+    platform, the member key written world-readable as a file): each advertises
+    [FLY_PRIVATE_IP]:port, and a client of the second reaches a database the first holds."""
+    from certs.cluster import make_cluster
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here: Fly's 6PN addresses are IPv6")
+    made = make_cluster(run_entrypoint.work / "cluster", ["fleet"])
+    cert, key = made.members["fleet"]
+    key.chmod(0o644)  # as a platform may write it
+    certs = run_entrypoint.work / "certs"
+
+    def machine(data_root: str) -> Entrypoint:
+        cluster_port = free_port()
+        return run_entrypoint(
+            data_root, PGSNI_DEV_CERTS="1", PGSNI_DEV_CERTS_DIR=str(certs),
+            FLY_PRIVATE_IP="::1", PGSNI_CLUSTER_LISTEN=f"[::1]:{cluster_port}",
+            PGSNI_CLUSTER_CA=str(made.ca), PGSNI_CLUSTER_CERT=str(cert), PGSNI_CLUSTER_KEY=str(key))
+
+    first = machine("m1")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600, "made private before the gateway read it"
+    second = machine("m2")
+    for ep in (first, second):
+        assert "advertise_address: [::1]:" in ep.output()
+    held = psql(_dsn(first.port, certs / "ca.pem"), "create table t (x int); insert into t values (7); "
+                                                   "select sum(x) from t")
+    assert held.returncode == 0, held.stderr + first.output()
+    # through the second gateway: forwarded to the first, which runs the database
+    through = psql(_dsn(second.port, certs / "ca.pem"), "select sum(x) from t")
+    assert through.returncode == 0, through.stderr + second.output() + first.output()
+    assert through.stdout.strip() == "7"
+    assert postmasters(run_entrypoint.work / "m1" / "app1" / "pgdata")
+    assert not (run_entrypoint.work / "m2" / "app1" / "pgdata").exists(), "not started twice"
+    if HAS_ADMIN:
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.admin_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'pgsni_forwarded_clients_total{direction="out"} 1' in metrics, metrics[-2000:]
+    for ep in (second, first):
+        assert ep.terminate() == 0, ep.output()

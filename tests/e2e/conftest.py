@@ -24,3 +24,10 @@ def s3_settings(moto_server, s3_proxy):
     return dict(storage="s3", s3_bucket=bucket, s3_prefix="pgsni/", s3_endpoint=s3_proxy.url,
                 s3_region="us-east-1", s3_access_key=ACCESS_KEY, s3_secret_key=SECRET_KEY,
                 storage_attempts=2, storage_timeout=2.0)
+
+
+@pytest.fixture
+def fleet_settings() -> dict:
+    """Settings every gateway of test_cancel_fleet's `fleet` gets (a module overrides this
+    fixture to change them)."""
+    return {}

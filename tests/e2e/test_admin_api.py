@@ -10,11 +10,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.compute.pgbins import default_bindir
-
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
 from ..support.moto import free_port
+from ..support.pginstalls import install
 
 TOKEN = "api-test-token"
 
@@ -56,14 +55,15 @@ def test_database_lifecycle_over_http(api, tls):
     assert info["id"] == "app1" and info["stored"] and info["version"] == body["version"]
     assert [v["version"] for v in info["versions"]] == [body["version"]]
 
-    # write, then snapshot: refused while a client is connected, saved once it is not
+    # write, then snapshot with a stop (not an online base backup: tests/e2e/test_base_backups.py):
+    # refused while a client is connected, saved once it is not
     saves = admin.metric("pgsni_snapshot_bytes_total", operation="save")
     with _connect(gt, tls, "app1", "pw-one-23") as conn:
         conn.execute("create table t (x int); insert into t values (1)")
-        busy = admin.post("/v1/databases/app1/snapshot")
+        busy = admin.post("/v1/databases/app1/snapshot?stop=true")
         assert busy.status == 409 and busy.json()["error"] == "busy"
     wait_until(lambda: gt.gw.instances.instances["app1"].clients == 0, what="client gone")
-    snap = admin.post("/v1/databases/app1/snapshot")
+    snap = admin.post("/v1/databases/app1/snapshot?stop=true")
     assert snap.status == 200, snap.body
     assert snap.json()["saved"] is True and snap.json()["stopped"] is True, snap.json()
     assert admin.metric("pgsni_snapshot_bytes_total", operation="save") > saves
@@ -214,7 +214,7 @@ def test_migrate_and_dump(api, tls, tmp_path):
     assert dumped.headers["Content-Disposition"] == 'attachment; filename="app1.dump"'
     assert dumped.body[:5] == b"PGDMP" and int(dumped.headers["Content-Length"]) == len(dumped.body)
     (tmp_path / "app1.dump").write_bytes(dumped.body)
-    listing = subprocess.run([str(default_bindir() / "pg_restore"), "--list", str(tmp_path / "app1.dump")],
+    listing = subprocess.run([str(install().bindir / "pg_restore"), "--list", str(tmp_path / "app1.dump")],
                              capture_output=True, text=True)
     assert listing.returncode == 0 and "TABLE public items" in listing.stdout, listing.stderr
     plain = admin.get("/v1/databases/app1/dump?format=plain&no_owner=1")

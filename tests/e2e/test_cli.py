@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import PG_OPTIONS
+from ..conftest import PG_OPTIONS, pg_bindir
 from ..support.harness import DOMAIN, conninfo, postmasters, psql
 
 PGSNI = Path(sys.executable).parent / "pgsni"
@@ -34,6 +34,7 @@ def cli(tls, data_root):
         "PGSNI_STORAGE_PATH": str(data_root / "_storage"),
         "PGSNI_SOCKET_DIR": socket_dir,
         "PGSNI_POSTGRES_OPTIONS": ",".join(f"{k}={v}" for k, v in PG_OPTIONS.items()),
+        "PGSNI_PG_BINDIR": pg_bindir(),  # the installs the tests' gateways run, not a copy in data_root
         "PGSNI_TLS_CERT": str(tls["cert"]),
         "PGSNI_TLS_KEY": str(tls["key"]),
         "PGSNI_DOMAINS": DOMAIN,

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import pty
 import shutil
@@ -22,20 +23,19 @@ import pytest
 import zstandard
 
 from gateway.compute import dbroles
-from gateway.compute.pgbins import default_bindir
-from gateway.compute.pgbins import PgInstalls, major_of
 from storage.osuser import RunAs
 
 from ..conftest import reachable_tmpdir
 from ..support.harness import conninfo, postmasters, psql
 from ..support.moto import ACCESS_KEY, SECRET_KEY
+from ..support.pginstalls import install, installs
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
 
 ROWS = "select count(*), sum(x) from t"
 ROWS_OK = "500|125250"
 APP_PW = "app-secret-pw"
-MAJOR = major_of(default_bindir())  # "18" where installed, else the newest
-OLDER = next(str(m) for m in range(int(MAJOR) - 1, 9, -1) if str(m) not in PgInstalls().by_major)
+MAJOR = installs().default_major  # "18" where installed, else the newest
+OLDER = next(str(m) for m in range(int(MAJOR) - 1, 9, -1) if str(m) not in installs().by_major)
 
 
 # --- building archives ------------------------------------------------------------------------
@@ -48,7 +48,7 @@ class _Server:
     """A Postgres on a PGDATA, run with pg_ctl as the postgres OS user while in the block."""
 
     def __init__(self, pgdata: Path) -> None:
-        self.pgdata, self.bindir = pgdata, default_bindir()
+        self.pgdata, self.bindir = pgdata, install().bindir
 
     def __enter__(self) -> "_Server":
         self.sock = RunAs.resolve("postgres").make_dir(reachable_tmpdir("pgsni-src-s-"))
@@ -111,7 +111,7 @@ def archives(template_pgdata):
 def _build_archives(template_pgdata: Path, work: Path) -> dict[str, Path]:
     # a data directory as any other system makes it: bootstrap superuser "postgres", trust
     pgdata = work / "pgdata"
-    _as_postgres(str(default_bindir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
+    _as_postgres(str(install().bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
                  "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions")
     with _Server(pgdata) as server:
         server.sql("create table t(x int); insert into t select generate_series(1, 500); "
@@ -136,7 +136,7 @@ def _untrusted_routine(work: Path) -> Path:
     """A data directory whose superuser left a routine in an untrusted language behind: a tenant that is
     not a superuser must not get to call code like that."""
     pgdata = work / "untrusted-pgdata"
-    _as_postgres(str(default_bindir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
+    _as_postgres(str(install().bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
                  "--no-instructions", cwd="/tmp")
     with _Server(pgdata) as server:
         server.sql("create function evil(int) returns int language internal as 'int4abs'")
@@ -148,7 +148,7 @@ def _untrusted_routine(work: Path) -> Path:
 def _no_postgres_role(work: Path) -> Path:
     """A data directory whose superuser is `admin`: there is no role postgres."""
     pgdata = work / "admin-pgdata"
-    _as_postgres(str(default_bindir() / "initdb"), "-D", str(pgdata), "-U", "admin", "-A", "trust",
+    _as_postgres(str(install().bindir / "initdb"), "-D", str(pgdata), "-U", "admin", "-A", "trust",
                  "--no-instructions", cwd="/tmp")
     with open(work / "no-postgres-role.tar", "wb") as f:
         _tar(pgdata, f, "w")
@@ -194,11 +194,21 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def _snapshot(cli, data_root: Path) -> tuple[str, set[str]]:
     listed = cli("db", "list")
     assert listed.returncode == 0, listed.stderr
-    # the gateway's name (gateway-id) and its lease heartbeat in storage may appear; a
-    # database's own objects must not
+    # the gateway's name (gateway-id), its lease marks (.leases, empty once given up) and its
+    # lease heartbeat in storage may appear, and a free lease (leases are given up by writing
+    # them free, docs/storage.md: it holds nothing); a database's own objects must not
     stored = data_root / "_storage" / "dbs"
-    return listed.stdout, ({p.name for p in data_root.iterdir()} - {"gateway-id", "_storage"}
-                           | {f"stored:{p.relative_to(stored)}" for p in stored.rglob("*") if p.is_file()})
+    marks = data_root / ".leases"
+    assert not marks.exists() or not any(marks.iterdir()), "a lease mark was left behind"
+    return listed.stdout, ({p.name for p in data_root.iterdir()} - {"gateway-id", "_storage", ".leases"}
+                           | {f"stored:{p.relative_to(stored)}" for p in stored.rglob("*")
+                              if p.is_file() and not _free_lease(p)})
+
+
+def _free_lease(path: Path) -> bool:
+    if path.name == ".lease.json.etag":
+        return _free_lease(path.with_name("lease.json"))
+    return path.name == "lease.json" and json.loads(path.read_bytes()).get("holder") is None
 
 
 def _refused(cli, data_root: Path, *args: str, expect: str, extra_env=None) -> str:
@@ -313,7 +323,7 @@ def test_hostile_archive_leaves_nothing(cli, data_root, tmp_path):
 
 @pytest.mark.parametrize("case, expect", [
     ("no-pg-version", "archive does not contain a Postgres data directory (no PG_VERSION)"),
-    ("old-major", f"archive is Postgres {OLDER}; this gateway runs {PgInstalls().listing}"),
+    ("old-major", f"archive is Postgres {OLDER}; this gateway runs {installs().listing}"),
     ("not-an-archive", "archive is corrupt or truncated"),
     ("truncated", "archive is corrupt or truncated"),
     ("link-out", "archive symlink pg_wal -> ../wal points outside the directory"),

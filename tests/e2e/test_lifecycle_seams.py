@@ -203,6 +203,19 @@ def test_development_mode_never_creates_an_id_that_storage_knows(start_gateway, 
     assert "taken" not in gw.running() and not gw.gw.catalog.exists("taken")
 
 
+def test_a_lease_given_up_does_not_make_an_id_known(start_gateway, tls):
+    """Leases are given up by writing them free (storage/leases.py), not deleted: a free lease
+    under an id that has nothing else in storage holds nothing, and the id may be created."""
+    gw = start_gateway(create_on_connect=True, dev_password=TEST_PASSWORD)
+
+    async def a_lease_given_up():
+        await gw.gw.databases.store.backend.put("dbs/freed/lease.json",
+                                                b'{"holder": null, "released_by": "gone"}')
+    gw.call(a_lease_given_up)
+    assert connect_sqlstate(gw.port, tls["ca"], "freed") is None
+    assert "freed" in gw.running()
+
+
 def test_changes_storage_moved_past_are_set_aside_logged_and_listed(start_gateway, tls, caplog):
     """A copy with unsaved changes whose database another gateway took over and saved
     meanwhile (this one was killed or cut off): the stored version wins, the copy is kept aside,

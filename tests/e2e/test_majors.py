@@ -10,13 +10,11 @@ import json
 import psycopg
 import pytest
 
-from gateway.compute.pgbins import PgInstalls
-
 from ..support.harness import conninfo, psql
+from ..support.pginstalls import install, installs
 from .test_cli import _password, cli  # noqa: F401  (the `cli` fixture)
 
-INSTALLED = PgInstalls().by_major
-pytestmark = pytest.mark.skipif(not {"15", "18"} <= set(INSTALLED),
+pytestmark = pytest.mark.skipif(not {"15", "18"} <= set(installs().by_major),
                                 reason="needs Postgres 15 and 18 installed (./dev setup)")
 
 
@@ -36,9 +34,9 @@ def test_15_and_18_side_by_side(cli, start_gateway, tls, data_root):
     with _connect(gw, tls, "old15", old) as a, _connect(gw, tls, "new18", new) as b:
         assert a.info.parameter_status("server_version").startswith("15.")
         assert b.info.parameter_status("server_version").startswith("18.")
-        # each runs its own major's postmaster
-        assert str(INSTALLED["15"].bindir) in " ".join(_cmdline(gw, "old15"))
-        assert str(INSTALLED["18"].bindir) in " ".join(_cmdline(gw, "new18"))
+        # each runs its own major's postmaster: the binaries the gateway was given for it
+        assert _cmdline(gw, "old15")[0] == str(install("15").bindir / "postgres")
+        assert _cmdline(gw, "new18")[0] == str(install("18").bindir / "postgres")
         # the tenant role has CREATEROLE only where it cannot grant itself more (16 and later)
         assert a.execute("select rolcreaterole from pg_roles where rolname = 'postgres'").fetchone() == (False,)
         assert b.execute("select rolcreaterole from pg_roles where rolname = 'postgres'").fetchone() == (True,)
@@ -109,7 +107,7 @@ def test_db_upgrade_from_15_to_18(cli, start_gateway, tls, data_root):
 def test_a_failed_upgrade_changes_nothing(cli, start_gateway, tls, data_root):
     """pgcrypto is in Debian's 15 but not in the embedded 18: pg_upgrade refuses, and the
     database stays on 15, serving, with no new version."""
-    if "pgcrypto" not in _available(INSTALLED["15"]) or "pgcrypto" in _available(INSTALLED["18"]):
+    if "pgcrypto" not in _available(install("15")) or "pgcrypto" in _available(install("18")):
         pytest.skip("needs pgcrypto on 15 and not on 18")
     password = _created(cli, "up2", "--pg", "15")
     gw = start_gateway()

@@ -1,7 +1,8 @@
 """The lifecycle operations (`gateway/ops/operations.py`) inside a running gateway, as its admin
 API calls them: a database with clients is refused (`busy`) unless forced; an idle running
 one is stopped through the manager first (saved for snapshot and restore, discarded for
-delete)."""
+delete). A snapshot of a database that ships its WAL is an online base backup instead, unless
+asked to stop it (tests/e2e/test_base_backups.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_running_database_snapshot_restore_delete(gateway, tls, data_root):
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("create table t(v int); insert into t values (1)")
-        for call in (lambda: ops.snapshot("app1"), lambda: ops.delete("app1"),
+        for call in (lambda: ops.snapshot("app1", stop=True), lambda: ops.delete("app1"),
                      lambda: ops.restore("app1", first.version)):
             with pytest.raises(OperationError) as e:
                 gateway.call(call)
@@ -46,7 +47,7 @@ def test_running_database_snapshot_restore_delete(gateway, tls, data_root):
 
     _idle(gateway)
     # the client is gone: snapshot stops the instance through the manager and saves it
-    second = gateway.call(lambda: ops.snapshot("app1"))
+    second = gateway.call(lambda: ops.snapshot("app1", stop=True))
     assert second.stopped and second.saved and second.version != first.version
     assert "app1" not in gateway.running()
     versions = gateway.call(lambda: ops.versions("app1"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ..conftest import PG_OPTIONS
+from ..conftest import PG_OPTIONS, pg_bindir
 from ..support.harness import DOMAIN, conninfo, postmasters
 
 PGSNI = Path(sys.executable).parent / "pgsni"
@@ -68,7 +68,7 @@ def serve(tls, data_root, tmp_path):
         settings = dict(domains=[DOMAIN], tls_cert=str(tls["cert"]), tls_key=str(tls["key"]),
                         data_root=str(data_root), socket_dir=socket_dir,
                         storage_path=str(data_root / "_storage"),
-                        postgres_options=dict(PG_OPTIONS), create_on_connect=True,
+                        postgres_options=dict(PG_OPTIONS), pg_bindir=pg_bindir(), create_on_connect=True,
                         dev_password=DEV_PASSWORD, shutdown_grace=1.0, log_level="DEBUG",
                         admin_port=0, spare_clones=0)
         settings.update(overrides)

@@ -1,6 +1,6 @@
 """Continuous WAL shipping and restore to a point (gateway/compute/walship.py, walrestore.py,
 storage/wal.py) end to end: real Postgres 15 instances of the gateway's layout on private
-sockets, a real pg_receivewal, storage on moto (through a proxy that can cut it) or a local
+sockets, the gateway's own WAL receiver, storage on moto (through a proxy that can cut it) or a local
 directory. No gateway: these are the blocks the lifecycle will call."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import psycopg
 import pytest
 
 from gateway.compute import dbroles, walrestore, walship
-from gateway.compute.pgbins import PgInstalls
 from gateway.compute.postgres import PostgresProcess
 from storage.errors import StorageError
 from storage.local import copy_tree
@@ -27,11 +26,12 @@ from storage.osuser import RunAs, clean_env
 from storage.s3 import S3Backend
 from storage.wal import WalConflict, WalGap, WalStore, parse_lsn
 
-from ..conftest import PG_OPTIONS, pg_bindir, reachable_tmpdir, template_catalog
+from ..conftest import PG_OPTIONS, reachable_tmpdir, template_catalog
 from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY
+from ..support.pginstalls import install, installs
 
 MAJOR = "15"
-MAJORS = sorted(PgInstalls().by_major, key=int)  # each with its own pg_receivewal
+MAJORS = sorted(installs().by_major, key=int)  # each with its own pg_receivewal
 RPO = 1.0
 DB = "walt"
 BASE = "20261203T000000.000Z-000000"  # the stored version the instances' WAL continues
@@ -54,7 +54,7 @@ class Instance:
     def __init__(self, root: Path, source: Path, major: str) -> None:
         self.root, self.pgdata = root, root / "pgdata"
         copy_tree(source, self.pgdata)
-        self.bindir = PgInstalls(pg_bindir()).get(major).bindir
+        self.bindir = install(major).bindir
         self.run_as = RunAs.resolve("postgres")
         self.socket_dir = Path(f"/tmp/pgsni-w-{secrets.token_hex(4)}")
         self.options = {**PG_OPTIONS, **walship.instance_options()}
@@ -128,7 +128,7 @@ async def s3_backend(moto_server, s3_proxy):
 
 
 def shipper(inst: Instance, backend, **kw) -> walship.WalShipper:
-    return walship.WalShipper(backend, DB, inst.bindir, inst.socket_dir, inst.root / "spool",
+    return walship.WalShipper(backend, DB, inst.socket_dir, inst.root / "spool",
                               rpo_seconds=RPO, base=BASE, **kw)
 
 
@@ -255,11 +255,13 @@ async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3
         await commit(inst, n + 90000)  # clients see no error
         n += 100000
     deadline = time.monotonic() + 30
-    while not ship.paused and time.monotonic() < deadline:
+    # a failed round is counted once its retries are over, which may be after the pause
+    while not (ship.paused and ship.upload_errors) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert ship.paused, f"the receiver was not paused (spool {ship.spooled_bytes()} bytes)"
     assert ship.spooled_bytes() <= (40 << 20) + (32 << 20)  # the budget, and what was on its way
     assert ship.stored_lsn == stored and ship.upload_errors > 0 and ship.last_error
+    await asyncio.sleep(1.0)  # storage stays cut: the lag in seconds grows
     assert ship.lag_bytes > 40 << 20 and ship.lag_seconds > 1.0
     print(f"during the outage: lag {ship.lag_bytes >> 20} MiB, {ship.upload_errors} failed rounds, "
           f"spool {ship.spooled_bytes() >> 20} MiB")
@@ -379,3 +381,82 @@ async def test_an_instance_that_cannot_stream_is_refused_at_start(instances, loc
     await inst.start({"wal_level": "minimal", "max_wal_senders": "0"})
     with pytest.raises(StorageError, match="wal_level=minimal"):
         await shipper(inst, local_backend).start()
+
+
+async def replication_positions(inst: Instance) -> tuple[int, int]:
+    """(write, flush) the instance last heard from the gateway's receiver."""
+    (write, flush), = await inst.sql("SELECT write_lsn::text, flush_lsn::text FROM pg_stat_replication "
+                                     "WHERE application_name = %s", (walship.APP,))
+    return parse_lsn(write), parse_lsn(flush)
+
+
+async def test_the_instance_keeps_the_wal_storage_does_not_hold(instances, s3_backend, s3_proxy):
+    """durability=async: the receiver writes ahead, but reports flushed (and so moves the slot
+    that keeps WAL in Postgres) only as far as storage holds: whatever the unsynced spool
+    could lose, the instance still has."""
+    inst = instances()
+    await started_with_table(inst)
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    s3_proxy.cut()
+    last = await commit(inst, *range(2, 40))
+    deadline = time.monotonic() + 10
+    while (await replication_positions(inst))[0] < last and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    write, flush = await replication_positions(inst)
+    print(f"storage cut: write {write:X}, flush {flush:X}, stored {ship.stored_lsn:X}")
+    assert write >= last and flush <= ship.stored_lsn < last
+    s3_proxy.restore()
+    await stored_within(ship, last, 30.0)
+    deadline = time.monotonic() + 10
+    while (await replication_positions(inst))[1] < last and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert (await replication_positions(inst))[1] >= last  # the slot moves on once it is stored
+    await inst.stop()
+    assert await ship.stop()
+
+
+async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(instances, s3_backend, s3_proxy):
+    """A `.part` file a dead process left, when the machine restarted since (another boot id):
+    the page cache is gone, so its tail may be zeros. It is deleted and the instance streams
+    that WAL again (it kept it: nothing past storage was reported flushed); uploading the
+    file as it is would store the zeros as WAL and lose the commits after them."""
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    s3_proxy.cut()
+    await commit(inst, *range(2, 200))
+    await inst.sql("CHECKPOINT")  # the slot's position is saved as the instance last heard it
+    await asyncio.sleep(0.5)
+    inst.kill()  # the machine loses power: postmaster and gateway at once
+    await ship.stop(timeout=0.1)
+    spool = ship.spool
+    newest = max((p for p in spool.iterdir() if walship.parse_part_name(p.name)),
+                 key=lambda p: walship.parse_part_name(p.name)[:2])
+    left = newest.with_name(newest.name.rsplit(".", 1)[0] + ".part")  # as the dead receiver left it
+    newest.rename(left)
+    size = left.stat().st_size
+    with open(left, "r+b") as f:  # what the page cache had not written out is lost
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    (spool / ".boot_id").write_text("a boot before this one\n")
+
+    s3_proxy.restore()
+    await inst.start()
+    committed = await ids(inst)
+    assert len(committed) == 199
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
+    await stored_within(ship, parse_lsn(flushed), 30.0)
+    await inst.stop()
+    assert await ship.stop()
+    assert not left.exists()
+    shutil.rmtree(inst.pgdata)
+    await inst.restore(base, inst.store(s3_backend))
+    await inst.start()
+    assert await ids(inst) == committed

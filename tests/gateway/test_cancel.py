@@ -4,7 +4,7 @@ backends with one pid (a local one and a remote route's) stay apart by their sec
 from __future__ import annotations
 
 from gateway.wire import protocol as p
-from gateway.proxy.cancel import LONG_KEY_VERSION, CancelTable, CancelTarget
+from gateway.proxy.cancel import LONG_KEY_VERSION, CancelTable, CancelTarget, gateway_of
 
 
 async def _forward(key: p.BackendKeyData, timeout: float) -> None:
@@ -36,3 +36,27 @@ def test_one_pid_two_backends_are_told_apart_by_the_secret():
     assert table.lookup(p.CancelRequest(100, k2.secret)) is remote and len(table) == 1
     table.forget(k2)
     assert len(table) == 0
+
+
+async def test_only_unknown_keys_go_elsewhere_and_a_relayed_one_never_does():
+    sent, relayed = [], []
+
+    async def forward(key: p.BackendKeyData, timeout: float) -> None:
+        sent.append(key)
+
+    async def elsewhere(request: p.CancelRequest) -> str:
+        relayed.append(request)
+        return "relayed"
+
+    table = CancelTable()
+    table.gateway = 0x1234
+    key = table.issue(CancelTarget(p.BackendKeyData(7, b"back"), forward), long=True)
+    assert key.secret[1:3] == b"\x12\x34" and gateway_of(key.secret) == 0x1234
+    assert gateway_of(bytes(4)) == 0
+    unknown = p.CancelRequest(7, bytes(32))
+    assert await table.cancel(unknown) == "unknown"  # no links: ignored, as before
+    table.elsewhere = elsewhere
+    assert await table.cancel(p.CancelRequest(7, key.secret)) == "forwarded" and relayed == []
+    assert sent == [p.BackendKeyData(7, b"back")]
+    assert await table.cancel(unknown) == "relayed" and relayed == [unknown]
+    assert await table.cancel_here(unknown) is False and relayed == [unknown]  # from a peer: never further

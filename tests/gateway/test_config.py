@@ -264,11 +264,15 @@ def test_reference_env_names_are_the_ones_load_reads():
             assert getattr(load(env={var: "1.5"}), f.name) == 1.5
         elif f.type == "str":
             # storage only takes a kind or a URL, log_format a format, admin_host without a
-            # token a loopback address, pg_major a major version, durability a mode; any other
-            # string setting takes any text
+            # token a loopback address, pg_major a major version, durability and sync_fallback a
+            # mode; any other string setting takes any text
             value = {"storage": "s3://bucket/prefix", "log_format": "json", "admin_host": "::1",
-                     "pg_major": "17", "durability": "snapshot"}.get(f.name, "zz")
-            assert getattr(load(env={var: value}), f.name) == value
+                     "pg_major": "17", "durability": "snapshot", "sync_fallback": "async"}.get(f.name, "zz")
+            others = {}
+            if f.name in FLEET:  # the fleet settings come as a set
+                value = FLEET[f.name]
+                others = {ENV_PREFIX + k.upper(): v for k, v in FLEET.items()}
+            assert getattr(load(env=others | {var: value}), f.name) == value
 
 
 def test_file_rejects_bool_or_float_for_an_int(tmp_path):
@@ -290,7 +294,74 @@ def test_durability_modes():
 
     assert load(env={}).durability == "async" and load(env={}).rpo_seconds == 1.0
     assert load(env={"PGSNI_DURABILITY": "snapshot"}).durability == "snapshot"
-    with pytest.raises(ConfigError, match="sync is not available yet"):
-        load(env={"PGSNI_DURABILITY": "sync"})
-    with pytest.raises(ConfigError, match="rpo_seconds must be positive"):
+    sync = load(env={"PGSNI_DURABILITY": "sync"})
+    assert (sync.durability, sync.sync_fallback, sync.sync_timeout_seconds) == ("sync", "fail", 10.0)
+    assert load(env={"PGSNI_DURABILITY": "sync", "PGSNI_SYNC_FALLBACK": "async"}).sync_fallback == "async"
+    with pytest.raises(ConfigError, match="must be snapshot, async or sync"):
+        load(env={"PGSNI_DURABILITY": "always"})
+    with pytest.raises(ConfigError, match="sync_fallback: 'wait' must be fail or async"):
+        load(env={"PGSNI_SYNC_FALLBACK": "wait"})
+    with pytest.raises(ConfigError, match="rpo_seconds and sync_timeout_seconds must be positive"):
         load(env={"PGSNI_RPO_SECONDS": "0"})
+    with pytest.raises(ConfigError, match="rpo_seconds and sync_timeout_seconds must be positive"):
+        load(env={"PGSNI_SYNC_TIMEOUT_SECONDS": "0"})
+
+
+FLEET = dict(advertise_address="10.0.0.5:5433", cluster_listen="0.0.0.0:5433", cluster_ca="ca.pem",
+             cluster_cert="gw.pem", cluster_key="gw-key.pem")
+
+
+def test_fleet_links_are_off_by_default_and_a_full_set_is_accepted():
+    assert Settings().advertise_address == ""
+    s = Settings(**FLEET)
+    assert (s.advertise_address, s.cluster_listen) == ("10.0.0.5:5433", "0.0.0.0:5433")
+    assert Settings(**FLEET | {"advertise_address": "[fdaa:0:1::3]:5433", "cluster_listen": "[::]:5433"})
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"cluster_listen": ""}, "advertise_address is set, so cluster_listen is required"),
+    ({"cluster_ca": ""}, "so cluster_ca is required"),
+    ({"cluster_cert": ""}, "so cluster_cert is required"),
+    ({"cluster_key": ""}, "so cluster_key is required"),
+    ({"advertise_address": "10.0.0.5"}, "advertise_address: '10.0.0.5' is not HOST:PORT"),
+    ({"advertise_address": "10.0.0.5:99999"}, "advertise_address: .* is not HOST:PORT"),
+    ({"advertise_address": "0.0.0.0:5433"}, "wildcard, not an address other gateways can reach"),
+    ({"advertise_address": "[::]:5433"}, "wildcard"),
+    ({"cluster_listen": "5433"}, "cluster_listen: '5433' is not HOST:PORT"),
+    ({"cluster_listen": "0.0.0.0:5432"}, "coincides with listen_port .*never the public one"),
+    ({"cluster_listen": "127.0.0.1:5432"}, "coincides with listen_port"),
+    ({"cluster_listen": "127.0.0.1:8080"}, "coincides with admin_port"),
+    ({"lease_seconds": 0}, "heartbeats, which lease_seconds = 0 turns off"),
+])
+def test_fleet_settings_that_cannot_work_are_refused(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Settings(**FLEET | kw)
+
+
+def test_the_internal_listener_may_share_a_port_number_on_another_address():
+    s = Settings(**FLEET | {"cluster_listen": "10.0.0.5:5432", "listen_host": "203.0.113.7"})
+    assert s.cluster_listen == "10.0.0.5:5432"
+
+
+def test_workers_go_together_with_links_each_on_a_port_of_its_own():
+    s = Settings(**FLEET | {"workers": 4, "cluster_listen": "0.0.0.0:5433", "listen_port": 5432, "admin_port": 5437})
+    assert (s.worker_count, s.advertise_address) == (4, "10.0.0.5:5433")  # ports 5433-5436
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"cluster_listen": "0.0.0.0:65534", "advertise_address": "10.0.0.5:7000"},
+     r"cluster_listen: workers = 4 need the ports 65534-65537 .* above 65535"),
+    ({"advertise_address": "10.0.0.5:65533"}, r"advertise_address: workers = 4 need the ports 65533-65536"),
+    ({"cluster_listen": "0.0.0.0:5430"}, r"cluster_listen ports 5430-5433 \(one per worker, workers = 4\) "
+                                         r"include listen_port \(127.0.0.1:5432\)"),
+    ({"cluster_listen": "127.0.0.1:8077"}, r"cluster_listen ports 8077-8080 .* include admin_port"),
+])
+def test_workers_with_links_refuse_port_ranges_that_cannot_work(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Settings(**FLEET | {"workers": 4} | kw)
+
+
+@pytest.mark.parametrize("name", ["cluster_listen", "cluster_ca", "cluster_cert", "cluster_key"])
+def test_fleet_settings_without_an_advertised_address_are_refused(name):
+    with pytest.raises(ConfigError, match=f"{name} is set but advertise_address is empty"):
+        Settings(**{name: FLEET[name]})

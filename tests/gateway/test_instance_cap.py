@@ -42,3 +42,20 @@ async def test_fencing_stops_every_instance_at_once_without_saving(manager, monk
     assert manager.instances == {} and FakeProcess.running == 0
     assert saves == []
     assert all(manager.databases.state(f"db{n}").dirty for n in range(2))
+
+
+async def test_full_is_what_a_start_would_find(manager):
+    """`full()` (placement in a fleet: a full gateway sends a new database elsewhere) says
+    what a start here would meet: room, or an idle instance it can stop for one. An idle
+    instance whose lock is held (being stopped or saved right now) cannot be stopped for
+    it, so with only such ones the gateway is full; `full()` used to count it as room, and
+    the client then got 53300 here instead of being placed on a gateway with room."""
+    held = [await manager.acquire(f"db{n}") for n in range(2)]
+    assert manager.full()  # both in use
+    manager.release(held[0])
+    assert not manager.full()  # db0 is idle: a start would stop it
+    async with manager.database("db0").lock:  # db0 is busy with a transition of its own
+        assert manager.full()
+        with pytest.raises(errors.GatewayError, match="too many databases"):
+            await asyncio.wait_for(manager.acquire("db2"), 5)
+    manager.release(held[1])

@@ -53,7 +53,7 @@ def test_database_files_sockets_and_storage_are_private(start_gateway, tls):
     root = gw.settings.data_path
     db = gw.gw.catalog.db_dir("modes")
     for must in (db / "pgdata" / "PG_VERSION", db / "roles.json", db / "state.json",
-                 db / "postgres.log", root / "_storage"):
+                 db / "postgres.log", root / "_storage", root / ".leases" / "modes"):
         assert must.exists(), must
     objects = [p for p in (root / "_storage").rglob("*") if p.is_file()]
     assert any(p.name.endswith(".tar.zst") for p in objects), objects

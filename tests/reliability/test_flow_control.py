@@ -64,9 +64,7 @@ def _warm_up(dsn: str) -> None:
 
 @pytest.mark.slow
 def test_copy_in_with_a_frozen_backend_keeps_gateway_memory_flat(serve, tls):  # noqa: F811
-    # the relay's memory alone: the WAL shipper's buffers (a partial segment read and
-    # compressed in memory, up to 16 MiB per busy database) are not what this measures
-    gp = serve(log_level="INFO", durability="snapshot")
+    gp = serve(log_level="INFO")
     dsn = conninfo(gp.port, tls["ca"], "app1", password=DEV_PASSWORD)
     _warm_up(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -103,9 +101,7 @@ def test_copy_in_with_a_frozen_backend_keeps_gateway_memory_flat(serve, tls):  #
 
 @pytest.mark.slow
 def test_copy_out_to_a_slow_reader_keeps_gateway_memory_flat(serve, tls):  # noqa: F811
-    # the relay's memory alone: the WAL shipper's buffers (a partial segment read and
-    # compressed in memory, up to 16 MiB per busy database) are not what this measures
-    gp = serve(log_level="INFO", durability="snapshot")
+    gp = serve(log_level="INFO")
     dsn = conninfo(gp.port, tls["ca"], "app1", password=DEV_PASSWORD)
     _warm_up(dsn)
     rows = GIB // len(ROW)

@@ -53,8 +53,12 @@ def test_a_database_runs_on_one_gateway_at_a_time(start_gateway, second_gateway,
 
     a.call(lambda: a.gw.instances.stop("shared", "test"))  # saves, then gives the lease up
     lease = Path(a.settings.storage_path) / "dbs" / "shared" / "lease.json"
+
+    def free() -> bool:
+        return json.loads(lease.read_bytes()).get("holder") is None
+
     # at once, not lease_seconds later
-    wait_until(lambda: not lease.exists(), what="a's lease released", timeout=2)
+    wait_until(free, what="a's lease released", timeout=2)
     out = psql(conninfo(b.port, tls["ca"], "shared"), "select count(*) from t")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"  # b restored a's saved copy
@@ -62,7 +66,7 @@ def test_a_database_runs_on_one_gateway_at_a_time(start_gateway, second_gateway,
     assert connect_sqlstate(a.port, tls["ca"], "shared") == "57P03"
 
     b.call(lambda: b.gw.instances.stop("shared", "test"))
-    wait_until(lambda: not lease.exists(), what="b's lease released", timeout=2)
+    wait_until(free, what="b's lease released", timeout=2)
     out = psql(conninfo(a.port, tls["ca"], "shared"), "select count(*) from t")
     assert out.stdout.strip() == "2", "a must restore b's newer version, not reuse its stale copy"
 
@@ -81,6 +85,33 @@ def test_a_restarted_gateway_reopens_its_own_databases_at_once(start_gateway, tl
     b = start_gateway()  # same data root: the same holder name, so no wait for expiry
     assert b.gw.instances.leases.holder == holder
     assert psql(conninfo(b.port, tls["ca"], "mine"), "select 1").stdout.strip() == "1"
+
+
+def test_a_restarted_gateway_gives_up_the_leases_a_crash_left(start_gateway, second_gateway, tls):
+    """Found by the lease simulation (seed 295): a gateway killed between a claim and its
+    release (here: after the save, before the release) left a lease naming it, which the
+    restarted gateway, heartbeating for its other databases, never gave up, so no other
+    gateway could ever run that database. The claim marks the lease in the data root first;
+    the restart gives up what is marked and has nothing to save."""
+    a = start_gateway(lease_seconds=3)
+    a.create_db("left")
+    marks = Path(a.settings.data_root) / ".leases"
+    assert (marks / "left").exists()  # marked while the lease names a
+    a.call(lambda: a.gw.instances.stop("left", "test"))  # saved and given up: no mark left
+    wait_until(lambda: not (marks / "left").exists(), what="the mark removed with the release", timeout=2)
+    holder = a.gw.instances.leases.holder
+    a.create_db("other")  # a holds another database: its heartbeat goes on after the restart
+    a.stop()
+    # what a kill after the save of "left" and before its release leaves behind
+    backend = LocalDirBackend(Path(a.settings.storage_path))
+    asyncio.run(backend.put("dbs/left/lease.json", json.dumps({"holder": holder}).encode()))
+    (marks / "left").touch()
+    a = start_gateway(lease_seconds=3)
+    a.call(lambda: a.gw.instances.acquire("other"))  # heartbeating for it
+    b = second_gateway(lease_seconds=3)
+    wait_until(lambda: not (marks / "left").exists(), what="the lease a crash left given up", timeout=5)
+    out = psql(conninfo(b.port, tls["ca"], "left"), "select 1")
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
 
 
 def test_without_leases_a_stale_copy_is_set_aside_not_saved_over(start_gateway, second_gateway, tls):
@@ -102,3 +133,26 @@ def test_without_leases_a_stale_copy_is_set_aside_not_saved_over(start_gateway, 
     assert len(kept) == 1 and (kept[0] / "pgdata" / "PG_VERSION").is_file()
     out = psql(conninfo(a.port, tls["ca"], "race"), "select string_agg(x::text, ',' order by x) from t")
     assert out.stdout.strip() == "1,2", "storage must still hold b's version"
+
+
+def test_a_shutdown_longer_than_the_lease_still_saves_and_releases(start_gateway, tls):
+    """A fast shutdown may take up to stop_timeout (30 s by default), more than the heartbeat
+    stays valid after its last renewal (ttl - margin, minus up to ttl/3). The heartbeat is
+    renewed until every instance has stopped, so the shutdown saves and gives the leases up
+    (another gateway takes over at once) instead of refusing to save a lapsed database."""
+    ttl = 3.0  # valid 2.5 s after a renewal
+    gw = start_gateway(lease_seconds=ttl, durability="snapshot")
+    gw.create_db("slowstop")
+    assert psql(conninfo(gw.port, tls["ca"], "slowstop"), "create table t(x int)").returncode == 0
+    launcher = gw.gw.instances.launcher
+    halt = launcher.halt
+
+    async def slow_halt(inst, **kw):  # a fast shutdown that takes longer than the lease lasts
+        await asyncio.sleep(ttl)
+        await halt(inst, **kw)
+
+    launcher.halt = slow_halt
+    gw.stop()
+    assert not gw.gw.databases.state("slowstop").dirty, "the shutdown saved nothing"
+    lease = Path(gw.settings.storage_path) / "dbs" / "slowstop" / "lease.json"
+    assert json.loads(lease.read_bytes()).get("holder") is None, "the lease was not given up"

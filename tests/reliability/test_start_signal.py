@@ -7,20 +7,18 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
-
-from gateway.compute.pgbins import default_bindir
 
 from ..conftest import reachable_tmpdir
 from ..e2e.test_shutdown import PGSNI, _toml_value
 from ..support.harness import DOMAIN, wait_until
+from ..support.pginstalls import install
 
 
 @pytest.mark.slow
 def test_sigterm_during_start_up_is_an_orderly_exit(tls, tmp_path):
-    real = default_bindir()
+    real = install().bindir
     bindir = reachable_tmpdir("pgsni-bin-")
     os.chmod(bindir, 0o755)
     for entry in real.iterdir():

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.compute.pgbins import default_bindir
-
 from ..conftest import reachable_tmpdir
 from ..support.harness import connect_sqlstate, conninfo, psql
+from ..support.pginstalls import install
 
 REASON = "FATAL:  could not create shared memory segment: simulated by the pgsni test"
 
@@ -35,7 +34,7 @@ def _stuck_processes(marker: str) -> list[int]:
 
 
 def _wrapper_bindir() -> tuple[Path, Path, str]:
-    real = default_bindir()
+    real = install().bindir
     d = reachable_tmpdir("pgsni-bin-")
     os.chmod(d, 0o755)
     for entry in real.iterdir():

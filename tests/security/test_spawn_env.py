@@ -78,13 +78,21 @@ def spawn_problems(source: str, filename: str) -> list[str]:
     return problems
 
 
+# the one process start that is not a program the gateway runs but the gateway itself: the
+# supervisor of `serve --workers N` forks its workers, each a gateway (they need its settings
+# and storage keys), which start Postgres and tools through the same clean-env paths as any
+ALLOWED = {("gateway/workers.py", "os.fork")}
+
+
 def test_every_spawn_site_passes_a_clean_environment():
     problems = []
     files = [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
     assert len(files) > 30  # the walk found the code
     for path in files:
         problems += spawn_problems(path.read_text(), str(path.relative_to(ROOT)))
-    assert not problems, "\n".join(problems)
+    allowed = [p for p in problems if any(p.startswith(f"{f}:") and f" {call} " in p for f, call in ALLOWED)]
+    assert len(allowed) == len(ALLOWED), f"an allowed site is gone or repeated: {allowed}"
+    assert not set(problems) - set(allowed), "\n".join(sorted(set(problems) - set(allowed)))
 
 
 @pytest.mark.parametrize("code", [

@@ -4,10 +4,13 @@ that each gateway reaches through its own connection, with a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 
+from storage.errors import PreconditionFailed, StorageUnavailable
+from storage.lease_marks import LeaseMarks
 from storage.leases import LeaseHeld, Leases, check_timing
 
 from .fake_store import FakeBackend, Store
@@ -29,6 +32,13 @@ def clock() -> Clock:
 @pytest.fixture
 def store(clock) -> Store:
     return Store(clock)
+
+
+def lease_holder(store, db_id: str) -> str | None:
+    """Whom the lease of `db_id` names in the store now (None: free, or no lease)."""
+    if f"dbs/{db_id}/lease.json" not in store.objects:
+        return None
+    return json.loads(store.objects[f"dbs/{db_id}/lease.json"][0]).get("holder")
 
 
 def make(store, clock, holder: str, ttl: float = 60.0) -> Leases:
@@ -53,7 +63,7 @@ async def test_release_lets_another_gateway_claim(store, clock):
     await a.release("db1")
     assert a.held == set()
     await b.claim("db1")
-    assert json.loads(store.objects["dbs/db1/lease.json"][0]) == {"holder": "gw-b"}
+    assert lease_holder(store, "db1") == "gw-b"
     await a.release("db1")  # not held by a any more: must not free b's lease
     with pytest.raises(LeaseHeld):
         await a.claim("db1")
@@ -194,7 +204,7 @@ async def test_a_lapse_a_claim_notices_is_still_fenced_and_then_released(store, 
     fenced = []
     await a.keep_alive(lambda: fenced.append(1) or _noop())
     assert fenced and not a.fencing_needed()
-    assert "dbs/x/lease.json" not in store.objects  # given up once its instance stopped
+    assert lease_holder(store, "x") is None  # given up once its instance stopped
 
 
 async def test_a_hanging_heartbeat_write_does_not_hold_up_fencing(store, clock):
@@ -230,8 +240,127 @@ async def test_takeover_is_judged_by_the_stores_clock_not_a_skewed_local_one(sto
     assert await b.claim("x") is True
 
 
+class LosesLeaseAnswers(FakeBackend):
+    """The store takes every lease write, but while `losing` its answer never arrives (the
+    backend gives up: StorageUnavailable)."""
+    losing = False
+
+    async def put(self, key, data, **kwargs):
+        etag = await super().put(key, data, **kwargs)
+        if self.losing and key.endswith("/lease.json"):
+            raise StorageUnavailable("no answer (test)")
+        return etag
+
+
+async def test_a_claim_whose_answer_was_lost_gives_the_lease_up_later(store, clock):
+    """The store took the claim's write but the claim failed: the lease names this gateway,
+    whose heartbeat goes on for its other databases. Unless given up, nobody else could ever
+    have that database (found by the lease simulation: test_lease_simulation.py)."""
+    a = Leases(LosesLeaseAnswers(store), "gw-a", 60.0, margin=10.0, clock=clock, monotonic=clock)
+    b = make(store, clock, "gw-b")
+    await a.claim("x")
+    a.backend.losing = True
+    with pytest.raises(StorageUnavailable):
+        await a.claim("y")
+    a.backend.losing = False
+    with pytest.raises(LeaseHeld):
+        await b.claim("y")  # the store took a's write
+    clock.now += 20
+    await a.keep_alive(_noop)
+    assert a.held == {"x"} and await b.claim("y") is True
+
+
+class TakesLeaseWritesLate(FakeBackend):
+    """While `late`, a write or delete of a lease gets no answer in time (StorageUnavailable),
+    and the store takes it a moment later: it was on its way when the caller gave up. A
+    conditional write is judged when it is taken."""
+
+    late = False
+
+    async def put(self, key, data, **kwargs):
+        if not (self.late and key.endswith("/lease.json")):
+            return await super().put(key, data, **kwargs)
+
+        async def taken_later() -> None:
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(PreconditionFailed):
+                await FakeBackend.put(self, key, data, **kwargs)
+        self.landing = asyncio.ensure_future(taken_later())
+        raise StorageUnavailable("no answer in time (test)")
+
+    async def delete(self, keys):
+        if not self.late:
+            return await super().delete(keys)
+        asyncio.get_running_loop().call_later(0.05, lambda: [self.store.objects.pop(k, None) for k in keys])
+        raise StorageUnavailable("no answer in time (test)")
+
+
+async def test_a_release_taken_late_does_not_free_a_lease_claimed_again(store, clock):
+    """Found by the lease simulation (late_writes, seed 214): the release's write reaches the
+    store after the gateway claimed the database again; it must not free that new claim."""
+    a = Leases(TakesLeaseWritesLate(store), "gw-a", 60.0, margin=10.0, clock=clock, monotonic=clock)
+    b = make(store, clock, "gw-b")
+    await a.claim("x")
+    a.backend.late = True
+    await a.release("x")  # no answer: retried later, but the store takes it in a moment
+    a.backend.late = False
+    assert await a.claim("x") is True  # the lease still names gw-a: a holds x again
+    await asyncio.sleep(0.1)
+    assert lease_holder(store, "x") == "gw-a"
+    with pytest.raises(LeaseHeld):
+        await b.claim("x")
+
+
+async def test_a_restart_gives_up_the_leases_a_crash_left(store, clock, tmp_path):
+    """Found by the lease simulation (seed 295): a gateway that crashed between a claim and its
+    release left a lease naming it, which its restart, heartbeating for other databases, kept
+    for ever. The claim marks it on local disk first; the restart gives it up."""
+    marks = tmp_path / ".leases"  # in the data root
+
+    def run() -> Leases:
+        return Leases(FakeBackend(store), "gw-a", 60.0, margin=10.0, clock=clock, monotonic=clock,
+                      marks=LeaseMarks(marks))
+
+    a, b = run(), make(store, clock, "gw-b")
+    await a.claim("x")
+    await a.claim("y")
+    await a.release("y")  # given up: no mark left
+    assert sorted(p.name for p in marks.iterdir()) == ["x"]
+    a = run()  # a crashed (x still named it) and restarted
+    assert a.left_by_earlier_run() == {"x"}
+    await a.claim("z")  # it heartbeats for another database
+    a.give_up_later("x")  # InstanceManager.recover: x's copy has nothing to save
+    await a.keep_alive(_noop)
+    assert await b.claim("x") is True
+    assert a.left_by_earlier_run() == {"z"}
+    with pytest.raises(LeaseHeld):
+        await a.claim("x")  # another's now: its mark goes too
+    assert a.left_by_earlier_run() == {"z"}
+
+
 def test_leases_must_outlast_a_storage_request_with_all_its_retries():
     check_timing(60, 10, 41.4)  # the defaults on S3: 4 attempts of 10 s plus backoff
     check_timing(3, 0.5, 0)  # a local directory retries nothing
     with pytest.raises(ValueError, match=r"lease_seconds = 30 is too short.*41\.4 s"):
         check_timing(30, 5, 41.4)
+
+
+async def test_a_draining_holder_is_told_apart_and_waited_for_until_it_lets_go(store, clock):
+    a, b = make(store, clock, "gw-a"), make(store, clock, "gw-b")
+    await a.claim("db1")
+    assert not await b.drained("db1")  # a live holder that does not drain: nothing to wait for
+    with pytest.raises(LeaseHeld) as e:
+        await b.claim("db1")
+    assert not e.value.draining
+    a.advertise = lambda: ("10.0.0.1:7000", {"running": 1, "draining": 1})
+    await a.beat()
+    with pytest.raises(LeaseHeld) as e:
+        await b.claim("db1")
+    assert e.value.draining and "shutting down" in str(e.value)
+    waiting = [asyncio.ensure_future(b.drained("db1", poll=0.01)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiting)
+    await a.release("db1")
+    assert await asyncio.gather(*waiting) == [True, True, True]
+    assert await b.claim("db1")
+    assert not await b.drained("db1")  # held by the asking gateway itself

@@ -1,10 +1,12 @@
 """Local copies restored from storage: on disk for good before they are declared clean, and
-the whole-tree work of restoring and evicting them never stalls the event loop."""
+the whole-tree work of restoring and evicting them never stalls the event loop; a base backup
+of a running copy is that copy's own (no conflict), another's is a conflict."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import os
 import shutil
 import time
@@ -19,6 +21,7 @@ from storage.cache import Databases
 from storage.local import LocalCatalog
 from storage.localdir import LocalDirBackend
 from storage.osuser import RunAs
+from storage.errors import CorruptArchive
 from storage.snapshots import Manifest, SnapshotStore
 
 
@@ -188,3 +191,51 @@ def test_a_new_database_is_durable_before_it_shows(tmp_path, monkeypatch):
     kinds = [k for k, _ in calls]
     assert kinds == ["sync", "fsync_dir"], calls
     assert calls[0][1].parent == catalog.root and calls[1][1] == catalog.root
+
+
+# --- online base backups ---------------------------------------------------------------------------
+
+BASE = {"timeline": 1, "start_lsn": "0/2000028", "end_lsn": "0/2000100", "checkpoint_lsn": "0/2000060",
+        "segment_size": 16 << 20}
+
+
+async def test_a_base_backup_of_the_running_copy_is_its_own_even_after_a_crash(tmp_path):
+    """The copy's state names a base backup as pending before the pointer moves to it: a crash
+    between the two leaves a copy that still descends from storage's current version."""
+    databases = _databases(tmp_path)
+    first = await _stored(tmp_path, databases, "app")
+    await databases.install("app", first)
+    databases.mark_running("app")
+    cur = await databases.current("app", fresh=True)
+    src = tmp_path / "src-app" / "pgdata"
+    base = await databases.store.snapshot("app", src, {}, expect=cur, make_current=False,
+                                          base_backup={**BASE, "wal": first.version})
+    assert (await databases.current("app", fresh=True)).manifest.version == first.version
+    assert base.format == 3 and base.wal_prefix == first.version and base.parent == first.version
+    # the pointer moved, then the gateway died before the state followed
+    state = databases.state("app")
+    state.pending_base = base.version
+    databases.save_state("app", state)
+    await databases.store.set_current("app", base.version, cur)
+    databases.recover()  # the next gateway: a copy left running counts as changed
+    assert await databases.catch_up("app") is None and not databases.set_aside_copies("app")
+    state = databases.state("app")
+    assert (state.version, state.wal_prefix, state.pending_base, state.dirty) == \
+        (base.version, first.version, None, True)
+    saved = await databases.save("app")  # the stop-time snapshot: a child with a prefix of its own
+    assert saved.parent == base.version and databases.state("app").wal_prefix == saved.version
+
+    # a base backup this copy did not make (another gateway's) is a conflict as ever
+    databases.mark_running("app")
+    databases.mark_stopped("app", changed=True)
+    other = await databases.store.snapshot("app", src, {}, base_backup={**BASE, "wal": saved.version})
+    assert await databases.catch_up("app") == other and databases.set_aside_copies("app")
+
+
+def test_a_base_backup_manifest_is_format_3():
+    manifest = Manifest(db_id="a", version="v", created="t", pg_major="15", roles={}, archive={},
+                        file_list={"count": 0, "parts": []}, base_backup={**BASE, "wal": "w"}, format=3)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    for wrong in ({"base_backup": None}, {"format": 2}):
+        with pytest.raises(CorruptArchive):
+            Manifest.from_json(dataclasses.replace(manifest, **wrong).to_json())

@@ -52,6 +52,38 @@ async def test_segments_round_trip_and_are_immutable(store, tmp_path):
     assert (tmp_path / seg(1, 1)).read_bytes() == first
 
 
+
+async def test_pieces_follow_one_another_and_a_restore_assembles_them(store, tmp_path):
+    """The shipper stores a segment being written as pieces (what arrived since the last
+    upload); a restore joins those that reach furthest from the start without a hole."""
+    whole = content(5)
+    await store.put_segment(seg(1, 1), content(6))
+    first = await store.put_partial(seg(1, 2), whole[:3000])
+    second = await store.put_partial(seg(1, 2), whole[3000:7000], start=3000)
+    assert second == f"dbs/db1/wal/{seg(1, 2)}.00000BB8-00001B58.partial.zst"
+    with pytest.raises(WalConflict):  # the same range with other bytes: another writer
+        await store.put_partial(seg(1, 2), b"x" * 4000, start=3000)
+    await store.put_partial(seg(1, 2), whole[8000:9000], start=8000)  # beyond a hole: not reached
+    listing = await store.listing()
+    assert listing.cover(1, 2)[0] == 7000 and listing.newest() == (1, 2 * SEG + 7000)
+    assert listing.superseded() == []  # pieces that join are all needed; the one past the hole too
+    fetched = await store.fetch(tmp_path, start_lsn=SEG)
+    assert fetched.end == 2 * SEG + 7000
+    assert (tmp_path / seg(1, 2)).read_bytes() == whole[:7000] + bytes(SEG - 7000)
+
+    joined = await store.put_partial(seg(1, 2), whole[:7000])  # one from the start replaces them
+    listing = await store.listing()
+    assert sorted(listing.superseded()) == sorted([first, second])
+    assert [key for _, _, key in listing.cover(1, 2)[1]] == [joined]
+
+    await store.put_partial(seg(1, 2), whole[7000:], start=7000)  # pieces that reach its end:
+    listing = await store.listing()  # the segment is complete, and a restore goes on past it
+    await store.put_partial(seg(1, 3), whole[:100])
+    assert (await store.listing()).newest() == (1, 3 * SEG + 100)
+    fetched = await store.fetch(tmp_path, start_lsn=SEG)
+    assert fetched.files == [seg(1, 1), seg(1, 2), seg(1, 3)] and fetched.end == 3 * SEG + 100
+    assert (tmp_path / seg(1, 2)).read_bytes() == whole
+
 async def test_partials_are_superseded_and_padded(store, tmp_path):
     whole = content(3)
     await store.put_segment(seg(1, 1), content(4))
@@ -124,7 +156,7 @@ async def test_retention_removes_what_ends_before_a_point(store):
     await store.put_partial(seg(1, 4), b"\x01" * 200)
     assert await store.remove_before(3 * SEG) == 3  # segments 1 and 2, the shorter partial
     listing = await store.listing()
-    assert set(listing.segments) == {(1, 3)} and [n for n, _ in listing.partials[1, 4]] == [200]
+    assert set(listing.segments) == {(1, 3)} and [end for _, end, _ in listing.partials[1, 4]] == [200]
     assert listing.newest() == (1, 4 * SEG + 200)
 
 
@@ -143,3 +175,22 @@ async def test_each_base_version_has_its_own_wal(backend):  # noqa: F811
     await other.put_segment(seg(1, 1), content(2))  # the same name under another base: no conflict
     with pytest.raises(Exception, match="not a version"):
         WalStore(backend, "db1", base="../x")
+
+
+async def test_retention_keeps_the_pieces_of_the_segment_it_cuts_into(store):
+    """A kept base may start inside the segment being written: its pieces all stay, so a
+    restore from that base still joins them from the segment's start."""
+    whole = content(7)
+    await store.put_segment(seg(1, 1), content(8))
+    await store.put_partial(seg(1, 2), whole[:100])
+    await store.put_partial(seg(1, 2), whole[100:200], start=100)
+    await store.remove_before(2 * SEG + 150)
+    listing = await store.listing()
+    assert (1, 1) not in listing.segments  # wholly before: gone
+    assert listing.newest() == (1, 2 * SEG + 200) and listing.cover(1, 2)[0] == 200
+
+
+async def test_newest_skips_pieces_that_do_not_reach_their_segments_start(store):
+    await store.put_segment(seg(1, 1), content(9))
+    await store.put_partial(seg(1, 2), b"\x01" * 100, start=100)  # its start is missing
+    assert await store.newest() == (1, 2 * SEG)

@@ -10,13 +10,14 @@ import tempfile
 from pathlib import Path
 
 from gateway.wire.scram import scram_verifier
-from gateway.compute.pgbins import default_bindir
 from storage.osuser import RunAs
+
+from .pginstalls import install
 
 
 def make_legacy_database(root: Path, db_id: str, password: str, setup_sql: str = "") -> Path:
     run_as = RunAs.resolve("postgres")
-    bindir = default_bindir()
+    bindir = install().bindir
     db_dir = run_as.make_dir(root / db_id)
     pgdata = db_dir / "pgdata"
     kw = dict(capture_output=True, text=True, check=True, **run_as.popen_kwargs())

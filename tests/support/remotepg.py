@@ -14,8 +14,9 @@ from pathlib import Path
 
 import trustme
 
-from gateway.compute.pgbins import PgInstalls
 from storage.osuser import RunAs
+
+from .pginstalls import installs
 
 REMOTE_NAME = "pg.remote.test"  # the name in the remote server's certificate
 REMOTE_PASSWORD = "remote-only-pw"  # differs from the gateway tests' password on purpose
@@ -34,7 +35,7 @@ class RemotePostgres:
         self.pgdata = self.root / "pgdata"
         self.port = free_port()
         self.run_as = RunAs.resolve("postgres")
-        self.bindir = PgInstalls().with_ssl().bindir  # a remote speaks TLS itself
+        self.bindir = installs().with_ssl().bindir  # a remote speaks TLS itself
         self.proc: subprocess.Popen | None = None
         ca = trustme.CA()
         cert = ca.issue_cert(REMOTE_NAME, "127.0.0.1")

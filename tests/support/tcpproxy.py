@@ -1,5 +1,7 @@
 """A loopback TCP proxy that tests can cut and restore, to make a server look down (connections
-refused, open ones reset) without losing the server's state, or slow it down (`delay`)."""
+refused, open ones reset) without losing the server's state, or slow it down (`delay`); with
+several targets, a load balancer: each connection goes to the next target that accepts it
+(round robin, skipping targets that refuse, as a load balancer retries another machine)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ class TCPProxy:
     """`source`: connect to the target from this local address (e.g. 127.0.0.2), so the
     target sees a second client IP."""
 
-    def __init__(self, target_port: int, source: str | None = None) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, target_port: int | list[int], source: str | None = None, record: bool = False) -> None:
+        """`record`: keep what clients send (`recorded`, in order of arrival)."""
+        ports = target_port if isinstance(target_port, list) else [target_port]
+        self.targets = [("127.0.0.1", port) for port in ports]
+        self._turn = 0
+        self.refused = 0  # connections no target accepted
         self.source = (source, 0) if source else None
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -27,6 +33,7 @@ class TCPProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.delay = 0.0  # seconds added before each chunk is forwarded, either way (latency)
+        self.recorded: list[bytes] | None = [] if record else None
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -58,18 +65,39 @@ class TCPProxy:
             if not self._up.is_set():
                 _reset(client)
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5, source_address=self.source)
-                upstream.settimeout(None)
-            except OSError:
+            upstream = self._connect()
+            if upstream is None:
+                self.refused += 1
                 _reset(client)
                 continue
             with self._lock:
                 self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, record in ((client, upstream, self.recorded), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, record), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    @property
+    def target(self) -> tuple[str, int]:
+        return self.targets[0]
+
+    @target.setter
+    def target(self, address: tuple[str, int]) -> None:
+        self.targets = [address]
+
+    def _connect(self) -> socket.socket | None:
+        """A connection to the next target that accepts one."""
+        targets = list(self.targets)
+        self._turn += 1
+        for i in range(len(targets)):
+            try:
+                upstream = socket.create_connection(targets[(self._turn + i) % len(targets)], timeout=5,
+                                                    source_address=self.source)
+            except OSError:
+                continue
+            upstream.settimeout(None)
+            return upstream
+        return None
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: list[bytes] | None) -> None:
         # a sender thread delivers each chunk `delay` seconds after it arrived: latency
         # without a throughput limit, as on a long link
         chunks: queue.Queue = queue.Queue()
@@ -81,6 +109,8 @@ class TCPProxy:
                 if not data or not self._up.is_set():
                     break
                 chunks.put((time.monotonic() + self.delay, data))
+                if record is not None:
+                    record.append(data)
         except OSError:
             pass
         finally:

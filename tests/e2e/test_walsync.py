@@ -1,0 +1,145 @@
+"""durability=sync (gateway/compute/walship.py): the instance's synchronous standby is the
+gateway's receiver, which reports WAL flushed only once storage holds it, so a commit returns
+to its client only then; with storage down, sync_fallback decides (fail or async). Real
+instances on private sockets, storage on moto through a proxy that can cut it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import psycopg
+import pytest
+
+from gateway.compute import dbroles, walship
+from storage.wal import parse_lsn
+
+from .test_walship import (  # noqa: F401  (fixtures)
+    Instance, commit, ids, instances, s3_backend, shipper, started_with_table, stored_within, templates)
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 2.0  # sync_timeout in these tests
+
+
+async def started_sync(instances) -> tuple[Instance, object]:
+    """An instance with a table, running with the receiver as its synchronous standby; the base
+    copy taken before any row."""
+    inst = instances()
+    base = await started_with_table(inst)
+    await inst.stop()
+    await inst.start(walship.instance_options(sync=True))
+    return inst, base
+
+
+async def insert_returning_lsn(conn, i: int) -> int:
+    """Insert row `i` in its own transaction; the WAL position reached before its commit record."""
+    row = await (await conn.execute("INSERT INTO public.t (id) VALUES (%s) RETURNING pg_current_wal_insert_lsn()::text",
+                                    (i,))).fetchone()
+    return parse_lsn(row[0])
+
+
+@pytest.mark.parametrize("sync", [True, False])
+async def test_a_commit_returns_only_once_its_wal_is_in_storage(instances, s3_backend, sync):
+    """Read storage itself right after each commit returns: in sync mode it always holds the
+    commit; in async mode (the control: the check can fail) it mostly does not yet."""
+    inst, _ = await started_sync(instances) if sync else (instances(), None)
+    if not sync:
+        await started_with_table(inst)
+    ship = shipper(inst, s3_backend, sync=sync)
+    await ship.start()
+    store = inst.store(s3_backend)
+    held, latencies = [], []
+    async with await dbroles.connect(inst.socket_dir) as conn:
+        for i in range(30):
+            began = time.monotonic()
+            before = await insert_returning_lsn(conn, i)
+            latencies.append(time.monotonic() - began)
+            newest = await store.newest()
+            held.append(newest is not None and newest[1] > before)
+    await ship.stop()
+    print(f"sync={sync}: {sum(held)} of {len(held)} commits in storage when they returned; "
+          f"commit p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms")
+    if sync:
+        assert all(held)
+    else:
+        assert not all(held)
+
+
+async def test_storage_down_commits_fail_after_the_timeout_and_nothing_acknowledged_is_lost(
+        instances, s3_backend, s3_proxy):
+    inst, base = await started_sync(instances)
+    events = []
+    ship = shipper(inst, s3_backend, sync=True, sync_timeout=TIMEOUT, count=lambda e, n: events.append((e, n)))
+    await ship.start()
+    await commit(inst, 1)
+    s3_proxy.cut()
+    began = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):  # its session is ended: never acknowledged
+        await commit(inst, 2)
+    waited = time.monotonic() - began
+    print(f"the commit waited {waited:.1f} s, then its session ended")
+    assert TIMEOUT <= waited < TIMEOUT + 5
+    for _ in range(50):  # the session may see its end before the watch has counted it
+        if ship.failed_commits:
+            break
+        await asyncio.sleep(0.05)
+    assert ship.failed_commits >= 1 and ship.fallbacks == 0
+    assert sum(n for e, n in events if e == "failed_commits") == ship.failed_commits  # the metric
+
+    s3_proxy.restore()
+    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
+    print(f"storage back: caught up in {await stored_within(ship, parse_lsn(flushed), 30.0):.1f} s")
+    began = time.monotonic()
+    last = await commit(inst, 3)
+    print(f"then a commit returned after {time.monotonic() - began:.2f} s")
+    await stored_within(ship, last, 1.0)
+    committed = await ids(inst)
+    assert {1, 3} <= set(committed)  # 2 committed locally when its session ended: in doubt, as
+    # for a client whose connection broke during COMMIT
+    await inst.stop()
+    assert await ship.stop()
+    await restored_has(inst, base, s3_backend, committed)
+
+
+async def test_storage_down_falls_back_to_async_then_returns_to_sync(instances, s3_backend, s3_proxy):
+    inst, base = await started_sync(instances)
+    events = []
+    ship = shipper(inst, s3_backend, sync=True, sync_timeout=TIMEOUT, sync_fallback="async",
+                   count=lambda e, n: events.append((e, n)))
+    await ship.start()
+    await commit(inst, 1)
+    s3_proxy.cut()
+    began = time.monotonic()
+    await commit(inst, 2)  # acknowledged once the fallback is in force
+    waited = time.monotonic() - began
+    print(f"the commit waited {waited:.1f} s for the fallback")
+    assert TIMEOUT <= waited < TIMEOUT + 5
+    assert ship.degraded and ship.fallbacks == 1 and ship.failed_commits == 0
+    assert events == [("fallback", 1)]  # the metric
+    began = time.monotonic()
+    await commit(inst, 3)  # while degraded: no wait for storage
+    assert time.monotonic() - began < 1.0
+
+    s3_proxy.restore()
+    deadline = time.monotonic() + 30
+    while ship.degraded and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not ship.degraded, "did not go back to sync after storage returned"
+    async with await dbroles.connect(inst.socket_dir) as conn:
+        before = await insert_returning_lsn(conn, 4)
+    newest = await inst.store(s3_backend).newest()
+    assert newest[1] > before  # sync again: in storage when it returned
+    await inst.stop()
+    assert await ship.stop()
+    await restored_has(inst, base, s3_backend, [1, 2, 3, 4])
+
+
+async def restored_has(inst: Instance, base, backend, rows: list[int]) -> None:
+    """The base plus the stored WAL (nothing local: the machine is gone) has exactly `rows`."""
+    shutil.rmtree(inst.root / "spool")
+    await inst.restore(base, inst.store(backend))
+    await inst.start()
+    assert await ids(inst) == sorted(rows)
+
+
