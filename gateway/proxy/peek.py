@@ -38,9 +38,16 @@ class PeekedHello:
 async def peek_hello(sock: socket.socket, timeout: float) -> PeekedHello | None:
     """The ClientHello waiting on `sock`, without consuming it; None when it is malformed
     (TLS will then say so), too large, or does not come in time."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _peek_hello(sock)
+    except TimeoutError:
+        return None
+
+
+async def _peek_hello(sock: socket.socket) -> PeekedHello | None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
+    while True:
         await readable(loop, sock)
         try:
             data = sock.recv(MAX_PEEK, socket.MSG_PEEK)
@@ -58,7 +65,6 @@ async def peek_hello(sock: socket.socket, timeout: float) -> PeekedHello | None:
         if len(data) >= MAX_PEEK:
             return None
         await asyncio.sleep(PEEK_PAUSE)
-    return None
 
 
 async def hello_is(sock: socket.socket, digest: bytes, timeout: float) -> bool:
