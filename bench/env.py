@@ -19,16 +19,11 @@ from pathlib import Path
 from certs.generate import generate
 from gateway.compute.pgbins import PgInstalls
 from storage.osuser import RunAs
+from tests.support.ports import free_port
 
 DOMAIN = "db.example.com"
 PASSWORD = "bench-pw"
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

@@ -68,6 +68,11 @@ def run(*, runs: int, quick: bool, out, seconds: float | None = None,
             for route in ROUTES[run_no % 2:] + ROUTES[:run_no % 2]:
                 setup.setdefault(route, []).extend(_sequential(gateways[route].port, connects))
         forwarded = _forwarded(gateways["forwarded"])
+    except Exception:
+        for route, gw in gateways.items():
+            state = "running" if gw.proc is not None and gw.proc.poll() is None else "exited"
+            console.print(f"  the {route} gateway ({state}), its log:\n{gw.log_tail()}")
+        raise
     finally:
         for gw in gateways.values():
             gw.kill()

@@ -18,15 +18,10 @@ import pytest
 
 from ..conftest import PG_OPTIONS, pg_bindir
 from ..support.harness import DOMAIN, conninfo, postmasters
+from ..support.ports import free_port
 
 PGSNI = Path(sys.executable).parent / "pgsni"
 DEV_PASSWORD = "dev-pw-shutdown-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _toml_value(value) -> str:
@@ -75,7 +70,7 @@ def serve(tls, data_root, tmp_path):
         n = len(started)
         config = tmp_path / f"pgsni-{n}.toml"
         config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items()))
-        port = _free_port()
+        port = free_port()
         log_path = tmp_path / f"gateway-{n}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGSNI_")}
         with open(log_path, "wb") as logf:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -22,32 +21,13 @@ from gateway.config import Settings
 from ..conftest import reachable_tmpdir, seed_template
 from ..support.adminclient import AdminClient
 from ..support.harness import TEST_PASSWORD, GatewayThread, conninfo, postmasters, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port, free_ports
 from ..support.tcpproxy import TCPProxy
 from .test_cancel_fleet import CLIENT, cluster_dir  # noqa: F401  (fixture)
 from .test_shutdown import DEV_PASSWORD, serve  # noqa: F401  (fixture)
 from .test_workers import children
 
 CONNECTIONS = 12  # clients per round: both workers get some of them, but for a chance of 2 in 2**12
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1."""
-    for _ in range(100):
-        first = free_port()
-        socks = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports")
 
 
 def links(cluster_dir, name: str, port: int) -> dict:

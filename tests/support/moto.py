@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,11 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from .ports import free_port
+
 REGION = "us-east-1"
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _command(host: str, port: int) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,15 +16,10 @@ import trustme
 from storage.osuser import RunAs
 
 from .pginstalls import installs
+from .ports import free_port
 
 REMOTE_NAME = "pg.remote.test"  # the name in the remote server's certificate
 REMOTE_PASSWORD = "remote-only-pw"  # differs from the gateway tests' password on purpose
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RemotePostgres:
