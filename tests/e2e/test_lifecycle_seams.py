@@ -15,7 +15,7 @@ import pytest
 
 from gateway.compute import dbroles
 
-from ..support.harness import TEST_PASSWORD, connect_sqlstate, conninfo, postmasters, wait_until
+from ..support.harness import TEST_PASSWORD, connect_sqlstate, conninfo, postmasters, started_at, wait_until
 
 
 def _connect_all(port: int, ca, ids: list[str], *, hold: float = 0.0) -> list[BaseException | None]:
@@ -50,9 +50,13 @@ def test_concurrent_cold_starts_never_exceed_max_instances(start_gateway, tls, d
     most, done = 0, threading.Event()
 
     def watch() -> None:
+        # a scan of /proc takes a while, and a postmaster may stop and another start during
+        # it; one seen in the scan and still the same process after it was running at the
+        # moment the scan ended: only those ran at once
         nonlocal most
         while not done.is_set():
-            most = max(most, sum(len(postmasters(data_root / i / "pgdata")) for i in ids))
+            seen = {pid: started_at(pid) for i in ids for pid in postmasters(data_root / i / "pgdata")}
+            most = max(most, sum(began is not None and started_at(pid) == began for pid, began in seen.items()))
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)

@@ -122,8 +122,30 @@ def processes(program: bytes, path: Path) -> list[int]:
 
 
 def postmasters(pgdata: Path) -> list[int]:
-    """Pids of live postgres processes whose command line names this PGDATA."""
-    return processes(b"/postgres", pgdata)
+    """Pids of live postmasters whose command line names this PGDATA. A process a postmaster
+    has just forked shows the same command line until Postgres renames it: one whose parent
+    is among them is not counted."""
+    pids = processes(b"/postgres", pgdata)
+    return [pid for pid in pids if _parent(pid) not in pids]
+
+
+def _parent(pid: int) -> int | None:
+    return _stat_field(pid, 4)
+
+
+def started_at(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), None if it is gone: with the pid,
+    it names one process (pids are reused)."""
+    return _stat_field(pid, 22)
+
+
+def _stat_field(pid: int, number: int) -> int | None:
+    """Field `number` (1-based, as proc(5) counts) of /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[number - 3])  # the name in parentheses may hold spaces
 
 
 def connect_sqlstate(port: int, ca: Path, db_id: str, *, user: str = "postgres",
