@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from certs.cluster import make_cluster
-from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer, free_port
+from tests.support.moto import ACCESS_KEY, SECRET_KEY, MotoServer
+from tests.support.ports import free_port
 
 from .connect import _sequential
 from .datapath import MODES, pgbench

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ..support.harness import DOMAIN, psql
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .conftest import ROOT, wait_listening
 from .test_dev_serve_s3 import _dev_would_install
 

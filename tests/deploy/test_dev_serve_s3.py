@@ -18,7 +18,7 @@ import pytest
 
 from ..conftest import reachable_tmpdir
 from ..support.harness import DOMAIN, psql
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .conftest import ROOT, wait_listening
 
 

@@ -25,7 +25,8 @@ import pytest
 from ..conftest import PG_OPTIONS, reachable_tmpdir, seed_template
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)
 from ..support.harness import DOMAIN, postmasters, psql, wait_until
-from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY, free_port
+from ..support.moto import ACCESS_KEY, REGION, SECRET_KEY
+from ..support.ports import free_port
 from .conftest import (DOCKER, ENTRYPOINT, PGSNI, ROOT, EntrypointStub, base_env, documented_in_deploy_doc,
                        entrypoint_vars, image_healthcheck_here, setting_env_names)
 

@@ -12,7 +12,7 @@ from gateway.config import ConfigError, Settings, load
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_cli import cli  # noqa: F401  (fixture)
 
 TOKEN = "admin-test-token-0123456789"

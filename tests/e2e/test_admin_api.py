@@ -12,7 +12,7 @@ import pytest
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from ..support.pginstalls import install
 
 TOKEN = "api-test-token"

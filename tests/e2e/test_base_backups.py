@@ -20,7 +20,7 @@ from storage.wal import parse_lsn
 
 from ..conftest import PG_OPTIONS
 from ..support.harness import conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_cli import cli  # noqa: F401  (the `cli` fixture)
 from .test_durability import _until_stored, other_root  # noqa: F401  (a fixture)
 

@@ -28,7 +28,7 @@ from gateway.wire import protocol as p
 
 from ..conftest import reachable_tmpdir, seed_template
 from ..support.harness import TEST_PASSWORD, GatewayThread, conninfo
-from ..support.moto import free_port
+from ..support.ports import free_port
 from ..support.rawclient import RawClient
 from ..support.tcpproxy import TCPProxy
 

@@ -22,7 +22,7 @@ from storage.wal import parse_lsn
 from ..conftest import reachable_tmpdir, seed_template
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_cli import cli  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

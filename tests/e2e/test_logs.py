@@ -15,7 +15,7 @@ from gateway.logs import JSONFormatter
 
 from ..support.adminclient import AdminClient
 from ..support.harness import TEST_PASSWORD, conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_shutdown import DEV_PASSWORD, serve  # noqa: F401  (fixture)
 
 

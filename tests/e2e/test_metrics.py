@@ -15,7 +15,7 @@ from gateway.wire import protocol as p
 
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from ..support.rawclient import RawClient
 
 

@@ -12,7 +12,7 @@ import pytest
 from ..support.adminclient import AdminClient
 from ..support.harness import connect_sqlstate, conninfo, postmasters, psql
 from ..support.legacy import make_legacy_database
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_cli import cli  # noqa: F401  (the `cli` fixture)
 
 PASSWORD = "legacy-pw-2024"

@@ -20,7 +20,7 @@ import pytest
 from ..conftest import reachable_tmpdir, seed_template
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, postmasters, wait_until
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_shutdown import DEV_PASSWORD, _connect, serve  # noqa: F401  (fixture)
 
 CONNECTIONS = 16  # both workers get some of them, but for a chance of 2 in 2**16

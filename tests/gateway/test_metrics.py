@@ -10,7 +10,7 @@ from storage import errors as storage_errors
 from storage.localdir import LocalDirBackend
 from storage.s3 import S3Backend
 
-from ..support.moto import free_port
+from ..support.ports import free_port
 
 
 def _value(m: Metrics, name: str, **labels) -> float | None:

@@ -14,7 +14,7 @@ from gateway.admin.api import OPENAPI_PATH
 from gateway.app import Gateway
 
 from ..support.adminclient import AdminClient
-from ..support.moto import free_port
+from ..support.ports import free_port
 
 METHODS = {"get", "post", "put", "delete", "patch", "head", "options"}
 

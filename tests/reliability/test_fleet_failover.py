@@ -22,7 +22,7 @@ from storage.leases import STAMP_RESOLUTION, default_margin
 from ..conftest import PG_OPTIONS, reachable_tmpdir
 from ..e2e.test_shutdown import PGSNI, GatewayProcess, _toml_value
 from ..support.harness import DOMAIN, conninfo, postmasters
-from ..support.moto import free_port
+from ..support.ports import free_port, free_ports
 
 PASSWORD = "dev-pw-failover-test"
 LEASE = 12.0  # lease_seconds: its margin is 2 s
@@ -83,20 +83,21 @@ class Gateway:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def gateways(tls, s3_settings, tmp_path, **extra) -> list[Gateway]:
-    """Three gateway processes (not started) on one bucket, with links to each other."""
+def gateways(tls, s3_settings, tmp_path, workers: int = 1, **extra) -> list[Gateway]:
+    """Three gateway processes (not started) on one bucket, with links to each other (each
+    worker of one at a port of its own, from its cluster_listen's on)."""
     cluster = make_cluster(tmp_path / "cluster", list(NAMES))
     made = []
     for name in NAMES:
         cert, key = cluster.members[name]
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{free_ports(workers)}"
         made.append(Gateway(name, {
             **s3_settings, "domains": [DOMAIN], "tls_cert": str(tls["cert"]), "tls_key": str(tls["key"]),
             "postgres_options": dict(PG_OPTIONS), "create_on_connect": True, "dev_password": PASSWORD,
             "shutdown_grace": 1.0, "admin_port": 0, "spare_clones": 0, "log_level": "INFO",
             "lease_seconds": LEASE, "storage_timeout": 2.0, "storage_attempts": 2,
             "advertise_address": address, "cluster_listen": address, "cluster_ca": str(cluster.ca),
-            "cluster_cert": str(cert), "cluster_key": str(key), **extra}, tmp_path))
+            "cluster_cert": str(cert), "cluster_key": str(key), "workers": workers, **extra}, tmp_path))
     return made
 
 

@@ -24,8 +24,12 @@ DATABASES = ("app1", "app2")
 SETTLE = 4.0  # after a gateway is back, before the next one goes: its heartbeat is seen by all
 
 
-def test_a_rolling_restart_fails_no_connection_attempt_and_loses_no_commit(tls, s3_settings, tmp_path):
-    fleet = gateways(tls, s3_settings, tmp_path, shutdown_grace=2.0)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rolling_restart_fails_no_connection_attempt_and_loses_no_commit(tls, s3_settings, tmp_path, workers):
+    """With 2 workers, each machine's workers hand clients to each other over their local
+    channel and reach the other machines over links on port + i (gateway/workers.py): the
+    SIGTERM goes to `pgsni serve`, which drains every worker of the machine at once."""
+    fleet = gateways(tls, s3_settings, tmp_path, shutdown_grace=2.0, workers=workers)
     balancer = None
     try:
         for g in fleet:
@@ -53,6 +57,8 @@ def test_a_rolling_restart_fails_no_connection_attempt_and_loses_no_commit(tls, 
         print(f"\nFLEET rolling restart: acknowledged {[len(w.acked) for w in writers]}, sessions ended "
               f"{[len(w.errors) - len(w.connect_failures) for w in writers]}, connection attempts failed "
               f"{[len(w.connect_failures) for w in writers]}, balancer found no gateway {balancer.refused} times")
+        if workers > 1:  # each machine ran its workers (and each start of it did)
+            assert all(g.process.log().count(f"worker {workers - 1} started") >= 2 for g in fleet)
         assert not [w.connect_failures for w in writers if w.connect_failures], \
             [w.connect_failures[:3] for w in writers]
         assert balancer.refused == 0

@@ -24,7 +24,7 @@ from storage.wal import parse_lsn
 from ..e2e.test_shutdown import DEV_PASSWORD, _connect, serve  # noqa: F401  (fixture)
 from ..support.adminclient import AdminClient
 from ..support.harness import conninfo, postmasters
-from ..support.moto import free_port
+from ..support.ports import free_port
 from .test_gateway_kill import _connect_within
 
 CLIENTS = 4

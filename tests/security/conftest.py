@@ -11,7 +11,7 @@ from gateway.compute.pgbins import PgInstalls
 
 from ..e2e.conftest import s3_proxy, s3_settings  # noqa: F401  (fixtures)
 from ..storage.conftest import _moto_session, moto_server  # noqa: F401  (fixtures)
-from ..support.moto import free_port
+from ..support.ports import free_port
 
 MARKER = "ATTACK-MARKER"
 S3_SECRET = f"s3-secret-{MARKER}"
