@@ -384,10 +384,12 @@ async def test_an_instance_that_cannot_stream_is_refused_at_start(instances, loc
 
 
 async def replication_positions(inst: Instance) -> tuple[int, int]:
-    """(write, flush) the instance last heard from the gateway's receiver."""
+    """(write, flush) the instance last heard from the gateway's receiver; 0 for a position
+    not reported (yet): pg_stat_replication shows it as NULL, e.g. the flush position while
+    storage holds nothing of this stream, or before the receiver's first status message."""
     (write, flush), = await inst.sql("SELECT write_lsn::text, flush_lsn::text FROM pg_stat_replication "
                                      "WHERE application_name = %s", (walship.APP,))
-    return parse_lsn(write), parse_lsn(flush)
+    return parse_lsn(write) if write else 0, parse_lsn(flush) if flush else 0
 
 
 async def test_the_instance_keeps_the_wal_storage_does_not_hold(instances, s3_backend, s3_proxy):
