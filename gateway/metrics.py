@@ -108,9 +108,9 @@ class Metrics:
             "clients, out: to clients), counted when connections close.", ["direction"], registry=r)
         self.link_requests = Counter(
             "pgsni_link_requests", "Requests from other gateways on the internal listener, by kind "
-            "(cancel, forward: a client handed over, or invalid: not readable) and result (done, "
-            "refused, incomplete: the peer "
-            "sent no whole request in time or left).", ["kind", "result"], registry=r)
+            "(cancel, forward: a client handed over before its TLS, session: one handed over after "
+            "it, or invalid: not readable) and result (done, refused, incomplete: the peer sent no "
+            "whole request in time or left).", ["kind", "result"], registry=r)
         self.forwarded_clients = Counter(
             "pgsni_forwarded_clients", "Client connections forwarded between gateways before TLS, by "
             "direction (out: to the gateway that holds the database; in: from another gateway).",

@@ -66,7 +66,7 @@ from . import links, local_links
 from .bare_link import BARE, HandTLS
 from .conn import PgConnection
 from .links import (LINK_TIMEOUT, BareHandler, BareLink, Link, LinkUnreachable, ServeHere, ServeSession,
-                    peer_address, read_message)
+                    peer_address)
 from .peek import hello_is
 from .peers import REFRESH_SECONDS, Peers
 from .sockets import connect_tcp
@@ -248,20 +248,7 @@ class Forwarding:
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """A link to the gateway at `address` that has accepted `request`, and what came after
         its reply; LinkUnreachable (HolderDraining: it shuts down) if it did not."""
-        context = self._link_context(address)
-        host, port = peer_address(address)
-        writer = None
-        try:
-            async with asyncio.timeout(LINK_TIMEOUT):
-                reader, writer = await asyncio.open_connection(host, port, ssl=context,
-                                                               ssl_handshake_timeout=LINK_TIMEOUT)
-                writer.write(request.encode())
-                await writer.drain()
-                reply, rest = await read_message(reader)
-        except (TimeoutError, OSError, wire.LinkError) as e:
-            if writer is not None:
-                writer.close()
-            raise LinkUnreachable(f"gateway {address}: {e or type(e).__name__}") from None
+        reader, writer, reply, rest = await links.open_link(self._link_context(address), address, request)
         self._taken(address, reply, writer.close)
         return reader, writer, rest
 
@@ -279,14 +266,10 @@ class Forwarding:
                 await tls.handshake()
                 await tls.send(request)
                 reply = await tls.read_message()
-        except (TimeoutError, OSError, wire.LinkError) as e:
+        except BaseException as e:  # also cancelled (the client's opening ran out of time)
             if sock is not None:
                 sock.close()
-            raise LinkUnreachable(f"gateway {address}: {e or type(e).__name__}") from None
-        except BaseException:  # cancelled (the client's opening ran out of time)
-            if sock is not None:
-                sock.close()
-            raise
+            raise links.unreachable(address, e, LINK_TIMEOUT) from None
         self._taken(address, reply, sock.close)
         return sock, tls.rest()
 

@@ -88,9 +88,11 @@ def peer_address(address: str) -> tuple[str, int]:
         raise LinkUnreachable(str(e)) from None
 
 
-async def ask(context: ssl.SSLContext, address: str, request: Request,
-              timeout: float = LINK_TIMEOUT) -> Reply:
-    """Send `request` to the gateway at `address` (HOST:PORT) and return its reply."""
+async def open_link(context: ssl.SSLContext, address: str, request: Request, timeout: float = LINK_TIMEOUT
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Request | Reply, bytes]:
+    """A link to the gateway at `address` (HOST:PORT) with `request` sent and its answer read:
+    the link's reader and writer, the answer, and the bytes after it (the start of its
+    stream). LinkUnreachable if that failed (the link is then closed)."""
     host, port = peer_address(address)
     writer = None
     try:
@@ -99,14 +101,30 @@ async def ask(context: ssl.SSLContext, address: str, request: Request,
                                                            ssl_handshake_timeout=timeout)
             writer.write(request.encode())
             await writer.drain()
-            reply, _ = await read_message(reader)
-    except TimeoutError:
-        raise LinkUnreachable(f"gateway {address} did not answer within {timeout:g} s") from None
-    except (OSError, LinkError) as e:  # ssl.SSLError and ConnectionError are OSErrors
-        raise LinkUnreachable(f"gateway {address}: {e}") from None
-    finally:
+            reply, rest = await read_message(reader)
+    except BaseException as e:
         if writer is not None:
             writer.close()
+        raise unreachable(address, e, timeout) from None
+    return reader, writer, reply, rest
+
+
+def unreachable(address: str, error: BaseException, timeout: float) -> BaseException:
+    """What opening a link to `address` raises for `error`: LinkUnreachable saying why for a
+    timeout, a network or TLS failure or a malformed answer; anything else (a cancellation)
+    as it is."""
+    if isinstance(error, TimeoutError):
+        return LinkUnreachable(f"gateway {address} did not answer within {timeout:g} s")
+    if isinstance(error, (OSError, LinkError)):  # ssl.SSLError and ConnectionError are OSErrors
+        return LinkUnreachable(f"gateway {address}: {error or type(error).__name__}")
+    return error
+
+
+async def ask(context: ssl.SSLContext, address: str, request: Request,
+              timeout: float = LINK_TIMEOUT) -> Reply:
+    """Send `request` to the gateway at `address` (HOST:PORT) and return its reply."""
+    _, writer, reply, _ = await open_link(context, address, request, timeout)
+    writer.close()
     if not isinstance(reply, Reply):
         raise LinkUnreachable(f"gateway {address} answered with a request, not a reply")
     if reply.status is not Status.DONE:
