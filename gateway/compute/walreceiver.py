@@ -54,6 +54,8 @@ APP = "pgsni_walship"  # the instance's synchronous_standby_names names this
 SLOT = "pgsni_walship"
 STATUS_EVERY = 1.0  # seconds between status updates when nothing else prompts one
 INLINE_BYTES = 64 << 10  # a batch up to this size is written without a worker thread
+GATHER_BYTES = 64 << 10  # WAL let gather between batches at most, at the rate seen (_gather)
+MIN_LINGER = 0.002  # seconds: a shorter wait than this is not worth a pause
 
 
 class ReceiverError(StorageError):
@@ -80,6 +82,16 @@ def parse_part_name(name: str) -> tuple[str, int, str] | None:
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 BOOT_MARK = ".boot_id"  # in a spool: the boot its files were written in
+
+
+def gather_seconds(size: int, elapsed: float, most: float) -> float:
+    """How long the receiver lets WAL gather before its next batch, the last one having
+    brought `size` bytes over `elapsed` seconds: the time GATHER_BYTES take at that rate, at
+    most `most` (0: never linger), and 0 where that is under MIN_LINGER."""
+    if most <= 0 or size <= 0:
+        return 0.0
+    seconds = min(most, GATHER_BYTES * max(elapsed, 0.0) / size)
+    return seconds if seconds >= MIN_LINGER else 0.0
 
 
 def _boot_id() -> str:
@@ -126,21 +138,25 @@ class WalReceiver:
     def __init__(self, socket_dir: Path, spool: Path, segment_size: int, *,
                  flushed: Callable[[int, int], int], on_written: Callable[[int], None] = lambda _: None,
                  fsync_batches: Callable[[], bool] = lambda: False,
+                 linger: Callable[[], float] = lambda: 0.0,
                  files_lock: threading.RLock | None = None) -> None:
         """`flushed(written, synced)`: what to report as flushed, given where the spool's WAL
         ends and how far it is fsynced;
         `on_written(written)`: called when more is written; `fsync_batches()`: whether each
-        batch is fsynced before it is reported (the spool acknowledges commits); `files_lock`:
+        batch is fsynced before it is reported (the spool acknowledges commits); `linger()`:
+        the longest the receiver may let WAL gather between batches (`_gather`; 0 while a
+        commit may wait for the receiver); `files_lock`:
         held while a spool file is written or closed (the shipper's, which closes leftovers
         under it)."""
         self.socket_path = socket_dir / SOCKET_NAME
         self.spool, self.segment_size, self._flushed = spool, segment_size, flushed
-        self._on_written, self._fsync_batches = on_written, fsync_batches
+        self._on_written, self._fsync_batches, self._linger = on_written, fsync_batches, linger
         self.timeline: int | None = None
         self.written: int | None = None  # where the WAL in the spool ends
         self.synced: int | None = None  # how far it is fsynced
         self._pos: int | None = None  # where the WAL written to files ends (the write thread's)
         self.server_flush: int | None = None  # the instance's WAL end, as it last said
+        self.batches = 0  # batches of WAL taken (each a wake-up, a write and a status check)
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._messages = MessageReader(startup=False, max_length=4 << 20)
@@ -206,9 +222,11 @@ class WalReceiver:
         loop = asyncio.get_running_loop()
         last_status = 0.0
         ended = False
+        taken = loop.time()  # when the last batch was taken
         while not ended:
             batch, reply, ended = await self._batch()
             if batch:
+                self.batches += 1
                 if not self._write_inline(batch):
                     await asyncio.to_thread(self._write_batch, batch)
                 self.written = batch[-1].end
@@ -218,6 +236,32 @@ class WalReceiver:
                 last_status = loop.time()
             elif batch:
                 self.report()  # only if what counts as flushed moved
+            if batch and not ended:
+                now = loop.time()
+                await self._gather(sum(len(e.data) for e in batch), now - taken)
+                taken = now
+
+    async def _gather(self, size: int, elapsed: float) -> None:
+        """Let WAL gather before the next batch is taken (`gather_seconds`, after a batch of
+        `size` bytes that came over `elapsed` seconds). Under a steady write load the instance
+        sends WAL after every commit; taking each message as it comes costs this process a
+        wake-up, a parse, a write and a status check per commit, on the core the relay needs.
+        Where no commit waits for the receiver (durability=async, shipped every rpo_seconds / 2),
+        the connection is not read for a moment and one batch takes many commits. The
+        instance's socket buffer holds what comes meanwhile: lingering lets at most
+        GATHER_BYTES arrive at the rate seen, well under what the buffer holds, so the
+        instance does not wait to send; a bulk load, whose WAL comes faster than lingering
+        would pay for, is taken as it comes."""
+        seconds = gather_seconds(size, elapsed, self._linger())
+        if not seconds:
+            return
+        transport = self._writer.transport
+        transport.pause_reading()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
 
     async def _batch(self) -> tuple[list[repl.XLogData], bool, bool]:
         """The WAL messages available now (waiting up to STATUS_EVERY for the first), whether

@@ -280,6 +280,37 @@ async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3
     assert await ids(inst) == committed
 
 
+async def test_async_takes_a_run_of_commits_in_few_batches_and_a_bulk_load_as_it_comes(instances, local_backend):
+    """durability=async: the receiver lets WAL gather between batches (walreceiver.py
+    gather_seconds) rather than waking for each commit, and still takes the WAL of a bulk load
+    as fast as the instance writes it (lingering a fixed time per batch would cap it at the
+    socket buffer per linger, a few MB/s)."""
+    inst = instances()
+    await started_with_table(inst)
+    ship = shipper(inst, local_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 0), 5.0)
+    receiver = ship.receiver
+    before, n = receiver.batches, 300
+    lsn = await commit(inst, *range(1, n + 1))
+    await stored_within(ship, lsn, RPO + 1.0)
+    taken = receiver.batches - before
+    print(f"{n} commits taken in {taken} batches")
+    assert taken <= n // 5
+
+    await inst.sql("INSERT INTO public.t SELECT g, repeat('x', 500) FROM generate_series(100000, 180000) g")
+    end = parse_lsn((await inst.sql("SELECT pg_current_wal_flush_lsn()::text"))[0][0])
+    written = time.monotonic()
+    while (receiver.written or 0) < end:
+        assert time.monotonic() - written < 5.0, (
+            f"40 MB of WAL: the receiver is {(end - receiver.written) >> 20} MiB behind 5 s after it was written")
+        await asyncio.sleep(0.02)
+    print(f"the receiver had the bulk load's WAL {time.monotonic() - written:.2f} s after it was written")
+    assert ship.receiver is receiver  # one stream throughout
+    await inst.stop()
+    assert await ship.stop()
+
+
 async def test_a_second_history_under_the_same_name_is_refused(instances, local_backend):
     """Two copies of one database running at once (what leases prevent) ship to the same
     name: the second history's first completed segment is refused, nothing is overwritten."""
