@@ -253,7 +253,7 @@ class WalReceiver:
         instance does not wait to send; a bulk load, whose WAL comes faster than lingering
         would pay for, is taken as it comes."""
         seconds = gather_seconds(size, elapsed, self._linger())
-        if not seconds:
+        if not seconds or self._writer is None:  # closed meanwhile: the next read ends the stream
             return
         transport = self._writer.transport
         transport.pause_reading()

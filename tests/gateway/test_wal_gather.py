@@ -3,9 +3,11 @@ gather_seconds): as long as GATHER_BYTES take at the rate the last batch came, w
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from gateway.compute.walreceiver import GATHER_BYTES, MIN_LINGER, gather_seconds
+from gateway.compute.walreceiver import GATHER_BYTES, MIN_LINGER, WalReceiver, gather_seconds
 
 MOST = 0.05
 
@@ -31,3 +33,11 @@ def test_a_bulk_load_is_taken_as_it_comes():
 def test_never_while_commits_wait_for_the_receiver():
     assert gather_seconds(200, 1.0, 0.0) == 0.0  # durability=sync: linger() is 0
     assert gather_seconds(0, 1.0, MOST) == 0.0
+
+
+async def test_a_receiver_closed_during_a_batch_ends_without_lingering(tmp_path):
+    """close() (the spool's budget, a stop) may run while a batch is written in a worker
+    thread: the gathering that follows must not touch the closed connection."""
+    receiver = WalReceiver(tmp_path, tmp_path, 16 << 20, flushed=lambda written, synced: 0, linger=lambda: MOST)
+    await receiver.close()
+    await asyncio.wait_for(receiver._gather(200, 1.0), 0.01)
