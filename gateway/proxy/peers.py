@@ -24,7 +24,7 @@ from storage.errors import StorageError
 from storage.heartbeats import Heartbeat, live_gateways
 
 from .links import LinkUnreachable
-from .local_links import socket_path
+from .local_links import is_local, socket_path
 
 log = logging.getLogger("pgsni.peers")
 
@@ -57,17 +57,27 @@ class Peers:
             if age is None or age >= max(max_age, MIN_READ_INTERVAL):
                 await self._refresh()
         me = self._me()
-        return [self._reach(g) for g in self._live if g.holder != me and g.address]
+        return [b for b in (self._reach(g) for g in self._live if g.holder != me and g.address) if b.address]
 
     def _reach(self, beat: Heartbeat) -> Heartbeat:
-        """`beat` with its local channel as its address if it is a worker of this machine."""
-        if self.channel_dir is None or not beat.local:
-            return beat
+        """`beat` with the address to reach it by as its `address`: its local channel if it is a
+        worker of this machine, else its network address, else "" (not reachable). A channel
+        counts only in this worker's channel directory (0700, made by this machine's
+        supervisor): a datagram crosses no TLS, so a `local:` address elsewhere (in a heartbeat
+        anyone who can write to the bucket could forge) might be a socket any local user bound,
+        and would be handed client sockets and cancel keys."""
+        channel = beat.local or (beat.address if is_local(beat.address) else "")
+        if channel and self._in_channel_dir(channel):
+            return replace(beat, address=channel)
+        return replace(beat, address="") if is_local(beat.address) else beat
+
+    def _in_channel_dir(self, channel: str) -> bool:
+        if self.channel_dir is None:  # not a worker: no channel is a sibling's
+            return False
         try:
-            mine = socket_path(beat.local).parent == self.channel_dir
+            return socket_path(channel).parent == self.channel_dir
         except LinkUnreachable:  # on another machine
-            return beat
-        return replace(beat, address=beat.local) if mine else beat
+            return False
 
     async def _refresh(self) -> None:
         self._read_at = self.monotonic()

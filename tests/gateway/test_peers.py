@@ -6,8 +6,14 @@ from __future__ import annotations
 import logging
 import socket
 
+import pytest
+
+from gateway.config import Settings
+from gateway.proxy.cancel_fleet import CancelRelay
+from gateway.proxy.forward import Forwarding
 from gateway.proxy.local_links import local_address
 from gateway.proxy.peers import Peers, gateway_number
+from gateway.wire import protocol as p
 from storage.heartbeats import Heartbeat
 
 from ..storage.fake_store import FakeBackend, Store
@@ -81,3 +87,30 @@ async def test_a_worker_of_this_machine_is_reached_by_its_local_channel_the_rest
     single = Peers(FakeBackend(store), lambda: "gw-s", clock=clock, monotonic=clock)
     assert {g.holder: g.address for g in await single.others()} == {
         "gw-m-1": "10.0.0.1:7001", "gw-n": "10.0.0.1:7100", "gw-far": "10.0.0.2:7000"}
+
+
+async def test_a_channel_outside_this_workers_channel_directory_is_no_address(tmp_path):
+    """A datagram crosses no TLS, so a `local:` address is trusted only in this worker's own
+    channel directory (0700, its supervisor's). Anyone who can write a heartbeat to the bucket
+    could publish `local:<this host>:<a socket a local user bound>`: neither a worker nor a
+    single gateway may pass that socket a client or a cancel key."""
+    clock = Clock()
+    store = Store(clock)
+    mine, evil = tmp_path / "w", tmp_path / "evil.sock"
+    put_beat(store, "gw-m-1", 1060, local_address(mine / "1.sock"))  # a sibling worker without links
+    put_beat(store, "gw-x", 1060, local_address(evil))  # forged: a channel as its address
+    put_beat(store, "gw-y", 1060, "10.0.0.9:7000", local_address(evil))  # forged beside a network one
+    worker = Peers(FakeBackend(store), lambda: "gw-m", clock=clock, monotonic=clock, channel_dir=mine)
+    assert {g.holder: g.address for g in await worker.others()} == {
+        "gw-m-1": local_address(mine / "1.sock"), "gw-y": "10.0.0.9:7000"}
+    single = Peers(FakeBackend(store), lambda: "gw-s", clock=clock, monotonic=clock)
+    assert {g.holder: g.address for g in await single.others()} == {"gw-y": "10.0.0.9:7000"}
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:  # the local user's socket
+        listener.bind(str(evil))
+        listener.setblocking(False)
+        forwarding = Forwarding(Settings(), None, single, None, lambda db_id: False)
+        relay = CancelRelay(single, forwarding.ask)
+        await relay(p.CancelRequest(1234, b"abcd"))  # an unknown key goes to every live gateway
+        with pytest.raises(BlockingIOError):
+            listener.recv(4096)
