@@ -21,7 +21,7 @@ relays the session's plain protocol bytes inside the link's TLS.
 Where a database is held: the gateway holds it itself, or no live gateway does (it is then
 claimed here as before), or the lease (`dbs/<id>/lease.json`, read at most once a second
 per database) names a gateway whose heartbeat is alive and publishes an address. Anything
-unclear (storage down, a holder without an address, a link that fails) serves the client
+unclear (storage down or slow, a holder without an address, a link that fails) serves the client
 here: the lease still decides who may run the database, so this is never unsafe, at worst
 a 57P03 as without forwarding. A forwarded connection is never forwarded again.
 
@@ -172,9 +172,10 @@ class Forwarding:
     async def link_for(self, what: str, find: Callable[[bool], Awaitable[str | None]],
                        take: Callable[[str], Awaitable[T]]) -> T | None:
         """`take(address)` at the gateway `find(fresh)` names, asked again (fresh) once if it
-        drains; None to serve the client here: nobody named, or the link failed (logged)."""
+        drains; None to serve the client here: nobody named, storage too slow to say where
+        (logged), or the link failed (logged)."""
         for fresh in (False, True):
-            address = await find(fresh)
+            address = await self._where(what, find, fresh)
             if address is None:
                 return None
             try:
@@ -185,6 +186,19 @@ class Forwarding:
                 log.warning("%s served here: %s", what, e)
                 return None
         return None
+
+    async def _where(self, what: str, find: Callable[[bool], Awaitable[str | None]], fresh: bool) -> str | None:
+        """`find(fresh)` within a part of the client's handshake_timeout: storage that answers
+        slowly (its retries take far longer) must not spend the whole handshake, which would
+        leave the client dropped without a word instead of served here (with 57P03 if storage
+        is needed and still slow)."""
+        limit = min(LINK_TIMEOUT, self.settings.handshake_timeout / 3)
+        try:
+            async with asyncio.timeout(limit):
+                return await find(fresh)
+        except TimeoutError:
+            log.warning("%s served here: storage did not say within %g s where its database is held", what, limit)
+            return None
 
     def forget(self, db_id: str) -> None:
         self._holders.pop(db_id, None)

@@ -5,10 +5,12 @@ Fakes for the lease store and the heartbeats; the links themselves are tested en
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import ssl
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,27 @@ async def test_a_malformed_address_in_a_heartbeat_is_an_unreachable_peer_on_ever
     with socket.socket() as client:
         with pytest.raises(LinkUnreachable, match="not HOST:PORT"):
             await fwd.hand_over(client, "no-port-here", "10.0.0.9:1234", True, bytes(32))
+
+
+async def test_storage_too_slow_to_say_where_a_database_is_held_serves_the_client_here(caplog):
+    """Reading the lease (or the heartbeats) may take the storage client's whole retry budget,
+    far beyond handshake_timeout: the decision gets a part of the handshake only, so the
+    client is served here (57P03 at worst) instead of being dropped without a word when its
+    handshake runs out."""
+    leases = FakeLeases()
+    fwd = Forwarding(Settings(domains=["db.example.com"], handshake_timeout=1.5), leases,
+                     FakePeers(Heartbeat("gw-b", 2e9, 60, "10.0.0.2:7000")), ssl.create_default_context(),
+                     lambda db_id: False)
+    never = asyncio.Event()
+
+    async def hangs(db_id: str) -> str | None:
+        await never.wait()
+        return "gw-b"
+
+    leases.holder_of = hangs
+    began = time.monotonic()
+    taken = await asyncio.wait_for(fwd.link_for(
+        "client 192.0.2.7:5000 for app1.db.example.com", lambda fresh: fwd.holder_elsewhere("app1.db.example.com", fresh),
+        lambda address: pytest.fail(f"taken to {address}")), 5.0)
+    assert taken is None and time.monotonic() - began < 1.0
+    assert "storage did not say" in caplog.text
