@@ -203,10 +203,15 @@ class LocalChannel:
         """The one socket a forward or session request carries (taken out of `fds`)."""
         if len(fds) != 1:
             raise wire.LinkError(f"a {kind} request carries one socket")
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # a pipe, a file: left in `fds`, so closed with the refusal
+            raise wire.LinkError(f"a {kind} request carries a descriptor that is no socket") from None
+        fds.pop()
         self.served += 1
         self.passed("in")
         log.debug("serving %s (%s), passed by another worker", peer, kind)
-        return socket.socket(fileno=fds.pop())
+        return sock
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

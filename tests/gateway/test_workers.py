@@ -154,6 +154,35 @@ async def test_malformed_requests_are_refused_and_their_sockets_closed(short_dir
         await channel.close()
 
 
+async def test_a_passed_descriptor_that_is_no_socket_is_refused_and_closed(short_dir):
+    """A forward request carrying a pipe (or any file) instead of a client's socket: refused
+    like any malformed request, and the descriptor closed, not kept open for good."""
+    counted = []
+    channel = LocalChannel(short_dir.channel(1), lambda *a: pytest.fail("taken"), CancelTable(),
+                           lambda kind, result: counted.append((kind, result)))
+    await channel.open()
+    try:
+        read_end, write_end = os.pipe()
+        try:
+            await send(local_address(short_dir.channel(1)),
+                       wire.forward_request(wire.Forwarded("192.0.2.7:5000", True)), (read_end,))
+            os.close(read_end)
+            read_end = -1
+            for _ in range(100):
+                if counted:
+                    break
+                await asyncio.sleep(0.02)
+            assert counted == [("forward", "refused")]
+            with pytest.raises(BrokenPipeError):  # no reader left anywhere
+                os.write(write_end, b"x")
+        finally:
+            os.close(write_end)
+            if read_end >= 0:
+                os.close(read_end)
+    finally:
+        await channel.close()
+
+
 def test_worker_0_serves_every_workers_metrics_labelled(short_dir):
     from prometheus_client.parser import text_string_to_metric_families
 
