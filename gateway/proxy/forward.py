@@ -138,7 +138,9 @@ class Forwarding:
     def _roomiest(self, db_id: str, others: list[Heartbeat]) -> str | None:
         """Where a database nobody holds goes when this gateway is full: the address of the
         live gateway with room (by its heartbeat's load) that is least loaded (None: none)."""
-        room = [p for p in others if not p.draining and p.load.get("running", 0) < p.load.get("max", 0)]
+        # a load read from the bucket may lack a key or hold any integer (a damaged or older
+        # heartbeat): such a gateway has no room, rather than failing every placement
+        room = [p for p in others if not p.draining and 0 <= p.load.get("running", -1) < p.load.get("max", 0)]
         if not room:
             return None
         return min(room, key=lambda p: (p.load["running"] / p.load["max"], _rank(db_id, p.holder))).address

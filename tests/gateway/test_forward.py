@@ -173,6 +173,20 @@ async def test_a_full_gateway_places_a_free_database_on_the_least_loaded_gateway
     assert await view.holder_elsewhere("app1.db.example.com") is None  # nobody has room: refused here
 
 
+async def test_a_damaged_load_in_a_heartbeat_is_no_room_not_a_failed_placement():
+    """Heartbeats come from the bucket: a load without `running`, or with numbers no gateway
+    publishes, must not fail the placement of every client of a full gateway."""
+    beats = [Heartbeat("gw-b", 2e9, 60, "10.0.0.2:7000", {"max": 4}),
+             Heartbeat("gw-c", 2e9, 60, "10.0.0.3:7000", {"running": -1, "max": 0}),
+             Heartbeat("gw-d", 2e9, 60, "10.0.0.4:7000", {"running": 3, "max": 4})]
+    view = _view("gw-a", beats, "gw-x")
+    view.leases.owners.clear()
+    view._full = lambda: True
+    assert await view.holder_elsewhere("app1.db.example.com") == "10.0.0.4:7000"
+    view.peers.beats = beats[:2]
+    assert await view.holder_elsewhere("app1.db.example.com") is None
+
+
 
 async def test_each_target_gets_its_path_and_a_worker_without_links_never_opens_one():
     """One Forwarding for both paths: a worker's channel (`local:`) is sent a datagram, a
