@@ -309,10 +309,17 @@ class Forwarding:
                 raise wire.LinkError("a forward request on a link names the client's ClientHello")
             self._check_accepted(link.tls.rest(), client.peer, link.peer)
             await link.tls.send(wire.Reply())
-            link.taken = True
+            link.taken = True  # the socket is this handler's to close from here on
             # the bare stream is no longer the link's TLS: its first bytes must be what the
             # forwarding gateway saw, else someone put them on the connection in between
-            if not await hello_is(link.sock, client.hello, self.settings.handshake_timeout):
+            try:
+                same = await hello_is(link.sock, client.hello, self.settings.handshake_timeout)
+            except OSError as e:  # reset before the ClientHello came
+                log.info("a client forwarded by gateway %s as %s left before its ClientHello: %s",
+                         link.peer, client.peer, e)
+                link.sock.close()
+                return
+            if not same:
                 log.warning("a client forwarded by gateway %s as %s began with a ClientHello other "
                             "than the one that gateway saw (or none in time): dropped", link.peer, client.peer)
                 link.sock.close()

@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -245,3 +246,45 @@ async def test_storage_too_slow_to_say_where_a_database_is_held_serves_the_clien
         lambda address: pytest.fail(f"taken to {address}")), 5.0)
     assert taken is None and time.monotonic() - began < 1.0
     assert "storage did not say" in caplog.text
+
+
+async def test_a_forwarded_connection_reset_before_its_hello_is_closed_by_the_holder(tmp_path):
+    """Once a bare link's reply is sent its socket is the forward handler's (links.py does not
+    close it); a connection reset before the ClientHello (the forwarder's machine restarted,
+    say) must still close it, not leave it to the garbage collector."""
+    from certs.cluster import link_client_context, link_server_context, make_cluster
+    from gateway.proxy.bare_link import BARE, HandTLS
+    from gateway.proxy.links import LinkServer
+    from gateway.proxy.sockets import connect_tcp
+
+    from ..support.ports import free_port
+
+    cluster = make_cluster(tmp_path / "cluster", ["gw-a", "gw-b"], days=1)
+    fwd = Forwarding(Settings(), FakeLeases(), FakePeers(), None, lambda db_id: False)
+    handle = fwd.handler(lambda sock, peer, direct: pytest.fail("served"))
+    taken: asyncio.Queue = asyncio.Queue()
+
+    async def recording(request, link):
+        taken.put_nowait(link.sock)
+        return await handle(request, link)
+
+    server = LinkServer(f"127.0.0.1:{free_port()}", link_server_context(cluster.ca, *cluster.members["gw-a"]), {}, 5.0,
+                        bare_handlers={wire.Kind.FORWARD: recording})
+    await server.open()
+    try:
+        sock = await connect_tcp("127.0.0.1", server.port)
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, BARE)
+            tls = HandTLS(sock, link_client_context(cluster.ca, *cluster.members["gw-b"]), server_side=False)
+            await tls.handshake()
+            await tls.send(wire.forward_request(wire.Forwarded("192.0.2.1:5432", True, bytes(32))))
+            assert await tls.read_message() == wire.Reply()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        held = await asyncio.wait_for(taken.get(), 5)  # closed with a reset
+        for _ in range(100):
+            if held.fileno() == -1:
+                break
+            await asyncio.sleep(0.02)
+        assert held.fileno() == -1
+    finally:
+        await server.close()
