@@ -127,7 +127,7 @@ class Database:
         self._base_task: asyncio.Task | None = None  # one taken because it was due
         self._shipping_ends: asyncio.Future | None = None  # a crashed instance's shipper, uploading
         self._base_retry_at = 0.0  # after a failed one that was due
-        self._under_lease: set[asyncio.Event] = set()  # starts and saves in progress (a fence waits)
+        self._under_lease: set[asyncio.Event] = set()  # starts, halts and saves in progress (a fence waits)
 
     @property
     def databases(self) -> Databases:
@@ -413,8 +413,8 @@ class Database:
 
     @contextlib.contextmanager
     def _fence_waits(self):
-        """For the block (a start, a save: what the lease must cover to its end), a fence waits
-        until it is over before it returns (and the lease is given up)."""
+        """For the block (a start, a halt, a save: what the lease must cover to its end), a
+        fence waits until it is over before it returns (and the lease is given up)."""
         ends = asyncio.Event()
         self._under_lease.add(ends)
         try:
@@ -639,7 +639,8 @@ class Database:
         if self._base_task is not None and self._base_task is not asyncio.current_task():
             self._base_task.cancel()  # the stop saves a version of its own
         try:
-            await self.launcher.halt(inst, read_roles=not discard)
+            with self._fence_waits():  # a fence that begins now returns once it has halted
+                await self.launcher.halt(inst, read_roles=not discard)
             stopped = True
             self._drop(inst)
             await durability.stop_shipping(inst, upload=not (discard or fencing),
@@ -696,16 +697,16 @@ class Database:
 
     @property
     def under_lease(self) -> bool:
-        """Whether a start or a save is in progress (see `_fence_waits`)."""
+        """Whether a start, a halt or a save is in progress (see `_fence_waits`)."""
         return bool(self._under_lease)
 
     async def fence(self) -> None:
         """This gateway's heartbeat lapsed: stop the instance at once without saving (storage
         is what failed; the save is retried under a fresh lease). A postmaster starting now
-        stops by itself once ready (its lease lapsed: `_check_lease`), and a save in progress
-        ends (one not begun yet is refused): wait for those, so that when the fence returns
-        nothing of the database runs or saves and its lease may be given up. Takes no lock: a
-        stop holding it may be saving (bounded by the storage's timeouts)."""
+        stops by itself once ready (its lease lapsed: `_check_lease`), a stop in progress halts
+        it, and a save in progress ends (one not begun yet is refused): wait for those, so that
+        when the fence returns nothing of the database runs or saves and its lease may be given
+        up. Takes no lock: a stop holding it may be saving (bounded by the storage's timeouts)."""
         for ends in list(self._under_lease):
             await ends.wait()
         inst = self.instance

@@ -74,3 +74,23 @@ async def test_many_wakes_of_one_database_start_one_postmaster(tmp_path, monkeyp
     m = fake_manager(tmp_path, monkeypatch, databases=1)
     insts = await asyncio.gather(*(m.acquire("db0") for _ in range(12)))
     assert len({id(i) for i in insts}) == 1 and m.starts == 1 and FakeProcess.running == 1
+
+
+async def test_a_fence_returns_only_once_a_stop_in_progress_has_halted(tmp_path, monkeypatch):
+    """When the fence returns, nothing of a lapsed database may run (keep_alive gives its lease
+    up right after). An idle stop that holds the lock and is still halting the postmaster was
+    left to itself: the fence returned while the postmaster ran."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
+    await _used(m, "db0")
+    stop = FakeProcess.stop
+
+    async def slow_stop(self, timeout):  # a shutdown checkpoint that takes a while
+        self.stopping = True
+        await asyncio.sleep(0.3)
+        await stop(self, timeout)
+    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    reaping = asyncio.create_task(m.reap_idle())
+    await asyncio.sleep(0.1)  # the idle stop halts the postmaster, holding the lock
+    await m.fence()
+    assert FakeProcess.running == 0, "the fence returned while the postmaster still ran"
+    await reaping
