@@ -128,6 +128,7 @@ class Database:
         self._shipping_ends: asyncio.Future | None = None  # a crashed instance's shipper, uploading
         self._base_retry_at = 0.0  # after a failed one that was due
         self._under_lease: set[asyncio.Event] = set()  # starts, halts and saves in progress (a fence waits)
+        self._fencing: Instance | None = None  # the instance a fence stops (it holds no lock)
 
     @property
     def databases(self) -> Databases:
@@ -190,6 +191,11 @@ class Database:
         one the client was authenticated against, so that its keys open the instance too)."""
         async with self.lock:
             inst = self.instance
+            if inst is not None and self._fenced(inst):
+                # not a crash, and no longer this gateway's to start again until its lease is
+                # claimed afresh, once the fence is over
+                raise errors.storage_unavailable(self.id, "this gateway's lease on the database "
+                                                          "lapsed (storage unreachable); it is being stopped")
             if inst is not None and not inst.alive:
                 # its postmaster died and the watcher has not run yet: retire it here, or the
                 # start below would find this database's file lock still held by it
@@ -616,14 +622,14 @@ class Database:
             return
         async with self.lock:
             # one a fence is stopping (without the lock) is left to it: not stopped, nor saved, twice
-            if inst.clients == 0 and self.instance is inst and not inst.process.stopping:
+            if inst.clients == 0 and self.instance is inst and not self._fenced(inst):
                 await self._stop(inst, "idle")
 
     async def evict_instance(self, why: str) -> None:
         """Stop the instance if it is still idle (the instance cap needs its slot)."""
         inst = self.instance
         async with self.lock:
-            if inst is not None and self.instance is inst and inst.clients == 0 and not inst.process.stopping:
+            if inst is not None and self.instance is inst and inst.clients == 0 and not self._fenced(inst):
                 log.info("evicting %s %s", self.id, why)
                 await self._stop(inst, "evicted (instance cap)")
 
@@ -710,9 +716,18 @@ class Database:
         for ends in list(self._under_lease):
             await ends.wait()
         inst = self.instance
-        if inst is None or inst.process.stopping:
+        if inst is None or self._fenced(inst):
             return
-        await self._stop(inst, "lease heartbeat expired", fencing=True)
+        self._fencing = inst
+        try:
+            await self._stop(inst, "lease heartbeat expired", fencing=True)
+        finally:
+            self._fencing = None
+
+    def _fenced(self, inst: Instance) -> bool:
+        """Whether a fence stops `inst` (or it shuts down already): the stops that hold the
+        lock leave it alone. Its `stopping` is set only once the roles are read."""
+        return inst is self._fencing or inst.process.stopping
 
     async def stop_diverged(self) -> None:
         """The shipper found another history under this database's WAL in storage (a second

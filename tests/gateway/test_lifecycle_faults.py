@@ -15,7 +15,7 @@ from gateway import errors
 from gateway.compute.states import State
 
 from ..storage.fake_store import FakeBackend, Store
-from .fake_postgres import FakeProcess, fake_manager
+from .fake_postgres import SECURED, FakeProcess, FakeReader, fake_manager
 
 
 async def _used(manager, db_id: str) -> None:
@@ -94,3 +94,47 @@ async def test_a_fence_returns_only_once_a_stop_in_progress_has_halted(tmp_path,
     await m.fence()
     assert FakeProcess.running == 0, "the fence returned while the postmaster still ran"
     await reaping
+
+async def test_a_client_during_a_fence_does_not_kill_or_restart_the_fenced_instance(tmp_path, monkeypatch):
+    """The fence stops an instance without the database's lock (a stop holding it may be
+    saving). A client that arrives while that fast shutdown runs must not take the halting
+    postmaster for a crashed one: that killed it mid-shutdown, started shipping its WAL to
+    storage after the lease had lapsed, and went on to start a second postmaster on the copy
+    (once a claim succeeded) while the fence still recorded the first one's stop."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1)
+    await _used(m, "db0")
+    stop = FakeProcess.stop
+
+    async def slow_stop(self, timeout):  # a shutdown checkpoint that takes a while
+        self.stopping = True
+        await asyncio.sleep(0.3)
+        await stop(self, timeout)
+    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    fencing = asyncio.create_task(m.fence())
+    await asyncio.sleep(0.1)  # the fence halts the postmaster
+    with pytest.raises(errors.GatewayError) as e:
+        await m.acquire("db0")
+    assert e.value.code == errors.CANNOT_CONNECT_NOW
+    await fencing
+    assert FakeProcess.most == 1 and FakeProcess.running == 0
+    assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
+    await _used(m, "db0")  # once the fence is over, the next client starts it again
+
+
+async def test_an_idle_stop_leaves_alone_an_instance_a_fence_stops(tmp_path, monkeypatch):
+    """The fence reads the roles before its fast shutdown begins (`stopping` is set only then).
+    An idle stop in that moment took the instance for its own and stopped (and saved) it a
+    second time, beside the fence."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
+    await _used(m, "db0")
+
+    async def slow_read(self):  # the roles read before the shutdown
+        await asyncio.sleep(0.3)
+        return SECURED
+    monkeypatch.setattr(FakeReader, "read", slow_read)
+    fencing = asyncio.create_task(m.fence())
+    await asyncio.sleep(0.1)  # the fence reads the roles
+    await m.reap_idle()
+    await fencing
+    assert FakeProcess.running == 0, "stopped twice"
+    assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
