@@ -628,6 +628,12 @@ class Database:
     async def evict_instance(self, why: str) -> None:
         """Stop the instance if it is still idle (the instance cap needs its slot)."""
         inst = self.instance
+        if inst is not None and self._fenced(inst):
+            # a fence stops it (without the lock): its slot is free once it has halted; not
+            # waiting here, the caller would pick it again at once, never yielding the loop
+            for ends in list(self._under_lease):
+                await ends.wait()
+            return
         async with self.lock:
             if inst is not None and self.instance is inst and inst.clients == 0 and not self._fenced(inst):
                 log.info("evicting %s %s", self.id, why)

@@ -138,3 +138,25 @@ async def test_an_idle_stop_leaves_alone_an_instance_a_fence_stops(tmp_path, mon
     await fencing
     assert FakeProcess.running == 0, "stopped twice"
     assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
+
+async def test_a_start_that_needs_the_slot_of_a_fenced_instance_waits_for_its_halt(tmp_path, monkeypatch):
+    """At the instance cap, the least recently used idle instance is stopped for a start. One
+    a fence is stopping (without its lock) was picked again and again without being stopped:
+    the start spun on the event loop, every other task of the gateway (the fence's halt, the
+    heartbeat, all clients) frozen, until start_timeout refused it."""
+    m = fake_manager(tmp_path, monkeypatch, databases=2, max_instances=1, start_timeout=2.0)
+    await _used(m, "db0")
+    stop = FakeProcess.stop
+
+    async def slow_stop(self, timeout):
+        self.stopping = True
+        await asyncio.sleep(0.3)
+        await stop(self, timeout)
+    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    fencing = asyncio.create_task(m.fence())
+    await asyncio.sleep(0.1)  # the fence halts db0, which holds the one slot
+    began = time.monotonic()
+    await _used(m, "db1")  # served once db0 has halted
+    assert time.monotonic() - began < 1.0
+    await fencing
+    assert FakeProcess.most == 1
