@@ -171,7 +171,9 @@ class InstanceManager:
         """Stop every instance (at shutdown); one that fails to stop or save is logged, and
         the others are stopped all the same."""
         self.shared.closing = True
-        ids = list(self.instances)
+        # also those being started (or otherwise held) now: the stop waits for their lock, else
+        # a start in progress would leave its postmaster running after the gateway exited
+        ids = [d.id for d in list(self.shared.lives.values()) if d.instance is not None or d.lock.locked()]
         results = await asyncio.gather(*(self.stop(i, "gateway shutdown") for i in ids),
                                        return_exceptions=True)
         for db_id, result in zip(ids, results):

@@ -95,6 +95,7 @@ async def test_a_fence_returns_only_once_a_stop_in_progress_has_halted(tmp_path,
     assert FakeProcess.running == 0, "the fence returned while the postmaster still ran"
     await reaping
 
+
 async def test_a_client_during_a_fence_does_not_kill_or_restart_the_fenced_instance(tmp_path, monkeypatch):
     """The fence stops an instance without the database's lock (a stop holding it may be
     saving). A client that arrives while that fast shutdown runs must not take the halting
@@ -139,6 +140,7 @@ async def test_an_idle_stop_leaves_alone_an_instance_a_fence_stops(tmp_path, mon
     assert FakeProcess.running == 0, "stopped twice"
     assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
 
+
 async def test_a_start_that_needs_the_slot_of_a_fenced_instance_waits_for_its_halt(tmp_path, monkeypatch):
     """At the instance cap, the least recently used idle instance is stopped for a start. One
     a fence is stopping (without its lock) was picked again and again without being stopped:
@@ -160,3 +162,23 @@ async def test_a_start_that_needs_the_slot_of_a_fenced_instance_waits_for_its_ha
     assert time.monotonic() - began < 1.0
     await fencing
     assert FakeProcess.most == 1
+
+
+async def test_a_start_in_progress_at_shutdown_is_stopped_as_well(tmp_path, monkeypatch):
+    """stop_all stopped only the instances running when it began: a cold start in progress
+    finished after it and left its postmaster running, unsaved and holding its lease, after
+    the gateway had exited."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1)
+    start = FakeProcess.start
+
+    async def slow_start(self, timeout):
+        await asyncio.sleep(0.3)
+        await start(self, timeout)
+    monkeypatch.setattr(FakeProcess, "start", slow_start)
+    waking = asyncio.create_task(m.acquire("db0"))
+    await asyncio.sleep(0.1)  # its postmaster is starting
+    await m.stop_all()
+    inst = await waking  # the client got its instance, which was stopped at shutdown
+    assert not inst.alive and FakeProcess.running == 0 and m.instances == {}
+    state = m.databases.state("db0")
+    assert not state.running and not state.dirty  # and saved
