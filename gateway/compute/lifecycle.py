@@ -611,6 +611,7 @@ class Database:
     # --- stopping ----------------------------------------------------------------------------
     async def stop(self, reason: str = "requested") -> bool:
         async with self.lock:
+            await self._after_fence()
             if self.instance is None:
                 return False
             await self._stop(self.instance, reason)
@@ -726,9 +727,18 @@ class Database:
             return
         self._fencing = inst
         try:
-            await self._stop(inst, "lease heartbeat expired", fencing=True)
+            with self._fence_waits():  # the whole stop: `_after_fence` waits for it
+                await self._stop(inst, "lease heartbeat expired", fencing=True)
         finally:
             self._fencing = None
+
+    async def _after_fence(self) -> None:
+        """With the lock held: if a fence is stopping the instance (it takes no lock), wait
+        until it has, rather than stopping it a second time beside it."""
+        inst = self.instance
+        if inst is not None and self._fenced(inst):
+            for ends in list(self._under_lease):
+                await ends.wait()
 
     def _fenced(self, inst: Instance) -> bool:
         """Whether a fence stops `inst` (or it shuts down already): the stops that hold the
@@ -988,6 +998,7 @@ class Database:
         about to go), claim its lease and keep clients from starting it until the block ends.
         Yields a `Held`, whose methods are the transitions such operations make."""
         async with self.lock:
+            await self._after_fence()
             inst = self.instance
             if inst is not None:
                 await self._stop(inst, reason, discard=not save)

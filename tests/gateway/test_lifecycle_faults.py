@@ -182,3 +182,28 @@ async def test_a_start_in_progress_at_shutdown_is_stopped_as_well(tmp_path, monk
     assert not inst.alive and FakeProcess.running == 0 and m.instances == {}
     state = m.databases.state("db0")
     assert not state.running and not state.dirty  # and saved
+
+
+async def test_a_requested_stop_or_an_operation_waits_for_the_fence_instead_of_stopping_twice(
+        tmp_path, monkeypatch):
+    """A stop that holds the lock (shutdown, `pgsni db stop`, an operation's `held()`) while the
+    fence stops the instance without it: it stopped the same postmaster a second time and
+    recorded a stop of its own beside the fence's; it waits for the fence now, which stopped it."""
+    m = fake_manager(tmp_path, monkeypatch, databases=2)
+    await _used(m, "db0")
+    await _used(m, "db1")
+    stop = FakeProcess.stop
+
+    async def slow_stop(self, timeout):
+        self.stopping = True
+        await asyncio.sleep(0.3)
+        await stop(self, timeout)
+    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    fencing = asyncio.create_task(m.fence())
+    await asyncio.sleep(0.1)  # the fence halts both
+    assert not await m.stop("db0")  # nothing left to stop once the fence is over
+    async with m.stopped("db1", "test") as held:
+        assert not held.stopped
+    await fencing
+    assert FakeProcess.running == 0, "stopped twice"
+    assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
