@@ -624,7 +624,9 @@ class Database:
         async with self.lock:
             # one a fence is stopping (without the lock) is left to it: not stopped, nor saved, twice
             if inst.clients == 0 and self.instance is inst and not self._fenced(inst):
-                await self._stop(inst, "idle")
+                # to its end even if the reaper is cancelled (shutdown ends the loops first):
+                # cut off, its save is lost and nothing else saves the stopped copy then
+                await to_the_end(self._stop(inst, "idle"))
 
     async def evict_instance(self, why: str) -> None:
         """Stop the instance if it is still idle (the instance cap needs its slot)."""
@@ -1010,6 +1012,18 @@ class Database:
                 yield Held(self, inst is not None)
             finally:
                 await self._release_if_saved()
+
+
+async def to_the_end(aw: Awaitable):
+    """Await `aw` to its end even if the caller is cancelled meanwhile; the cancellation is
+    raised after."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def hold(inst: Instance) -> Instance:

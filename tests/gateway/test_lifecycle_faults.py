@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway import errors
+from gateway import errors, supervise
 from gateway.compute.states import State
 
 from ..storage.fake_store import FakeBackend, Store
@@ -207,3 +207,24 @@ async def test_a_requested_stop_or_an_operation_waits_for_the_fence_instead_of_s
     await fencing
     assert FakeProcess.running == 0, "stopped twice"
     assert m.database("db0").phase is State.FENCED and m.shared.unexpected == 0
+
+
+async def test_shutdown_does_not_cut_an_idle_stop_short(tmp_path, monkeypatch):
+    """Shutdown ends the background loops (supervise.cancel_all) before stop_all. An idle stop
+    the reaper was making then was cancelled half-way: its save cut off, the copy left with
+    unsaved changes that stop_all (which stops running instances) never saved, and its lease
+    kept, to expire after the gateway exited."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
+    await _used(m, "db0")
+    save = m.databases.save
+
+    async def slow_save(db_id, **kw):  # an upload that takes a moment
+        await asyncio.sleep(0.3)
+        return await save(db_id, **kw)
+    monkeypatch.setattr(m.databases, "save", slow_save)
+    reaper = asyncio.create_task(supervise.every("reap_idle", lambda: 0.0, m.reap_idle, m.metrics))
+    await asyncio.sleep(0.15)  # the reaper stops db0 and saves it
+    await supervise.cancel_all([reaper])  # as shutdown does first
+    await m.stop_all()
+    state = m.databases.state("db0")
+    assert not state.running and not state.dirty, "the idle stop's save was cut off"
