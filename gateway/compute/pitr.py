@@ -9,6 +9,10 @@ shipper's slot reserves WAL from there), so a version whose stored WAL begins af
 hold L. Of the others the newest is tried first; if L lies before its checkpoint
 (walrestore.BeforeBase, found once its copy is down), the next older one whose stored WAL
 goes past L: the run that saved the newer one, or an earlier history that a roll-back left.
+An online base backup has no WAL of its own: what it replays is under the prefix of the
+version its running copy came from (storage/snapshots.py), from its start on, and it reaches
+L from its end (its first consistent point) on; retention keeps that WAL even once that
+version is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from storage.atomic import remove_tree
 from storage.backend import Backend
 from storage.errors import NotFound, disk_full_as
 from storage.snapshots import Manifest, SnapshotStore
-from storage.wal import DEFAULT_SEGMENT_SIZE, StoredWal, WalStore, format_lsn
+from storage.wal import DEFAULT_SEGMENT_SIZE, StoredWal, WalStore, format_lsn, parse_lsn
 
 from . import durability, pgcontrol
 from .postgres import PostgresProcess
@@ -73,6 +77,25 @@ def _reach(version: str, stored: StoredWal) -> Reach | None:
     return Reach(version, start, stored.newest()[1])
 
 
+async def _base_backup_reach(snapshots: SnapshotStore, db_id: str, version: str) -> Reach | None:
+    """The reach of `version` if it is an online base backup whose WAL, under the prefix it
+    continues, begins at or before its start: from its end (a replay cannot stop before) up
+    to the end of that WAL. None for anything else."""
+    try:
+        base = (await snapshots.manifest(db_id, version)).base_backup
+    except NotFound:  # removed meanwhile
+        return None
+    if not base:
+        return None
+    size = int(base["segment_size"])
+    stored = await WalStore(snapshots.backend, db_id, segment_size=size, base=base["wal"]).listing()
+    ids = sorted(set(stored.segments) | set(stored.partials))
+    newest = stored.newest()
+    if newest is None or min(segno for _, segno in ids) > parse_lsn(base["start_lsn"]) // size:
+        return None
+    return Reach(version, parse_lsn(base["end_lsn"]), newest[1])
+
+
 async def bases_for_lsn(snapshots: SnapshotStore, db_id: str, lsn: int, *,
                         growing: bool = False) -> list[Manifest]:
     """The stored versions a restore to `lsn` may replay from, in the order to try them (see
@@ -98,6 +121,8 @@ async def bases_for_lsn(snapshots: SnapshotStore, db_id: str, lsn: int, *,
             if size != DEFAULT_SEGMENT_SIZE:
                 stored = await WalStore(backend, db_id, segment_size=size, base=info.version).listing()
         reach = _reach(info.version, stored)
+        if reach is None:  # no WAL of its own: an online base backup's is under another prefix
+            reach = await _base_backup_reach(snapshots, db_id, info.version)
         if reach is None:
             continue
         oldest = reach

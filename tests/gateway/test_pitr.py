@@ -30,12 +30,14 @@ def store(tmp_path):
     return SnapshotStore(LocalDirBackend(tmp_path / "store", "pfx"), tmp_path / "spool")
 
 
-async def version(store: SnapshotStore, v: str) -> None:
+async def version(store: SnapshotStore, v: str, base_backup: dict | None = None) -> None:
+    """A stored version: a stop-time snapshot, or with `base_backup` (as its manifest holds it)
+    an online base backup."""
     b = store.backend
     await b.put(f"dbs/db/versions/{v}.tar.zst", b"x")
     m = Manifest("db", v, dt.datetime.now(dt.timezone.utc).isoformat(), "15", {},
                  {"key": f"dbs/db/versions/{v}.tar.zst", "size": 1, "sha256": "", "compression": "zstd"},
-                 {"count": 0, "parts": []})
+                 {"count": 0, "parts": []}, base_backup=base_backup, format=3 if base_backup else 2)
     await b.put(f"dbs/db/versions/{v}.json", m.to_json())
 
 
@@ -78,3 +80,30 @@ async def test_the_newest_version_first_then_older_runs_that_pass_the_lsn(store)
         await pitr.bases_for_lsn(store, "db", parse_lsn("0/3080000"))
     # a database running here ships the rest when it stops: not refused yet
     assert names(await pitr.bases_for_lsn(store, "db", parse_lsn("0/3080000"), growing=True)) == [V2]
+
+
+async def test_an_online_base_backup_is_a_base_for_the_lsns_past_its_end(store):
+    """An online base backup (V2, taken while V1's copy ran) has no WAL of its own: what it
+    replays is under V1's prefix, from its start. It is the newest base for an LSN past its
+    end, and still one once retention removed V1 and kept V1's WAL from V2's start on
+    (storage/snapshots.py)."""
+    await version(store, V1)
+    await version(store, V2, base_backup={"wal": V1, "timeline": 1, "start_lsn": "0/3000028",
+                                          "end_lsn": "0/3000100", "checkpoint_lsn": "0/3000060",
+                                          "segment_size": SEG})
+    for n in (1, 2, 3, 4):
+        await wal(store, V1, 1, n)
+    await wal(store, V1, 1, 5, 0x100)
+    names = lambda found: [m.version for m in found]  # noqa: E731
+    assert names(await pitr.bases_for_lsn(store, "db", parse_lsn("0/4000010"))) == [V2, V1]
+    # before the base backup's end (its first consistent point): V1 alone
+    assert names(await pitr.bases_for_lsn(store, "db", parse_lsn("0/3000050"))) == [V1]
+
+    store.keep_last = 1
+    assert await store.prune("db") == [V1]
+    assert names(await pitr.bases_for_lsn(store, "db", parse_lsn("0/4000010"))) == [V2]
+    assert names(await pitr.bases_for_lsn(store, "db", parse_lsn("0/5000010"))) == [V2]
+    with pytest.raises(OutOfReach, match="before the WAL storage holds"):
+        await pitr.bases_for_lsn(store, "db", parse_lsn("0/3000050"))
+    with pytest.raises(OutOfReach, match="beyond the WAL storage holds"):
+        await pitr.bases_for_lsn(store, "db", parse_lsn("0/5000100"))
