@@ -302,7 +302,7 @@ class WalStore:
             tli = next(t for t, begin in reversed(path) if begin // self.segment_size <= segno)
             seg_end = stored.end(tli, segno)
             if seg_end is None:
-                self._check_no_later(stored, tli, segno, until_lsn)
+                self._check_no_later(stored, path, tli, segno, segno * self.segment_size, until_lsn)
                 break
             complete = seg_end == (segno + 1) * self.segment_size  # whole, or in pieces that reach its end
             name = segment_name(tli, segno, self.segment_size)
@@ -312,7 +312,7 @@ class WalStore:
                 files.append(await self._write_pieces(dest, name, stored.cover(tli, segno)[1]))
             end = seg_end
             if not complete:
-                self._check_no_later(stored, tli, segno + 1, until_lsn)
+                self._check_no_later(stored, path, tli, segno + 1, seg_end, until_lsn)
                 break
             segno += 1
         if until_lsn is not None and end < until_lsn:
@@ -333,13 +333,31 @@ class WalStore:
             raise WalGap(f"the base (timeline {base_timeline} at {format_lsn(start_lsn)}) is not on "
                          f"the history of timeline {path[-1][0]}")
 
-    def _check_no_later(self, stored: StoredWal, tli: int, segno: int, until_lsn: int | None) -> None:
-        missing = f"WAL segment {segment_name(tli, segno, self.segment_size)} is not in storage"
+    def _check_no_later(self, stored: StoredWal, path: list[tuple[int, int]], tli: int, segno: int,
+                        end: int, until_lsn: int | None) -> None:
+        """Refuse a replay that stops at `end` (segment `segno` of `tli` is not stored whole
+        from there): if the restore needs WAL up to `until_lsn` past it, or if storage holds
+        WAL along `path` past it (a hole)."""
+        name = segment_name(tli, end // self.segment_size, self.segment_size)
+        missing = f"the WAL from {format_lsn(end)} (in segment {name}) is not in storage"
         if until_lsn is not None and segno * self.segment_size <= until_lsn:
             raise WalGap(f"{missing}, and the restore needs WAL up to {format_lsn(until_lsn)}")
-        later = [s for s in (*stored.segments, *stored.partials) if s[0] == tli and s[1] > segno]
-        if later:
+        if self._stored_past(stored, path, end // self.segment_size):
             raise WalGap(f"{missing}, but later WAL is: a hole in the stored WAL")
+
+    def _stored_past(self, stored: StoredWal, path: list[tuple[int, int]], segno: int) -> bool:
+        """Whether storage holds WAL in a segment after `segno` that the replay along `path`
+        would read: on any timeline of the path (a later one too, not only the one the hole
+        is on), in the segments that timeline has on the path (an old timeline's WAL written
+        on after the fork is not). A piece of segment `segno` itself past a hole in it is not
+        counted (WAL past a loss the shipper logged, never acknowledged in durability=sync)."""
+        size = self.segment_size
+        spans = {tli: (begin // size, None if end is None else end // size)
+                 for (tli, begin), (_, end) in zip(path, [*path[1:], (0, None)])}
+        for tli, n in (*stored.segments, *stored.partials):
+            if tli in spans and n > segno and n >= spans[tli][0] and (spans[tli][1] is None or n <= spans[tli][1]):
+                return True
+        return False
 
     async def _write(self, dest: Path, name: str, key: str, *, pad: bool) -> str:
         data = await self.read(key)

@@ -149,6 +149,35 @@ async def test_fetch_follows_the_timeline_history(store, tmp_path):
         await store.fetch(tmp_path / "b", start_lsn=SEG)
 
 
+async def test_a_hole_before_a_later_timeline_or_at_a_segments_end_is_refused(store, tmp_path):
+    """Timeline 2 begins where segment 3 begins: a replay reads 1 and 2 from timeline 1, then
+    3 and 4 from timeline 2. Timeline 1's segment 2 missing is a hole before timeline 2's
+    WAL, not the end of the stored WAL. So is a segment whose pieces stop short of its end
+    while the next segment is stored."""
+    for n in (1, 2):
+        await store.put_segment(seg(1, n), content(10 + n))
+    for n in (3, 4):
+        await store.put_segment(seg(2, n), content(20 + n))
+    await store.put_history(history_name(2), f"1\t{format_lsn(3 * SEG)}\tno recovery target\n".encode())
+    fetched = await store.fetch(tmp_path, start_lsn=SEG)
+    assert fetched.files == [history_name(2), seg(1, 1), seg(1, 2), seg(2, 3), seg(2, 4)]
+    await store.backend.delete([store.segment_key(seg(1, 2))])
+    with pytest.raises(WalGap, match="hole"):
+        await store.fetch(tmp_path, start_lsn=SEG)
+
+    other = WalStore(store.backend, "db1", segment_size=SEG, base="20261203T120000.000Z-aaaaaa")
+    whole = content(5)
+    await other.put_segment(seg(1, 1), content(6))
+    await other.put_partial(seg(1, 2), whole[:3000])
+    await other.put_partial(seg(1, 2), whole[5000:], start=5000)  # a hole inside segment 2
+    await other.put_segment(seg(1, 3), content(7))
+    with pytest.raises(WalGap, match="hole"):
+        await other.fetch(tmp_path, start_lsn=SEG)
+    await other.put_partial(seg(1, 2), whole[3000:5000], start=3000)  # the hole filled
+    fetched = await other.fetch(tmp_path, start_lsn=SEG)
+    assert fetched.end == 4 * SEG and (tmp_path / seg(1, 2)).read_bytes() == whole
+
+
 async def test_retention_removes_what_ends_before_a_point(store):
     for n in (1, 2, 3):
         await store.put_segment(seg(1, n), content(n))
