@@ -73,7 +73,7 @@ async def start_shipping(inst: Instance, settings: Settings, backend: Backend, d
                          base=base, rpo_seconds=settings.rpo_seconds,
                          spool_budget=settings.wal_spool_mb << 20, sync=settings.durability == "sync",
                          sync_timeout=settings.sync_timeout_seconds, sync_fallback=settings.sync_fallback,
-                         count=count)
+                         count=count, halting=lambda: inst.process.stopping)
     await shipper.start()
     inst.shipper = shipper
 

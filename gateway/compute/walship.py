@@ -119,17 +119,19 @@ class WalShipper:
     def __init__(self, backend: Backend, db_id: str, socket_dir: Path, spools: Path, *, base: str,
                  rpo_seconds: float = 1.0, spool_budget: int = 1 << 30, sync: bool = False,
                  sync_timeout: float = 10.0, sync_fallback: str = "fail",
-                 count: Callable[[str, int], None] = lambda event, n: None) -> None:
+                 count: Callable[[str, int], None] = lambda event, n: None,
+                 halting: Callable[[], bool] = lambda: False) -> None:
         """`base`: the stored version the instance's copy descends from (storage/wal.py);
         `spools`: the database's spool directory (one spool per base in it); `count(event,
-        n)`: durability=sync's "fallback" and "failed_commits", for the metrics."""
+        n)`: durability=sync's "fallback" and "failed_commits", for the metrics; `halting()`:
+        whether the instance is being stopped (`_flush_report`)."""
         if sync_fallback not in FALLBACKS:
             raise ValueError(f"sync_fallback must be one of {FALLBACKS}")
         self.backend, self.db_id, self.base = backend, db_id, base
         self.socket_dir, self.spools, self.spool = socket_dir, spools, spools / base
         self.rpo_seconds, self.spool_budget = rpo_seconds, spool_budget
         self.sync, self.sync_timeout, self.sync_fallback = sync, sync_timeout, sync_fallback
-        self._count = count
+        self._count, self._halting = count, halting
         self.partial_every = rpo_seconds / 2  # a commit waits at most this, plus one upload
         self.poll = min(0.2, rpo_seconds / 4)
         self.store: WalStore | None = None
@@ -337,7 +339,15 @@ class WalShipper:
         return max(ends, default=None)
 
     def _flush_report(self, written: int, synced: int) -> int:
-        """What the receiver tells the instance is flushed (see the module doc)."""
+        """What the receiver tells the instance is flushed (see the module doc). Once the
+        instance is being stopped: 0 (not known). Its walsender ends the stream at shutdown
+        only when the flushed position it was told (or, with none, the written one) reaches
+        what it sent: with storage down, a fast shutdown would wait for storage until it is
+        killed, leaving a copy that was not shut down cleanly. No commit waits then (its
+        backends are gone first), and 0 does not move the slot: the spool has the WAL, the
+        instance keeps it too."""
+        if self._halting():
+            return 0
         if self.degraded:
             return synced
         stored = self.stored

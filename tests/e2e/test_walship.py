@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.compute import dbroles, walrestore, walship
+from gateway.compute import dbroles, pgcontrol, walrestore, walship
 from gateway.compute.postgres import PostgresProcess
 from storage.errors import StorageError
 from storage.local import copy_tree
@@ -128,8 +128,9 @@ async def s3_backend(moto_server, s3_proxy):
 
 
 def shipper(inst: Instance, backend, **kw) -> walship.WalShipper:
-    return walship.WalShipper(backend, DB, inst.socket_dir, inst.root / "spool",
-                              rpo_seconds=RPO, base=BASE, **kw)
+    """A shipper of `inst`'s WAL, as durability.start_shipping makes one."""
+    return walship.WalShipper(backend, DB, inst.socket_dir, inst.root / "spool", rpo_seconds=RPO,
+                              base=BASE, halting=lambda: inst.process is not None and inst.process.stopping, **kw)
 
 
 async def commit(inst: Instance, *ids: int) -> int:
@@ -493,3 +494,39 @@ async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(inst
     await inst.restore(base, inst.store(s3_backend))
     await inst.start()
     assert await ids(inst) == committed
+
+
+async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backend, s3_proxy):
+    """durability=async with storage down: a fast shutdown ends in moments and leaves a clean
+    copy; the WAL storage lacks stays in the spool (and in the instance: the slot did not
+    move) for the next run. Postgres' walsender ends a stream at shutdown only once its
+    standby reports flushed all it sent, and this receiver reports only what storage holds."""
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    s3_proxy.cut()
+    await commit(inst, *range(2, 20))
+    await asyncio.sleep(0.5)  # the receiver has it all in the spool
+    began = time.monotonic()
+    await inst.process.stop(10.0)  # SIGQUIT (a crash, as the copy sees it) after 10 s
+    took = time.monotonic() - began
+    assert not await ship.stop(timeout=1.0)  # storage is down: the spool keeps the rest
+    print(f"the fast shutdown took {took:.1f} s with storage down")
+    assert took < 5.0
+    assert pgcontrol.read(inst.bindir, inst.pgdata, inst.run_as).shut_down
+
+    s3_proxy.restore()
+    await inst.start()
+    committed = await ids(inst)
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
+    await stored_within(ship, parse_lsn(flushed), 30.0)
+    await inst.stop()
+    assert await ship.stop()
+    shutil.rmtree(inst.pgdata)
+    await inst.restore(base, inst.store(s3_backend))
+    await inst.start()
+    assert await ids(inst) == committed == list(range(1, 20))
