@@ -212,6 +212,27 @@ def test_retention_keeps_the_wal_kept_base_backups_need(start_gateway, tls):
     assert bases[0] not in [v.version for v in gt.call(lambda: ops.versions("rt"))]
 
 
+def test_restore_to_an_lsn_after_retention_starts_from_a_base_backup(start_gateway, tls):
+    """Retention removed the version the running copy came from and kept its WAL from the
+    oldest kept base backup's start: a restore to an LSN past that base backup starts from it
+    (its own WAL prefix is empty: what it replays is under the removed version's)."""
+    gt = start_gateway(lease_seconds=0, rpo_seconds=0.5, retention_keep=2)
+    ops = _ops(gt)
+    first, dsn = _running(gt, tls, "rl")
+    bases = []
+    for n in range(2):
+        _insert(dsn, n * 10 + 1, n * 10 + 10)
+        bases.append(gt.call(lambda: ops.snapshot("rl")).version)
+    _insert(dsn, 21, 30)
+    with psycopg.connect(dsn) as conn:
+        (lsn,), = conn.execute("select pg_current_wal_insert_lsn()::text").fetchall()
+    _insert(dsn, 31, 40)
+    _until_stored(gt, "rl")
+    assert [v.version for v in gt.call(lambda: ops.versions("rl"))] == bases  # the first went
+    restored = gt.call(lambda: ops.restore("rl", lsn=lsn, force=True))
+    assert restored.base == bases[1] and _count(dsn) == (30, 30)
+
+
 @pytest.mark.skipif(not {"15", "18"} <= set(PgInstalls().by_major), reason="needs Postgres 15 and 18")
 def test_an_upgrade_of_a_base_backup_replays_its_wal_first(start_gateway, tls, data_root, other_root):
     gt = start_gateway(lease_seconds=0, rpo_seconds=0.5)
