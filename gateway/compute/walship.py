@@ -77,6 +77,7 @@ CONSOLIDATE = 64  # pieces of one segment before one piece from its start replac
 INLINE = 256 << 10  # pieces up to this size are read in the event loop (page cache, microseconds)
 FALLBACKS = ("fail", "async")
 LINGER = 0.05  # seconds the receiver lets WAL gather in durability=async (_linger)
+SLOT_POSITION = "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s"
 
 
 def instance_options(keep_wal_mb: int = 4096, *, sync: bool = False) -> dict[str, str]:
@@ -309,8 +310,9 @@ class WalShipper:
         segment of the slot's position if that is further (WAL between is lost to shipping:
         Postgres no longer has it)."""
         conn = await self._connect()
-        row = await (await conn.execute("SELECT restart_lsn::text FROM pg_replication_slots "
-                                        "WHERE slot_name = %s", (SLOT,))).fetchone()
+        row = await (await conn.execute(SLOT_POSITION, (SLOT,))).fetchone()
+        if not (row and row[0]):
+            row = await self._renew_slot(conn)
         restart = parse_lsn(row[0]) if row and row[0] else server_end
         size = self.store.segment_size
         stored = self.stored
@@ -332,6 +334,20 @@ class WalShipper:
                       "restores past it need the next stored version", self.db_id,
                       format_lsn(max(ends)), format_lsn(restart))
         return restart - restart % size
+
+    async def _renew_slot(self, conn: psycopg.AsyncConnection):
+        """Make the slot again if Postgres invalidated it (storage lacked more WAL than
+        max_slot_wal_keep_size, so Postgres dropped WAL the slot held) or it is gone: such a
+        slot has no position, and from Postgres 18 on cannot be streamed from at all, so the
+        receiver would be refused for good (the slot travels in snapshots, so across restarts
+        too). The new one holds WAL from the last checkpoint's redo point; the caller logs
+        the WAL lost between."""
+        log.error("the WAL slot of %s was invalidated or dropped (Postgres removed WAL that storage "
+                  "lacked): made again", self.db_id)
+        await conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                           "WHERE slot_name = %s", (SLOT,))
+        await conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (SLOT,))
+        return await (await conn.execute(SLOT_POSITION, (SLOT,))).fetchone()
 
     def _spool_end(self, timeline: int) -> int | None:
         """Where the WAL of `timeline` in the own spool ends (its newest file's end)."""

@@ -530,3 +530,28 @@ async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backen
     await inst.restore(base, inst.store(s3_backend))
     await inst.start()
     assert await ids(inst) == committed == list(range(1, 20))
+
+
+@pytest.mark.parametrize("major", MAJORS)
+async def test_shipping_goes_on_after_the_instance_dropped_wal_storage_lacked(instances, s3_backend, s3_proxy, major):
+    """Storage down for longer than wal_keep_mb of WAL: Postgres invalidates the slot (and
+    drops that WAL, which the spool has but a lost node would not). Once storage is back,
+    shipping goes on."""
+    inst = instances(major=major)
+    inst.options["max_slot_wal_keep_size"] = "1MB"
+    await started_with_table(inst)
+    ship = shipper(inst, s3_backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    s3_proxy.cut()
+    for n in range(3):
+        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s::int, %s::int) g",
+                       (1000 + n * 30000, 1000 + n * 30000 + 25000))
+        await inst.sql("CHECKPOINT")
+    (status,), = await inst.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (walship.SLOT,))
+    print(f"slot: {status}")
+    s3_proxy.restore()
+    last = await commit(inst, 2)
+    await stored_within(ship, last, 30.0)
+    await inst.stop()
+    assert await ship.stop()
