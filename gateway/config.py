@@ -219,7 +219,11 @@ class Settings:
         for wrong, why in ((self.lease_seconds <= 0, "workers find each other and share databases "
                             "by leases, which lease_seconds = 0 turns off; set lease_seconds"),
                            (self.listen_port == 0, "all workers listen on one port: set listen_port "
-                            "(0 would give each its own)")):
+                            "(0 would give each its own)"),
+                           (bool(self.instance_uid_base) and self.instance_uid_count < self.worker_count,
+                            f"each worker needs uids of its own (two workers giving one uid to two "
+                            f"databases would let those tenants read each other's files): raise "
+                            f"instance_uid_count to at least {self.worker_count}")):
             if wrong:
                 raise ConfigError(f"workers = {self.workers}: {why}")
 

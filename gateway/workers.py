@@ -93,7 +93,7 @@ def worker_settings(settings: Settings, index: int, count: int) -> Settings:
     s = settings
     uids = s.instance_uid_count // count
     changes: dict = {"workers": 1, "max_instances": max(1, s.max_instances // count),
-                     "cache_budget_mb": s.cache_budget_mb // count if s.cache_budget_mb else 0,
+                     "cache_budget_mb": max(1, s.cache_budget_mb // count) if s.cache_budget_mb else 0,  # 0: none
                      "instance_uid_base": s.instance_uid_base + index * uids if s.instance_uid_base else 0,
                      "instance_uid_count": max(1, uids)}
     if s.advertise_address:

@@ -49,10 +49,19 @@ def test_instance_uids_of_workers_do_not_overlap():
     assert ranges == [range(100000, 100500), range(100500, 101000)]
 
 
+def test_a_small_cache_budget_is_split_into_budgets_not_into_none():
+    """0 means no budget: a budget smaller than the number of workers must not become that."""
+    s = Settings(workers=4, cache_budget_mb=3, listen_port=5432)
+    assert [worker_settings(s, i, 4).cache_budget_mb for i in range(4)] == [1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("changes, says", [
     ({"lease_seconds": 0}, "lease_seconds"),
     ({"listen_port": 0}, "listen_port"),
     ({"workers": -1}, "workers must be"),
+    # fewer uids than workers: each worker would get the same one, and two tenants on two
+    # workers would run as one OS user
+    ({"workers": 3, "instance_uid_base": 100000, "instance_uid_count": 2}, "instance_uid_count"),
 ])
 def test_settings_workers_cannot_do_without(changes, says):
     with pytest.raises(ConfigError, match=says):
