@@ -219,10 +219,11 @@ class Database:
             return hold(inst)
 
     async def running_now(self) -> Instance | None:
-        """Like `wake`, for an instance running now; None instead of starting one."""
+        """Like `wake`, for an instance running now; None instead of starting one, and for
+        one a fence stops (its lease lapsed: `wake` then says so)."""
         async with self.lock:
             inst = self.instance
-            return hold(inst) if inst is not None and inst.alive else None
+            return hold(inst) if inst is not None and inst.alive and not self._fenced(inst) else None
 
     async def roles(self) -> dict[str, roles_mod.Role] | None:
         """Roles and verifiers: read fresh from the running instance (as Postgres would check

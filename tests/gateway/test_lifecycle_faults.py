@@ -228,3 +228,22 @@ async def test_shutdown_does_not_cut_an_idle_stop_short(tmp_path, monkeypatch):
     await m.stop_all()
     state = m.databases.state("db0")
     assert not state.running and not state.dirty, "the idle stop's save was cut off"
+
+
+async def test_an_early_login_is_not_given_an_instance_a_fence_stops(tmp_path, monkeypatch):
+    """A login that looks for an instance running now (early logins) must not be handed one
+    the fence is about to stop: its lease lapsed, and a session begun there would write
+    commits no save of this gateway may store, then be cut off by the fast shutdown."""
+    m = fake_manager(tmp_path, monkeypatch, databases=1)
+    await _used(m, "db0")
+
+    async def slow_read(self):  # the roles read before the shutdown
+        await asyncio.sleep(0.3)
+        return SECURED
+    monkeypatch.setattr(FakeReader, "read", slow_read)
+    fencing = asyncio.create_task(m.fence())
+    await asyncio.sleep(0.1)  # the fence reads the roles: the postmaster still runs
+    assert m.database("db0").instance is not None
+    assert await m.acquire_running("db0") is None
+    await fencing
+    assert m.database("db0").phase is State.FENCED
