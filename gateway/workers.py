@@ -123,6 +123,8 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self.exit_code = 0
+        self.pid = os.getpid()  # the supervisor's (a signal in a worker just forked is its own)
+        self.signalled = 0  # SIGTERM or SIGINT came: the loop stops the workers
 
     def run(self) -> int:
         """Start the workers, keep them running until SIGTERM or SIGINT, then drain them."""
@@ -136,6 +138,7 @@ class Supervisor:
         for index in range(self.count):
             self._spawn(index)
         while self.workers or (self.due and not self.stopping):
+            self._stopping_now()
             self._reap()
             now = time.monotonic()
             for index, when in list(self.due.items()):
@@ -148,9 +151,19 @@ class Supervisor:
         return self.exit_code
 
     def _on_signal(self, signum: int, _frame) -> None:
-        if not self.stopping:
-            log.info("stopping %d workers (%s)", len(self.workers), signal.Signals(signum).name)
-        self._stop()
+        """Noted, and acted on by the loop (`_stopping_now`): run at once, it could fall
+        between a worker's fork and the note of its pid, and stop every worker but that one.
+        In a worker forked a moment ago (its own handlers not set yet), the default action."""
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signalled = self.signalled or signum
+
+    def _stopping_now(self) -> None:
+        if self.signalled and not self.stopping:
+            log.info("stopping %d workers (%s)", len(self.workers), signal.Signals(self.signalled).name)
+            self._stop()
 
     def _stop(self) -> None:
         self.stopping = True

@@ -5,6 +5,7 @@ requests on real unix sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -275,3 +276,42 @@ def test_a_worker_whose_first_start_fails_stops_them_all(monkeypatch):
 
     sup = _supervise(monkeypatch, run_worker, lambda s: s.stopping)
     assert (sup.code, sup.restarts, sup.spawned) == (1, 0, {0: 1, 1: 1})
+
+
+def test_a_signal_right_after_a_fork_stops_the_new_worker_too(monkeypatch, tmp_path):
+    """SIGTERM between a worker's fork and the supervisor's note of it: the handler, run at
+    once, stopped the workers it knew, not the new one, and the supervisor waited for that one
+    for as long as it ran."""
+    import signal
+    import threading
+
+    from gateway import workers
+
+    real_fork, forks = os.fork, []
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+            if len(forks) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # before the supervisor recorded it
+        return pid
+    monkeypatch.setattr(workers.os, "fork", fork)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sup = Supervisor(Settings(workers=2, data_root=str(tmp_path / "root")), lambda settings, slot: time.sleep(20))
+    done = threading.Event()
+
+    def watchdog() -> None:  # never leave workers behind, whatever happens
+        if not done.wait(10):
+            for pid in forks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    threading.Thread(target=watchdog, daemon=True).start()
+    began = time.monotonic()
+    try:
+        sup.run()
+    finally:
+        done.set()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert time.monotonic() - began < 5, "the supervisor waited for a worker it never stopped"
