@@ -33,7 +33,8 @@ log = logging.getLogger("pgsni.workers")
 RESTART_PAUSE = 1.0  # before restarting a worker; doubled while it keeps dying young, up to
 RESTART_PAUSE_MAX = 30.0
 YOUNG = 10.0  # a worker that exits sooner after its start than this counts as dying young
-POLL = 0.2  # seconds between looks at the workers (signals cut the wait short)
+POLL = 0.2  # seconds between looks at the workers (and at a stop signal)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 METRICS_INTERVAL = 5.0  # seconds between a worker's metrics files for worker 0's /metrics
 METRICS_STALE = 3 * METRICS_INTERVAL
 WORKER_ROOT = ".worker-"  # worker i > 0 keeps its data in <data_root>/.worker-<i> (not a database id)
@@ -123,7 +124,6 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self.exit_code = 0
-        self.pid = os.getpid()  # the supervisor's (a signal in a worker just forked is its own)
         self.signalled = 0  # SIGTERM or SIGINT came: the loop stops the workers
 
     def run(self) -> int:
@@ -131,7 +131,7 @@ class Supervisor:
         self.channel_dir.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.channel_dir, 0o700)
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         log.info("pgsni supervising %d workers on %s:%d", self.count, self.settings.listen_host,
                  self.settings.listen_port)
@@ -152,12 +152,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame) -> None:
         """Noted, and acted on by the loop (`_stopping_now`): run at once, it could fall
-        between a worker's fork and the note of its pid, and stop every worker but that one.
-        In a worker forked a moment ago (its own handlers not set yet), the default action."""
-        if os.getpid() != self.pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+        between a worker's fork and the note of its pid, and stop every worker but that one."""
         self.signalled = self.signalled or signum
 
     def _stopping_now(self) -> None:
@@ -203,14 +198,25 @@ class Supervisor:
             log.error("worker %d (pid %d) exited (%s); restarting it in %.0f s", index, pid, _how(code), pause)
 
     def _spawn(self, index: int) -> None:
+        """Fork worker `index`. SIGTERM and SIGINT are blocked across the fork: one that
+        reached the new worker before it set its own handlers would run the supervisor's
+        there, and one the interpreter took in just as the worker set them is dropped ("ignored
+        due to race condition"): the worker would miss its stop. It gets them once its
+        handlers are the default ones."""
         slot = WorkerSlot(index, self.count, self.channel_dir)
         settings = worker_settings(self.settings, index, self.count)
-        pid = os.fork()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 _die_with_parent()
                 self.run_worker(settings, slot)
                 code = 0
@@ -222,6 +228,7 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         self.workers[pid] = index
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.started[index] = time.monotonic()
         self.spawned[index] = self.spawned.get(index, 0) + 1
         log.info("worker %d started (pid %d, data root %s)", index, pid, settings.data_root)
