@@ -17,7 +17,7 @@ from gateway.wire.link import HandedSession, Kind, LinkError, LinkReader, Reply,
 
 from .bare_link import BARE, HandTLS
 from .peek import peek_first
-from .sockets import accept_forever
+from .sockets import accept_forever, keep_alive
 
 log = logging.getLogger("pgsni.links")
 
@@ -99,6 +99,7 @@ async def open_link(context: ssl.SSLContext, address: str, request: Request, tim
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=context,
                                                            ssl_handshake_timeout=timeout)
+            keep_alive(writer.get_extra_info("socket"))  # a session link may stay open for hours
             writer.write(request.encode())
             await writer.drain()
             reply, rest = await read_message(reader)
