@@ -806,7 +806,7 @@ class Database:
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         async with self.lock:
-            if self.instance is not inst or (self.leases.enabled and not self.leases.valid()):
+            if self.instance is not inst or not self.leases.holds(self.id):
                 raise storage_errors.PreconditionFailed(
                     f"database {self.id} stopped (or lost its lease) while its base backup was "
                     f"stored: version {manifest.version} is kept, not made current")

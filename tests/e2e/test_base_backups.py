@@ -265,3 +265,25 @@ def test_the_cli_asks_the_gateway_that_runs_it(cli, start_gateway, tls):
     # without the gateway's admin API the CLI says who has it
     refused = cli("db", "snapshot", "viacli")
     assert refused.returncode != 0 and "admin API" in refused.stderr
+
+
+def test_a_base_backup_is_not_made_current_by_a_gateway_that_lost_the_lease(start_gateway, tls, monkeypatch):
+    """The lease lapsed while the backup was stored (and the heartbeat was renewed since, so
+    the gateway looks alive again): another gateway may have taken the database over, so the
+    backup stays a kept version and the pointer does not move."""
+    from gateway.compute import basebackup
+
+    gt = start_gateway(lease_seconds=30, rpo_seconds=0.5)
+    gw, ops = gt.gw, _ops(gt)
+    first, dsn = _running(gt, tls, "bl")
+    _insert(dsn, 1, 100)
+    stored = basebackup.wait_stored
+
+    async def lapse_meanwhile(inst, taken):
+        await stored(inst, taken)
+        gw.instances.leases.held.discard("bl")  # what a lapse does to the holdings, whatever comes after
+    monkeypatch.setattr(basebackup, "wait_stored", lapse_meanwhile)
+    assert gw.instances.leases.valid()
+    with pytest.raises(Exception, match="lost its lease"):
+        gt.call(lambda: ops.snapshot("bl"))
+    assert gw.instances.leases.valid() and _current(gt, "bl").version == first
