@@ -604,7 +604,10 @@ class WalShipper:
                 if self.receiver is not None:
                     await self.receiver.sync_spool()
                     self.receiver.report()
-            return
+            if not self.paused:
+                return
+            # the spool is over its budget, so no receiver is connected to acknowledge a commit,
+            # falling back or not: commits would wait for it without end; they fail as below
         if stuck < min(0.5, self.sync_timeout / 2):
             self._waiters.clear()
             return
@@ -614,7 +617,8 @@ class WalShipper:
             await self._close_conn()  # the instance is stopping: nothing waits any more
 
     async def _end_waiting_commits(self) -> None:
-        """sync_fallback=fail: end the sessions whose commit has waited for storage for
+        """sync_fallback=fail, or any fallback while the spool is over its budget (no receiver
+        then): end the sessions whose commit has waited for storage for
         `sync_timeout` (as seen from here: each waiting transaction is timed from when it was
         first seen waiting)."""
         conn = await self._connect()
@@ -631,8 +635,9 @@ class WalShipper:
         ended = sum(1 for (ok,) in rows if ok)
         self.failed_commits += ended
         self._count("failed_commits", ended)
+        why = "the WAL spool is over its budget" if self.paused else "sync_fallback=fail"
         log.error("a commit of %s waited %.0f s for storage to take its WAL: %d session(s) ended "
-                  "unacknowledged (sync_fallback=fail)", self.db_id, self.sync_timeout, ended)
+                  "unacknowledged (%s)", self.db_id, self.sync_timeout, ended, why)
 
     def spooled_bytes(self) -> int:
         total = 0
