@@ -90,6 +90,11 @@ class Metrics:
             "pgsni_wal_sync_failed_commits", "durability=sync, sync_fallback=fail: sessions ended "
             "because their commit waited sync_timeout_seconds for storage (never acknowledged).",
             registry=r)
+        self.wal_lost_bytes = Counter(
+            "pgsni_wal_lost_bytes", "durability=async or sync: WAL Postgres removed before storage "
+            "held it (storage took none while more than wal_keep_mb was written and the spool was "
+            "over its budget): a restore to a point in it, or one after losing the node before the "
+            "database's next version, cannot have it.", registry=r)
         self.snapshot_bytes = Counter(
             "pgsni_snapshot_bytes", "Compressed snapshot bytes moved, by operation (save, restore).",
             ["operation"], registry=r)
@@ -146,9 +151,11 @@ class Metrics:
         self.snapshot_bytes.labels(operation).inc(size)
         self.snapshot_seconds.labels(operation).observe(seconds)
 
-    def wal_sync(self, event: str, count: int = 1) -> None:
-        """durability=sync: a "fallback" to async, or "failed_commits" ended unacknowledged."""
-        (self.wal_sync_fallbacks if event == "fallback" else self.wal_sync_failed_commits).inc(count)
+    def wal_event(self, event: str, count: int = 1) -> None:
+        """WAL shipping (walship.py): durability=sync's "fallback" to async or "failed_commits"
+        ended unacknowledged, or "lost_bytes" of WAL removed before storage held it."""
+        {"fallback": self.wal_sync_fallbacks, "failed_commits": self.wal_sync_failed_commits,
+         "lost_bytes": self.wal_lost_bytes}[event].inc(count)
 
     def storage_error(self, exc: BaseException) -> None:
         self.storage_errors.labels(storage_error_kind(exc)).inc()

@@ -105,7 +105,8 @@ async def shipping(inst: Instance) -> dict | None:
             "lag_seconds": round(shipper.lag_seconds, 3), "upload_errors": shipper.upload_errors,
             "paused": shipper.paused, "last_error": shipper.last_error,
             "sync": shipper.sync, "degraded": shipper.degraded,
-            "sync_fallbacks": shipper.fallbacks, "sync_failed_commits": shipper.failed_commits}
+            "sync_fallbacks": shipper.fallbacks, "sync_failed_commits": shipper.failed_commits,
+            "lost_bytes": shipper.lost_bytes}
 
 
 def lag(instances) -> tuple[int, float]:

@@ -457,7 +457,7 @@ class Database:
             durability.instance_options(inst, self.s.settings, self._base())
             await self.launcher.launch(inst)
             await durability.start_shipping(inst, self.s.settings, self.databases.store.backend,
-                                            self.catalog.root, self._base(), count=self.s.metrics.wal_sync)
+                                            self.catalog.root, self._base(), count=self.s.metrics.wal_event)
             self._check_lease()  # lapsed while it started: stopped before serving anyone
         except BaseException as e:
             inst.process.kill_group()

@@ -124,7 +124,8 @@ class WalShipper:
                  halting: Callable[[], bool] = lambda: False) -> None:
         """`base`: the stored version the instance's copy descends from (storage/wal.py);
         `spools`: the database's spool directory (one spool per base in it); `count(event,
-        n)`: durability=sync's "fallback" and "failed_commits", for the metrics; `halting()`:
+        n)`: durability=sync's "fallback" and "failed_commits", and "lost_bytes" (WAL removed
+        before storage held it), for the metrics; `halting()`:
         whether the instance is being stopped (`_flush_report`)."""
         if sync_fallback not in FALLBACKS:
             raise ValueError(f"sync_fallback must be one of {FALLBACKS}")
@@ -147,6 +148,7 @@ class WalShipper:
         self._spool_lock = threading.RLock()  # spool files are written, closed and renamed under it
         self.fallbacks = 0  # times sync fell back to async
         self.failed_commits = 0  # sessions ended with their commit waiting (sync_fallback=fail)
+        self.lost_bytes = 0  # WAL Postgres removed before storage held it (_start_point)
         self._failing = 0  # failed rounds in a row: the retry backs off
         self._listings: dict[str, StoredWal] = {}  # base -> what its prefix holds (kept current)
         self._unstored: collections.deque[tuple[int, float]] = collections.deque()  # (written, first arrived)
@@ -329,11 +331,15 @@ class WalShipper:
             ends.append(local)
         if ends and max(ends) >= restart:
             return max(ends)
-        if ends:
+        start = restart - restart % size
+        lost = start - max(ends) if ends else 0
+        if lost > 0:
+            self.lost_bytes += lost
+            self._count("lost_bytes", lost)
             log.error("WAL of %s from %s to %s is not in storage and no longer on the instance: "
                       "restores past it need the next stored version", self.db_id,
-                      format_lsn(max(ends)), format_lsn(restart))
-        return restart - restart % size
+                      format_lsn(max(ends)), format_lsn(start))
+        return start
 
     async def _renew_slot(self, conn: psycopg.AsyncConnection):
         """Make the slot again if Postgres invalidated it (storage lacked more WAL than

@@ -555,3 +555,30 @@ async def test_shipping_goes_on_after_the_instance_dropped_wal_storage_lacked(in
     await stored_within(ship, last, 30.0)
     await inst.stop()
     assert await ship.stop()
+
+
+async def test_wal_removed_before_storage_held_it_is_counted(instances, s3_backend, s3_proxy):
+    """Storage down, the spool over its budget (receiver paused) and more WAL written than
+    the slot may keep: Postgres removes WAL storage never got. That loss is logged and counted
+    (the metric pgsni_wal_lost_bytes, `lost_bytes` in db info), and shipping goes on after it."""
+    inst = instances()
+    inst.options["max_slot_wal_keep_size"] = "1MB"
+    await started_with_table(inst)
+    events = []
+    ship = shipper(inst, s3_backend, spool_budget=4 << 20, count=lambda e, n: events.append((e, n)))
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    s3_proxy.cut()
+    for n in range(3):
+        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s::int, %s::int) g",
+                       (1000 + n * 30000, 1000 + n * 30000 + 25000))
+        await inst.sql("CHECKPOINT")
+    assert ship.paused
+    s3_proxy.restore()
+    last = await commit(inst, 2)
+    await stored_within(ship, last, 60.0)
+    lost = [n for e, n in events if e == "lost_bytes"]
+    print(f"lost to shipping: {ship.lost_bytes >> 20} MiB")
+    assert ship.lost_bytes > 0 and sum(lost) == ship.lost_bytes
+    await inst.stop()
+    assert await ship.stop()

@@ -64,9 +64,11 @@ async def test_metered_backend_counts_failures_not_answers(tmp_path):
     assert _value(m, "pgsni_storage_errors_total", kind="unavailable") == 2
 
 
-def test_wal_sync_events_are_counted():
+def test_wal_shipping_events_are_counted():
     m = Metrics()
-    m.wal_sync("fallback")
-    m.wal_sync("failed_commits", 3)
+    m.wal_event("fallback")
+    m.wal_event("failed_commits", 3)
+    m.wal_event("lost_bytes", 16 << 20)
     assert _value(m, "pgsni_wal_sync_fallbacks_total") == 1
     assert _value(m, "pgsni_wal_sync_failed_commits_total") == 3
+    assert _value(m, "pgsni_wal_lost_bytes_total") == 16 << 20
