@@ -532,6 +532,15 @@ async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backen
     assert await ids(inst) == committed == list(range(1, 20))
 
 
+async def write_past_the_slot(inst: Instance) -> None:
+    """About 40 MB of WAL with checkpoints: more than a slot limited to 1 MB keeps, so
+    Postgres removes what the receiver has not reported flushed."""
+    for n in range(3):
+        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s::int, %s::int) g",
+                       (1000 + n * 30000, 1000 + n * 30000 + 25000))
+        await inst.sql("CHECKPOINT")
+
+
 @pytest.mark.parametrize("major", MAJORS)
 async def test_shipping_goes_on_after_the_instance_dropped_wal_storage_lacked(instances, s3_backend, s3_proxy, major):
     """Storage down for longer than wal_keep_mb of WAL: Postgres invalidates the slot (and
@@ -544,10 +553,7 @@ async def test_shipping_goes_on_after_the_instance_dropped_wal_storage_lacked(in
     await ship.start()
     await stored_within(ship, await commit(inst, 1), 5.0)
     s3_proxy.cut()
-    for n in range(3):
-        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s::int, %s::int) g",
-                       (1000 + n * 30000, 1000 + n * 30000 + 25000))
-        await inst.sql("CHECKPOINT")
+    await write_past_the_slot(inst)
     (status,), = await inst.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (walship.SLOT,))
     print(f"slot: {status}")
     s3_proxy.restore()
@@ -569,10 +575,7 @@ async def test_wal_removed_before_storage_held_it_is_counted(instances, s3_backe
     await ship.start()
     await stored_within(ship, await commit(inst, 1), 5.0)
     s3_proxy.cut()
-    for n in range(3):
-        await inst.sql("INSERT INTO public.t SELECT g, repeat('y', 500) FROM generate_series(%s::int, %s::int) g",
-                       (1000 + n * 30000, 1000 + n * 30000 + 25000))
-        await inst.sql("CHECKPOINT")
+    await write_past_the_slot(inst)
     assert ship.paused
     s3_proxy.restore()
     last = await commit(inst, 2)
