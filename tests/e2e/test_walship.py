@@ -397,8 +397,12 @@ async def test_a_restored_database_ships_on_its_new_timeline(instances, local_ba
     await inst.start()
     ship = shipper(inst, local_backend)
     await ship.start()
-    await stored_within(ship, await commit(inst, 6, 7), 5.0)
-    assert ship.stored[0] == 2
+    lsn, deadline = await commit(inst, 6, 7), time.monotonic() + 5.0
+    # storage's newest WAL may be timeline 1's branch not taken, beyond `lsn` already: wait
+    # for the shipper to have stored timeline 2's
+    while not (ship.stored and ship.stored[0] == 2 and ship.stored[1] >= lsn):
+        assert time.monotonic() < deadline, f"timeline 2's WAL up to {lsn:X} not stored: {ship.stored}"
+        await asyncio.sleep(0.05)
     await inst.stop()
     assert await ship.stop()
     assert set((await store.listing()).histories) == {2}

@@ -156,6 +156,9 @@ async def test_fallen_back_with_the_spool_over_budget_commits_fail_instead_of_wa
             await inst.sql("INSERT INTO public.t SELECT g, repeat('z', 500) FROM generate_series(10, 30000) g")
     waited = time.monotonic() - began
     print(f"the commit over the spool's budget failed after {waited:.1f} s")
+    deadline = time.monotonic() + 5  # counted once the terminate query has answered
+    while ship.failed_commits < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert ship.paused and ship.failed_commits >= 1
     assert waited < TIMEOUT + 10
 
