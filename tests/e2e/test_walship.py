@@ -458,17 +458,24 @@ async def test_the_instance_keeps_the_wal_storage_does_not_hold(instances, s3_ba
     assert await ship.stop()
 
 
+async def shipping_then_cut(instances, backend, proxy) -> tuple[Instance, Path, walship.WalShipper]:
+    """A new instance with a table (and its base copy) whose shipper has stored row 1, then
+    storage cut off."""
+    inst = instances()
+    base = await started_with_table(inst)
+    ship = shipper(inst, backend)
+    await ship.start()
+    await stored_within(ship, await commit(inst, 1), 5.0)
+    proxy.cut()
+    return inst, base, ship
+
+
 async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(instances, s3_backend, s3_proxy):
     """A `.part` file a dead process left, when the machine restarted since (another boot id):
     the page cache is gone, so its tail may be zeros. It is deleted and the instance streams
     that WAL again (it kept it: nothing past storage was reported flushed); uploading the
     file as it is would store the zeros as WAL and lose the commits after them."""
-    inst = instances()
-    base = await started_with_table(inst)
-    ship = shipper(inst, s3_backend)
-    await ship.start()
-    await stored_within(ship, await commit(inst, 1), 5.0)
-    s3_proxy.cut()
+    inst, base, ship = await shipping_then_cut(instances, s3_backend, s3_proxy)
     await commit(inst, *range(2, 200))
     await inst.sql("CHECKPOINT")  # the slot's position is saved as the instance last heard it
     await asyncio.sleep(0.5)
@@ -507,12 +514,7 @@ async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backen
     copy; the WAL storage lacks stays in the spool (and in the instance: the slot did not
     move) for the next run. Postgres' walsender ends a stream at shutdown only once its
     standby reports flushed all it sent, and this receiver reports only what storage holds."""
-    inst = instances()
-    base = await started_with_table(inst)
-    ship = shipper(inst, s3_backend)
-    await ship.start()
-    await stored_within(ship, await commit(inst, 1), 5.0)
-    s3_proxy.cut()
+    inst, base, ship = await shipping_then_cut(instances, s3_backend, s3_proxy)
     await commit(inst, *range(2, 20))
     await asyncio.sleep(0.5)  # the receiver has it all in the spool
     began = time.monotonic()

@@ -22,6 +22,26 @@ async def _used(manager, db_id: str) -> None:
     manager.release(await manager.acquire(db_id))
 
 
+def _slow_stops(monkeypatch) -> None:
+    """Every postmaster's stop takes a while (a shutdown checkpoint): `stopping` at once,
+    halted 0.3 s later."""
+    stop = FakeProcess.stop
+
+    async def slow_stop(self, timeout):
+        self.stopping = True
+        await asyncio.sleep(0.3)
+        await stop(self, timeout)
+    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+
+
+def _slow_roles_reads(monkeypatch) -> None:
+    """The roles read before a shutdown takes 0.3 s (Postgres' `stopping` is not set meanwhile)."""
+    async def slow_read(self):
+        await asyncio.sleep(0.3)
+        return SECURED
+    monkeypatch.setattr(FakeReader, "read", slow_read)
+
+
 async def test_a_hanging_store_is_told_as_57P03_within_start_timeout(tmp_path, monkeypatch):
     backend = FakeBackend(Store(time.time))
     m = fake_manager(tmp_path, monkeypatch, databases=1, backend=backend, start_timeout=1.0)
@@ -82,13 +102,7 @@ async def test_a_fence_returns_only_once_a_stop_in_progress_has_halted(tmp_path,
     left to itself: the fence returned while the postmaster ran."""
     m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
     await _used(m, "db0")
-    stop = FakeProcess.stop
-
-    async def slow_stop(self, timeout):  # a shutdown checkpoint that takes a while
-        self.stopping = True
-        await asyncio.sleep(0.3)
-        await stop(self, timeout)
-    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    _slow_stops(monkeypatch)
     reaping = asyncio.create_task(m.reap_idle())
     await asyncio.sleep(0.1)  # the idle stop halts the postmaster, holding the lock
     await m.fence()
@@ -104,13 +118,7 @@ async def test_a_client_during_a_fence_does_not_kill_or_restart_the_fenced_insta
     (once a claim succeeded) while the fence still recorded the first one's stop."""
     m = fake_manager(tmp_path, monkeypatch, databases=1)
     await _used(m, "db0")
-    stop = FakeProcess.stop
-
-    async def slow_stop(self, timeout):  # a shutdown checkpoint that takes a while
-        self.stopping = True
-        await asyncio.sleep(0.3)
-        await stop(self, timeout)
-    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    _slow_stops(monkeypatch)
     fencing = asyncio.create_task(m.fence())
     await asyncio.sleep(0.1)  # the fence halts the postmaster
     with pytest.raises(errors.GatewayError) as e:
@@ -128,11 +136,7 @@ async def test_an_idle_stop_leaves_alone_an_instance_a_fence_stops(tmp_path, mon
     second time, beside the fence."""
     m = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=0.0)
     await _used(m, "db0")
-
-    async def slow_read(self):  # the roles read before the shutdown
-        await asyncio.sleep(0.3)
-        return SECURED
-    monkeypatch.setattr(FakeReader, "read", slow_read)
+    _slow_roles_reads(monkeypatch)
     fencing = asyncio.create_task(m.fence())
     await asyncio.sleep(0.1)  # the fence reads the roles
     await m.reap_idle()
@@ -148,13 +152,7 @@ async def test_a_start_that_needs_the_slot_of_a_fenced_instance_waits_for_its_ha
     heartbeat, all clients) frozen, until start_timeout refused it."""
     m = fake_manager(tmp_path, monkeypatch, databases=2, max_instances=1, start_timeout=2.0)
     await _used(m, "db0")
-    stop = FakeProcess.stop
-
-    async def slow_stop(self, timeout):
-        self.stopping = True
-        await asyncio.sleep(0.3)
-        await stop(self, timeout)
-    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    _slow_stops(monkeypatch)
     fencing = asyncio.create_task(m.fence())
     await asyncio.sleep(0.1)  # the fence halts db0, which holds the one slot
     began = time.monotonic()
@@ -192,13 +190,7 @@ async def test_a_requested_stop_or_an_operation_waits_for_the_fence_instead_of_s
     m = fake_manager(tmp_path, monkeypatch, databases=2)
     await _used(m, "db0")
     await _used(m, "db1")
-    stop = FakeProcess.stop
-
-    async def slow_stop(self, timeout):
-        self.stopping = True
-        await asyncio.sleep(0.3)
-        await stop(self, timeout)
-    monkeypatch.setattr(FakeProcess, "stop", slow_stop)
+    _slow_stops(monkeypatch)
     fencing = asyncio.create_task(m.fence())
     await asyncio.sleep(0.1)  # the fence halts both
     assert not await m.stop("db0")  # nothing left to stop once the fence is over
@@ -236,11 +228,7 @@ async def test_an_early_login_is_not_given_an_instance_a_fence_stops(tmp_path, m
     commits no save of this gateway may store, then be cut off by the fast shutdown."""
     m = fake_manager(tmp_path, monkeypatch, databases=1)
     await _used(m, "db0")
-
-    async def slow_read(self):  # the roles read before the shutdown
-        await asyncio.sleep(0.3)
-        return SECURED
-    monkeypatch.setattr(FakeReader, "read", slow_read)
+    _slow_roles_reads(monkeypatch)
     fencing = asyncio.create_task(m.fence())
     await asyncio.sleep(0.1)  # the fence reads the roles: the postmaster still runs
     assert m.database("db0").instance is not None
