@@ -21,6 +21,12 @@ class StorageUnavailable(StorageError):
     """The store could not be reached (after bounded retries), or answered with errors."""
 
 
+class LeaseLost(StorageUnavailable):
+    """This gateway no longer holds the database's lease (its heartbeat lapsed): another
+    gateway may have taken the database over, so nothing of it in storage may change from here
+    until the lease is claimed again."""
+
+
 class UnsafeArchive(StorageError):
     """An archive tried to write outside its target, held a device file, or grew too big."""
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 from . import archive, filelist
 from .backend import Backend
-from .errors import CorruptArchive, NotFound, PreconditionFailed, StorageError, disk_full_as
+from .errors import CorruptArchive, LeaseLost, NotFound, PreconditionFailed, StorageError, disk_full_as
 from .roles import Role
 from .streams import feed_thread
 from .wal import WalStore, parse_lsn
@@ -164,6 +164,10 @@ class SnapshotStore:
         self.keep_days = keep_days
         # called as on_transfer("save" | "restore", archive bytes, seconds) after each success
         self.on_transfer: Callable[[str, int, float], None] | None = None
+        # whether this gateway may still change a database in storage (it holds its lease:
+        # storage/leases.py `holds`); asked right before the pointer of a stored database moves
+        # and before a database is deleted, however long the work before took
+        self.may_change: Callable[[str], bool] | None = None
 
     # --- reading ----------------------------------------------------------------------------
     async def current(self, db_id: str) -> Current | None:
@@ -292,8 +296,16 @@ class SnapshotStore:
         await self._point(db_id, version, expect)
         return manifest
 
+    def _check_held(self, db_id: str, doing: str) -> None:
+        if self.may_change is not None and not self.may_change(db_id):
+            raise LeaseLost(f"this gateway's lease on database {db_id} lapsed (storage unreachable "
+                            f"for too long) before it {doing}; another gateway may have taken "
+                            f"the database over. Try again")
+
     async def _point(self, db_id: str, version: str, expect: Current | None) -> None:
         data = json.dumps({"version": version}).encode()
+        if expect is not None:  # a new database's first pointer is written only if absent
+            self._check_held(db_id, f"made version {version} current (the version is kept)")
         try:
             if expect is None:
                 await self.backend.put(_Keys(db_id).pointer, data, if_none_match=True)
@@ -368,6 +380,7 @@ class SnapshotStore:
         await self.backend.delete([o.key for o in objs])
 
     async def delete_database(self, db_id: str) -> None:
+        self._check_held(db_id, "deleted the database from storage (nothing was deleted there)")
         keys = _Keys(db_id)
         await self.backend.delete([o.key for o in await self.backend.list(keys.base)])
 

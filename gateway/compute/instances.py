@@ -41,6 +41,7 @@ class InstanceManager:
         # name it are marked in the data root, for a restart to give up what a crash left
         leases = Leases(databases.store.backend, lambda: settings.gateway_id or self.catalog.identity(),
                         settings.lease_seconds, marks=LeaseMarks(self.catalog.root / ".leases"))
+        databases.store.may_change = leases.holds  # no pointer moves once the lease lapsed
         self.shared = Shared(settings, databases, leases, self.launcher, Metrics(),
                              TokenBucket(settings.wake_rate, settings.wake_burst))
         self.leases = leases

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import psycopg
+import pytest
 
 from storage.errors import StorageUnavailable
 
@@ -129,3 +130,91 @@ def test_a_fence_waits_for_a_save_in_progress(start_gateway, tls):
     gw.call(lambda: instances.stop("saving", "test"))
     wait_until(lambda: fences, timeout=5, what="the fence (the heartbeat lapsed during the save)")
     assert saved and fences[0] > saved[0], "the fence returned while the save went on"
+
+
+def _ops(gw):
+    from gateway.ops.operations import Ops
+    g = gw.gw
+    return Ops(g.settings, g.catalog, g.databases, g.instances)
+
+
+def _pointer(gw, db_id: str) -> str:
+    return gw.call(lambda: gw.gw.databases.current(db_id, fresh=True)).manifest.version
+
+
+def _stored_then_written(gw, tls, db_id: str) -> str:
+    """Create `db_id`, stop it (its first version, returned), then write a row: it runs again,
+    with unsaved changes."""
+    gw.create_db(db_id)
+    gw.call(lambda: gw.gw.instances.stop(db_id, "test"))
+    first = _pointer(gw, db_id)
+    with psycopg.connect(conninfo(gw.port, tls["ca"], db_id), autocommit=True) as conn:
+        conn.execute("create table t(x int); insert into t values (1)")
+    return first
+
+
+def test_an_operation_whose_lease_lapsed_moves_no_pointer(start_gateway, tls, monkeypatch):
+    """An operation holds its database under the lease it claimed at its start; one whose
+    lease lapses while it works (storage slow: another gateway may take the database over
+    meanwhile) must not move the database's pointer at its end, however its work went. Before,
+    only the stop-time save and the base backups looked at the lease, and only at their start."""
+    gw = start_gateway(lease_seconds=30, durability="snapshot")
+    first = _stored_then_written(gw, tls, "opl")
+    gw.call(lambda: gw.gw.instances.stop("opl", "test"))
+    second = _pointer(gw, "opl")
+    assert second != first
+    store, leases = gw.gw.databases.store, gw.gw.instances.leases
+    manifest = store.manifest
+
+    async def lapse_meanwhile(db_id, version):  # the roll-back reads its target, then points
+        found = await manifest(db_id, version)
+        leases.held.discard(db_id)  # what a lapse does to the holdings, whatever comes after
+        return found
+    monkeypatch.setattr(store, "manifest", lapse_meanwhile)
+    with pytest.raises(Exception, match="lease on database opl lapsed"):
+        gw.call(lambda: _ops(gw).restore("opl", first))
+    monkeypatch.setattr(store, "manifest", manifest)
+    assert leases.valid() and _pointer(gw, "opl") == second
+    # claimed again, the same roll-back goes through
+    gw.call(lambda: _ops(gw).restore("opl", first))
+    assert _pointer(gw, "opl") == first
+
+
+def test_a_save_whose_lease_lapsed_during_its_upload_moves_no_pointer(start_gateway, tls, monkeypatch):
+    """The stop-time save looked at the lease before its upload only: a lapse during the
+    upload (slow storage) left the pointer to be moved all the same. Now the version is kept,
+    not made current, the copy stays unsaved, and the save is retried under a fresh claim."""
+    gw = start_gateway(lease_seconds=30, durability="snapshot")
+    first = _stored_then_written(gw, tls, "savl")
+    store, leases = gw.gw.databases.store, gw.gw.instances.leases
+    upload = store.backend.upload_file
+
+    async def lapse_meanwhile(key, path):
+        done = await upload(key, path)
+        leases.held.discard("savl")
+        return done
+    monkeypatch.setattr(store.backend, "upload_file", lapse_meanwhile)
+    gw.call(lambda: gw.gw.instances.stop("savl", "test"))
+    monkeypatch.setattr(store.backend, "upload_file", upload)
+    assert _pointer(gw, "savl") == first
+    assert gw.gw.databases.state("savl").dirty  # kept, to be saved again
+    gw.call(gw.gw.instances.maintain, timeout=60)  # the retry claims the lease again
+    assert not gw.gw.databases.state("savl").dirty and _pointer(gw, "savl") != first
+    with psycopg.connect(conninfo(gw.port, tls["ca"], "savl")) as conn:
+        assert conn.execute("select x from t").fetchall() == [(1,)]
+
+
+def test_a_delete_whose_lease_lapsed_leaves_storage_alone(start_gateway, monkeypatch):
+    gw = start_gateway(lease_seconds=30, durability="snapshot")
+    gw.create_db("dell")
+    gw.call(lambda: gw.gw.instances.stop("dell", "test"))
+    catalog, leases = gw.gw.catalog, gw.gw.instances.leases
+    delete = catalog.delete
+
+    def lapse_meanwhile(db_id):  # the local copy goes first, then storage's objects
+        delete(db_id)
+        leases.held.discard(db_id)
+    monkeypatch.setattr(catalog, "delete", lapse_meanwhile)
+    with pytest.raises(Exception, match="lease on database dell lapsed"):
+        gw.call(lambda: _ops(gw).delete("dell", force=True))
+    assert gw.call(lambda: gw.gw.databases.current("dell", fresh=True)) is not None
