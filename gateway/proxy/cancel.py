@@ -108,9 +108,14 @@ class CancelTable:
 async def cancel_over_socket(socket_path: Path, key: p.BackendKeyData, timeout: float) -> None:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket_path)), timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        log.warning("forwarding a cancel request failed: %s", e)
+        return
+    try:
         writer.write(p.CancelRequest(key.pid, key.secret).encode())
         await writer.drain()
         await asyncio.wait_for(reader.read(), timeout)  # the server closes when done
-        writer.close()
     except (OSError, asyncio.TimeoutError) as e:
         log.warning("forwarding a cancel request failed: %s", e)
+    finally:
+        writer.close()

@@ -60,3 +60,31 @@ async def test_only_unknown_keys_go_elsewhere_and_a_relayed_one_never_does():
     assert sent == [p.BackendKeyData(7, b"back")]
     assert await table.cancel(unknown) == "relayed" and relayed == [unknown]
     assert await table.cancel_here(unknown) is False and relayed == [unknown]  # from a peer: never further
+
+
+async def test_a_cancel_over_a_socket_closes_it_also_when_the_server_does_not_answer(tmp_path):
+    """The server reads the request and never closes: once the wait ends the gateway closes
+    its end (before, only a server that closed first got it closed; else the socket stayed
+    open until the garbage collector found it)."""
+    import asyncio
+    import gc
+
+    from gateway.proxy.cancel import cancel_over_socket
+
+    ended = asyncio.Event()
+
+    async def never_answers(reader, writer):
+        await reader.readexactly(16)  # the CancelRequest
+        await reader.read()  # until the gateway closes its end
+        ended.set()
+        writer.close()
+
+    path = tmp_path / ".s.PGSQL.5432"
+    server = await asyncio.start_unix_server(never_answers, str(path))
+    gc.disable()
+    try:
+        await cancel_over_socket(path, p.BackendKeyData(1, b"abcd"), timeout=0.2)
+        await asyncio.wait_for(ended.wait(), 2.0)
+    finally:
+        gc.enable()
+        server.close()
