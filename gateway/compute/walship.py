@@ -299,7 +299,9 @@ class WalShipper:
                 self.last_error = f"WAL receiver: {e!r}"
                 log.exception("WAL receiver of %s failed", self.db_id)
             finally:
-                if self._streaming_since is not None:  # down since the last stream that ran
+                # down since the last stream that ran: one refused at its start (no WAL position
+                # yet) did not, or retries refused at once would keep stuck_for near 0 for ever
+                if self._streaming_since is not None and receiver.written is not None:
                     self._down_since = time.monotonic()
                 self.receiver, self._streaming_since = None, None
                 await receiver.close()

@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from gateway.compute import dbroles, walship
+from gateway.compute import dbroles, walreceiver, walship
 from storage.wal import parse_lsn
 
 from .test_walship import (  # noqa: F401  (fixtures)
@@ -183,3 +183,27 @@ async def restored_has(inst: Instance, base, backend, rows: list[int]) -> None:
     assert await ids(inst) == sorted(rows)
 
 
+
+
+async def test_commits_fail_after_the_timeout_while_the_instance_refuses_every_stream(instances, s3_backend, monkeypatch):
+    """The instance refuses each new stream at once (for example its slot's WAL is gone): a
+    stream refused before it began counted as one that ran, so each retry restarted the clock
+    of `stuck_for` and the waiting commits outlived sync_timeout by the receiver's backoff
+    (up to 10 s a retry: with a timeout above that, for ever)."""
+    inst, _ = await started_sync(instances)
+    ship = shipper(inst, s3_backend, sync=True, sync_timeout=TIMEOUT)
+    await ship.start()
+    await commit(inst, 1)
+
+    async def refused(self, start):
+        raise walreceiver.ReceiverError("START_REPLICATION refused by the instance (test)")
+    monkeypatch.setattr(walship.WalReceiver, "stream", refused)
+    await ship.receiver.close()  # the stream ends; every new one is refused
+    began = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        await commit(inst, 2)
+    waited = time.monotonic() - began
+    print(f"the commit waited {waited:.1f} s, then its session ended")
+    assert waited < TIMEOUT + 3
+    await inst.stop()
+    await ship.stop(timeout=0.1)
