@@ -128,6 +128,10 @@ def db_info(ctx: click.Context, db_id: str) -> None:
                  ("WAL not yet stored", f"{human_bytes(r.wal['lag_bytes'] or 0)}, {r.wal['lag_seconds']} s"
                   + (f"; {r.wal['upload_errors']} failed upload round(s): {r.wal['last_error']}"
                      if r.wal["upload_errors"] else ""))]
+        if r.wal.get("lost_bytes"):
+            rows.append(("WAL lost to shipping", human_bytes(r.wal["lost_bytes"])
+                         + (f"; restores reach {r.wal['lost_after']} until a base backup after it is "
+                            "stored" if r.wal.get("lost_after") else "; a base backup after it is stored")))
     if r.restorable:
         rows.append(("restorable", f"{r.restorable['from']} to {r.restorable['to']}"
                      + ("" if r.restorable["rpo_seconds"] is None else " (now minus the WAL lag)")))

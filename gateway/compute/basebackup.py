@@ -133,6 +133,8 @@ def due(inst: Instance, settings: Settings, now: float | None = None) -> str | N
     shipper = inst.shipper
     if shipper is None or shipper.store is None or shipper.stored_lsn is None:
         return None
+    if shipper.hole is not None:
+        return f"WAL up to {format_lsn(shipper.hole[1])} was lost to shipping: no stored version restores past it"
     if inst.base_lsn is None:
         inst.base_lsn = shipper.stored_lsn
     since = shipper.stored_lsn - inst.base_lsn

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import shutil
 from pathlib import Path
@@ -106,7 +107,10 @@ async def shipping(inst: Instance) -> dict | None:
             "paused": shipper.paused, "last_error": shipper.last_error,
             "sync": shipper.sync, "degraded": shipper.degraded,
             "sync_fallbacks": shipper.fallbacks, "sync_failed_commits": shipper.failed_commits,
-            "lost_bytes": shipper.lost_bytes}
+            "lost_bytes": shipper.lost_bytes,
+            # WAL was lost and no base backup after it is current yet: restores reach only to then
+            "lost_after": None if shipper.hole_after is None else
+            dt.datetime.fromtimestamp(shipper.hole_after, dt.timezone.utc).isoformat()}
 
 
 def lag(instances) -> tuple[int, float]:

@@ -457,7 +457,7 @@ class Database:
             durability.instance_options(inst, self.s.settings, self._base())
             await self.launcher.launch(inst)
             await durability.start_shipping(inst, self.s.settings, self.databases.store.backend,
-                                            self.catalog.root, self._base(), count=self.s.metrics.wal_event)
+                                            self.catalog.root, self._base(), count=self._wal_event)
             self._check_lease()  # lapsed while it started: stopped before serving anyone
         except BaseException as e:
             inst.process.kill_group()
@@ -812,6 +812,8 @@ class Database:
                     f"stored: version {manifest.version} is kept, not made current")
             await self.databases.base_made_current(self.id, manifest, cur)
         inst.base_lsn, inst.base_at = taken.start_lsn, time.time()
+        if inst.shipper is not None:
+            inst.shipper.base_taken(taken.timeline, taken.start_lsn)
         log.info("base backup of %s stored as %s in %.1f s (%s; WAL %s to %s)", self.id,
                  manifest.version, time.monotonic() - began, reason, manifest.base_backup["start_lsn"],
                  manifest.base_backup["end_lsn"])
@@ -821,6 +823,14 @@ class Database:
             log.warning("retention after the base backup of %s failed: %s", self.id, e)
         return manifest
 
+    def _wal_event(self, event: str, n: int) -> None:
+        """The shipper's events, for the metrics; after WAL was lost to shipping, a base backup
+        at once (fast checkpoint): no stored version restores past the hole until one is
+        current, and in durability=sync the commits after it wait for that."""
+        self.s.metrics.wal_event(event, n)
+        if event == "lost_bytes":
+            asyncio.get_running_loop().call_soon(self.base_backup_if_due)
+
     def base_backup_if_due(self) -> None:
         """Start a base backup in the background if one is due (basebackup.due)."""
         inst = self.instance
@@ -829,12 +839,13 @@ class Database:
             return
         why = basebackup.due(inst, self.s.settings)
         if why is not None:
-            self._base_task = asyncio.create_task(self._due_base_backup(why),
+            urgent = inst.shipper is not None and inst.shipper.hole is not None  # see _wal_event
+            self._base_task = asyncio.create_task(self._due_base_backup(why, fast=urgent),
                                                   name=f"basebackup-{self.id}")
 
-    async def _due_base_backup(self, why: str) -> None:
+    async def _due_base_backup(self, why: str, *, fast: bool) -> None:
         try:
-            await self.base_backup(why, fast=False)
+            await self.base_backup(why, fast=fast)
         except asyncio.CancelledError:
             log.info("base backup of %s given up: the database stopped", self.id)
         except Exception as e:  # noqa: BLE001 -- logged; tried again later

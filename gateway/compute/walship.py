@@ -149,6 +149,11 @@ class WalShipper:
         self.fallbacks = 0  # times sync fell back to async
         self.failed_commits = 0  # sessions ended with their commit waiting (sync_fallback=fail)
         self.lost_bytes = 0  # WAL Postgres removed before storage held it (_start_point)
+        # where the last such loss ends (timeline, LSN): no stored version restores past it
+        # until a base backup taken after it is current (`base_taken`)
+        self.hole: tuple[int, int] | None = None
+        self.hole_after: float | None = None  # until then (unix time) restores reach, meanwhile
+        self._stored_at = time.time()  # when `stored` last moved (unix time)
         self._failing = 0  # failed rounds in a row: the retry backs off
         self._listings: dict[str, StoredWal] = {}  # base -> what its prefix holds (kept current)
         self._unstored: collections.deque[tuple[int, float]] = collections.deque()  # (written, first arrived)
@@ -336,6 +341,7 @@ class WalShipper:
         start = restart - restart % size
         lost = start - max(ends) if ends else 0
         if lost > 0:
+            self.hole, self.hole_after = (timeline, start), self._stored_at
             self.lost_bytes += lost
             self._count("lost_bytes", lost)
             log.error("WAL of %s from %s to %s is not in storage and no longer on the instance: "
@@ -374,6 +380,8 @@ class WalShipper:
             return 0
         if self.degraded:
             return synced
+        if self.sync and self.hole is not None:
+            return 0  # what follows a hole restores only from a base backup after it (base_taken)
         stored = self.stored
         timeline = self.receiver.timeline if self.receiver else None
         if stored is None or stored[0] != timeline:
@@ -548,15 +556,27 @@ class WalShipper:
         acknowledged for): WAL stored past one does not move `stored`."""
         if store is not self.store or (self.stored is not None and (tli, lsn) <= self.stored):
             return
-        if self.sync and self.stored is not None and self.stored[0] == tli and start > self.stored[1]:
+        if self.sync and self.stored is not None and self.stored[0] == tli and start > self.stored[1] \
+                and (tli, start) != self.hole:  # the hole of a loss counted (_start_point) is known
             log.warning("WAL of %s stored from %s, past a hole at %s: not counted as stored",
                         self.db_id, format_lsn(start), format_lsn(self.stored[1]))
             return
-        self.stored = (tli, lsn)
+        self.stored, self._stored_at = (tli, lsn), time.time()
         while self._unstored and self._unstored[0][0] <= lsn:
             self._unstored.popleft()
         if self.receiver is not None:
             self.receiver.report()  # durability=sync: the commits waiting for this return now
+
+    def base_taken(self, timeline: int, start_lsn: int) -> None:
+        """A base backup that starts at `start_lsn` is the current version now: a hole before
+        it no longer keeps what follows from being restored (in durability=sync, the commits
+        held for it return)."""
+        if self.hole is not None and (timeline, start_lsn) >= self.hole:
+            log.info("WAL of %s after the loss at %s is restorable again (base backup from %s)",
+                     self.db_id, format_lsn(self.hole[1]), format_lsn(start_lsn))
+            self.hole = self.hole_after = None
+            if self.receiver is not None:
+                self.receiver.report()
 
     def _files(self, spool: Path) -> list[tuple[int, int, int, str, Path]]:
         """The WAL files of a spool in order: (timeline, LSN of its first byte, size, kind, path)."""

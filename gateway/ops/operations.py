@@ -548,6 +548,9 @@ def restorable_range(versions: list[Version], current: str | None, wal: dict | N
     now = dt.datetime.now(dt.timezone.utc)
     if wal is not None:
         to, rpo = now - dt.timedelta(seconds=wal["lag_seconds"]), wal["lag_seconds"]
+        if wal.get("lost_after"):  # WAL lost to shipping, no base backup after it yet
+            to = min(to, dt.datetime.fromisoformat(wal["lost_after"]))
+            rpo = round((now - to).total_seconds(), 3)
     else:
         to, rpo = snapshots.version_time(current or "") or max(times), None
     return {"from": min(times).isoformat(), "to": to.isoformat(), "rpo_seconds": rpo}

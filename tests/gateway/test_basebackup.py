@@ -23,8 +23,8 @@ START TIMELINE: 2
 """
 
 
-def _inst(stored: int | None, base: int | None, base_at: float = 1000.0):
-    shipper = SimpleNamespace(store=SimpleNamespace(segment_size=SEG), stored_lsn=stored)
+def _inst(stored: int | None, base: int | None, base_at: float = 1000.0, hole=None):
+    shipper = SimpleNamespace(store=SimpleNamespace(segment_size=SEG), stored_lsn=stored, hole=hole)
     return SimpleNamespace(shipper=shipper, base_lsn=base, base_at=base_at)
 
 
@@ -43,6 +43,13 @@ def test_due_by_age_once_a_segment_was_written():
     assert basebackup.due(_inst(SEG + SEG - 1, SEG), settings, now=1000.0 + day) is None  # too little
     assert basebackup.due(_inst(2 * SEG, SEG), settings, now=1000.0 + day - 1) is None  # too young
     assert "24.0 hours old" in basebackup.due(_inst(2 * SEG, SEG), settings, now=1000.0 + day)
+
+
+def test_due_at_once_after_wal_was_lost_to_shipping():
+    """No stored version restores past a hole in the WAL, whatever the size and age settings."""
+    off = Settings(base_backup_wal_mb=0, base_backup_hours=0)
+    assert basebackup.due(_inst(2 * SEG, SEG), off) is None
+    assert "lost to shipping" in basebackup.due(_inst(2 * SEG, SEG, hole=(1, 2 * SEG)), off)
 
 
 def test_the_first_look_sets_the_base_where_storage_is():

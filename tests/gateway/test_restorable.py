@@ -33,3 +33,9 @@ def test_a_running_database_reaches_now_minus_its_lag():
 
 def test_no_versions_no_range():
     assert restorable_range([], None, None) is None
+
+
+def test_wal_lost_to_shipping_ends_the_range_until_a_base_backup_after_it():
+    lost = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=60)
+    got = restorable_range([Version(OLD, 1, True)], OLD, {"lag_seconds": 0.5, "lost_after": lost.isoformat()})
+    assert got["to"] == lost.isoformat() and 59 < got["rpo_seconds"] < 62
