@@ -44,7 +44,9 @@ class ClientInfo:
     cert_pem: str | None = None  # the certificate presented in this TLS handshake
     tls_version: str | None = None
     cipher: str | None = None
-    handed: bool = False  # its TLS ended at another gateway, which handed the session here
+    # another gateway (or worker) handed the client here, after its TLS ended there or before
+    # it began: its session is never handed over again
+    handed: bool = False
 
     def settings(self) -> dict[str, str]:
         """What the backend cannot know (it sees a unix socket), as custom settings a session

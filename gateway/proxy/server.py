@@ -152,7 +152,7 @@ class Listener:
         else how a handed-over client opened TLS (it begins on `sock` now)."""
         try:
             opened = await asyncio.wait_for(self._open(sock, peer) if direct is None
-                                            else self._start_tls(sock, peer, direct),
+                                            else self._start_tls(sock, peer, direct, handed=True),
                                             self.ctx.settings.handshake_timeout)
         except (asyncio.TimeoutError, OSError, ssl.SSLError, ConnectionError, p.ProtocolViolation) as e:
             log.debug("connection from %s dropped during opening: %r", peer, e)
@@ -214,7 +214,9 @@ class Listener:
         reader = p.MessageReader(startup=True, max_length=self.ctx.settings.max_message_size)
         return PgConnection(reader, prefix=prefix)
 
-    async def _start_tls(self, sock: socket.socket, peer: str, direct: bool) -> tuple[PgConnection, ClientInfo]:
+    async def _start_tls(self, sock: socket.socket, peer: str, direct: bool, *,
+                         handed: bool = False) -> tuple[PgConnection, ClientInfo]:
+        """TLS on `sock`; `handed`: the client was handed here by another gateway before it."""
         loop = asyncio.get_running_loop()
         conn = self._new_connection()
         cert_pem = self.ctx.cert_pem  # the certificate this handshake presents, for channel binding
@@ -223,16 +225,17 @@ class Listener:
             lambda: conn, sock, ssl=self.ctx.ssl_context,
             ssl_handshake_timeout=self.ctx.settings.handshake_timeout,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
-        return conn, _tls_client(transport, peer, direct, cert_pem)
+        return conn, _tls_client(transport, peer, direct, cert_pem, handed)
 
 
-def _tls_client(transport: asyncio.BaseTransport, peer: str, direct: bool, cert_pem: str | None) -> ClientInfo:
+def _tls_client(transport: asyncio.BaseTransport, peer: str, direct: bool, cert_pem: str | None,
+                handed: bool) -> ClientInfo:
     sslobj = transport.get_extra_info("ssl_object")
     alpn = sslobj.selected_alpn_protocol() if sslobj else None
     log.debug("TLS from %s: direct=%s sni=%s alpn=%s", peer, direct, server_name(sslobj), alpn)
     cipher = sslobj.cipher() if sslobj else None
     return ClientInfo(peer, True, server_name(sslobj), cert_pem,
-                      sslobj.version() if sslobj else None, cipher[0] if cipher else None)
+                      sslobj.version() if sslobj else None, cipher[0] if cipher else None, handed)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
