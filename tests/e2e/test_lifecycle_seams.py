@@ -15,7 +15,15 @@ import pytest
 
 from gateway.compute import dbroles
 
+from storage.snapshots import SnapshotStore
+
 from ..support.harness import TEST_PASSWORD, connect_sqlstate, conninfo, postmasters, started_at, wait_until
+
+
+def another_gateways_store(gw) -> SnapshotStore:
+    """The same storage as another gateway sees it (this gateway's own store refuses to move
+    the pointer of a database whose lease it does not hold)."""
+    return SnapshotStore(gw.databases.store.backend, gw.catalog.root / ".spool-other")
 
 
 def _connect_all(port: int, ca, ids: list[str], *, hold: float = 0.0) -> list[BaseException | None]:
@@ -133,7 +141,7 @@ def test_a_restore_reads_the_version_pointer_fresh(start_gateway, tls):
 
     async def another_gateway_moves_the_pointer_back():
         # as if another gateway had saved: the pointer moves behind this gateway's cache
-        await gw.databases.store.set_current("ptr", first.manifest.version, second)
+        await another_gateways_store(gw).set_current("ptr", first.manifest.version, second)
         await asyncio.to_thread(gw.catalog.delete, "ptr")  # no local copy: restored on connect
     gateway.call(another_gateway_moves_the_pointer_back)
     with psycopg.connect(dsn) as conn:
@@ -243,7 +251,7 @@ def test_changes_storage_moved_past_are_set_aside_logged_and_listed(start_gatewa
     gw.databases.save_state("moved", state)
 
     async def another_gateway_saved_meanwhile():
-        await gw.databases.store.set_current("moved", first.manifest.version, second)
+        await another_gateways_store(gw).set_current("moved", first.manifest.version, second)
     gateway.call(another_gateway_saved_meanwhile)
     wait_until(lambda: "moved" not in gw.instances.leases.held, what="the lease given up")
     with psycopg.connect(dsn) as conn:  # the stored version, without table t
