@@ -132,6 +132,8 @@ class Leases:
         self._locks: dict[str, asyncio.Lock] = {}  # a claim and a release of one id never overlap
         self._drain_waits: dict[str, asyncio.Future] = {}
         self._beat_at: float | None = None  # monotonic start of the last successful heartbeat
+        self._fence: asyncio.Future | None = None  # keep_alive's on_expired, while it runs
+        self._fencing: set[str] = set()  # the lapsed holdings it stops
         # what this gateway publishes in its heartbeat, for links between gateways: (address,
         # load); set, the heartbeat is renewed even while it holds nothing, so peers find it
         self.advertise: Callable[[], tuple[str, dict[str, int]]] | None = None
@@ -416,19 +418,33 @@ class Leases:
 
     async def keep_alive(self, on_expired: Callable[[], Awaitable[None]]) -> None:
         """One round. Its storage work takes at most `beat_timeout` in all (releases that do not
-        fit are left for the next round), so a hanging store cannot delay `on_expired`."""
+        fit are left for the next round), so a hanging store cannot delay `on_expired`. Once
+        the heartbeat lapsed, `on_expired` runs once, in the background, and each round waits
+        for it up to ttl/3 before it goes on renewing: the lapsed leases are given up only
+        once it has returned."""
         if not self.enabled or not (self.held or self._unreleased or self.lapsed or self.advertise):
             return
-        deadline = asyncio.get_running_loop().time() + self.beat_timeout
         try:
             await self.beat()
         except StorageError as e:
             log.warning("renewing this gateway's lease heartbeat failed: %s", e)
-        if self.fencing_needed():
+        if self._fence is None and self.fencing_needed():
             log.error("lease heartbeat not renewed for %.0f s: stopping this gateway's databases "
                       "so another gateway can safely take them over", self.ttl - self.margin)
-            await on_expired()
-            self.lapsed.clear()
+            self._fencing = set(self.lapsed)
+            self._fence = asyncio.ensure_future(on_expired())
+            self._fence.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen below
+        if self._fence is not None:
+            # the fence waits for what must end first (a save in progress, bounded by the
+            # storage's timeouts): meanwhile the rounds go on renewing the heartbeat, or what
+            # this gateway claimed since would lapse in turn
+            done, _ = await asyncio.wait({self._fence}, timeout=self.ttl / 3)
+            if not done:
+                return
+            fence, self._fence = self._fence, None
+            fence.result()  # a fence that failed is run again next round: its holdings stay lapsed
+            self.lapsed -= self._fencing
+        deadline = asyncio.get_running_loop().time() + self.beat_timeout
         try:  # only now: a lapsed lease is given up after its instance has stopped
             async with asyncio.timeout_at(deadline):
                 await self.release_idle()

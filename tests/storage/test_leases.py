@@ -364,3 +364,29 @@ async def test_a_draining_holder_is_told_apart_and_waited_for_until_it_lets_go(s
     assert await asyncio.gather(*waiting) == [True, True, True]
     assert await b.claim("db1")
     assert not await b.drained("db1")  # held by the asking gateway itself
+
+
+async def test_the_heartbeat_is_renewed_while_a_fence_waits(store, clock):
+    """The fence waits for what must end first (a save in progress: an upload, bounded only by
+    the storage's timeouts). keep_alive awaited it, so no heartbeat was renewed meanwhile and a
+    database claimed after the lapse lapsed in turn. Now the fence runs once in the
+    background, the rounds go on renewing, and the lapsed lease is given up after it."""
+    a = Leases(FakeBackend(store), "gw-a", 3.0, margin=0.5, clock=clock, monotonic=clock)
+    await a.claim("x")
+    clock.now += 2.6  # past ttl - margin without a renewal: x lapsed
+    ends, fences = asyncio.Event(), []
+
+    async def slow_fence() -> None:
+        fences.append(clock.now)
+        await ends.wait()
+    await asyncio.wait_for(a.keep_alive(slow_fence), 3)
+    assert fences and a.fencing_needed()  # still fencing
+    assert lease_holder(store, "x") == "gw-a"  # not given up before the fence returns
+    await a.claim("y")  # claimed while the fence runs
+    for _ in range(4):  # 4 s of rounds; y's heartbeat would lapse after 2.5 s
+        clock.now += 1.0
+        await asyncio.wait_for(a.keep_alive(slow_fence), 3)
+    assert a.holds("y") and len(fences) == 1  # renewed; one fence, not one per round
+    ends.set()
+    await asyncio.wait_for(a.keep_alive(slow_fence), 3)
+    assert not a.fencing_needed() and lease_holder(store, "x") is None and a.holds("y")
