@@ -101,9 +101,10 @@ def _boot_id() -> str:
         return ""  # not Linux: every restart counts as the same boot
 
 
-def close_leftovers(spool: Path) -> None:
+def close_leftovers(spool: Path, *, current: bool = True) -> None:
     """Close the `.part` files an earlier receiver left (its process died): fsynced and marked
-    closed, or deleted if the machine restarted since they were written (see the module doc)."""
+    closed, or deleted if the machine restarted since they were written (see the module doc).
+    `current`: the spool of the version the instance runs on, whose WAL it streams again."""
     boot, mark = _boot_id(), spool / BOOT_MARK
     try:
         rebooted = mark.read_text().strip() != boot
@@ -113,8 +114,10 @@ def close_leftovers(spool: Path) -> None:
         if not parse_part_name(path.name):
             continue
         if rebooted:
-            log.warning("%s was written before the machine restarted: deleted (the instance streams "
-                        "it again; it was never reported flushed)", path)
+            log.warning("%s was written before the machine restarted: deleted (%s)", path,
+                        "the instance streams it again; it was never reported flushed" if current else
+                        "WAL of a version the database has moved on from: not in storage, so a "
+                        "restore to a point in it stops before it")
             path.unlink()
             continue
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -270,8 +270,12 @@ class WalShipper:
         self._close_leftovers()  # before anything reads the spool: a dead process's files
 
     def _close_leftovers(self) -> None:
+        """In every spool, the current one and those of versions the copy has moved on from
+        (whose WAL nobody streams again): a `.part` a dead process left after the machine
+        restarted may end in zeros, and is never uploaded."""
         with self._spool_lock:  # a cancelled receiver's thread may still be closing its file
-            close_leftovers(self.spool)
+            for spool in self._spools():
+                close_leftovers(spool, current=spool == self.spool)
 
     # --- receiving -------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:

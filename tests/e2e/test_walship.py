@@ -509,6 +509,43 @@ async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(inst
     assert await ids(inst) == committed
 
 
+async def test_a_spool_file_left_before_a_machine_restart_under_an_older_version_is_not_uploaded(
+        instances, s3_backend, s3_proxy):
+    """The same `.part` (its tail zeros after the restart), in the spool of a version the copy
+    has moved on from (saved as a new version before its next run): nobody streams that WAL
+    again, and uploading it as it is stores the zeros as that version's WAL (a restore to a
+    point in it would stop there without a word). It is deleted, as in the current spool: that
+    WAL is then missing, which a restore into that span reports."""
+    inst, base, ship = await shipping_then_cut(instances, s3_backend, s3_proxy)
+    await commit(inst, *range(2, 200))
+    await asyncio.sleep(0.5)
+    inst.kill()
+    await ship.stop(timeout=0.1)
+    spool = ship.spool
+    newest = max((p for p in spool.iterdir() if walship.parse_part_name(p.name)),
+                 key=lambda p: walship.parse_part_name(p.name)[:2])
+    left = newest.with_name(newest.name.rsplit(".", 1)[0] + ".part")
+    newest.rename(left)
+    with open(left, "r+b") as f:
+        f.seek(left.stat().st_size // 2)
+        f.write(bytes(left.stat().st_size - left.stat().st_size // 2))
+    (spool / ".boot_id").write_text("a boot before this one\n")
+    old_prefix = ship.store.prefix
+    s3_proxy.restore()
+    before = {o.key for o in await s3_backend.list(old_prefix)}
+    await inst.start()
+    ship = walship.WalShipper(s3_backend, DB, inst.socket_dir, inst.root / "spool", rpo_seconds=RPO,
+                              base="20261204T000000.000Z-111111")  # the version saved since
+    await ship.start()
+    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
+    await stored_within(ship, parse_lsn(flushed), 30.0)
+    await inst.stop()
+    assert await ship.stop()
+    assert not left.exists()
+    added = {o.key for o in await s3_backend.list(old_prefix)} - before
+    assert not added, f"the left-over file was uploaded: {sorted(added)}"
+
+
 async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backend, s3_proxy):
     """durability=async with storage down: a fast shutdown ends in moments and leaves a clean
     copy; the WAL storage lacks stays in the spool (and in the instance: the slot did not
