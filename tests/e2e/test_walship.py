@@ -470,16 +470,16 @@ async def shipping_then_cut(instances, backend, proxy) -> tuple[Instance, Path, 
     return inst, base, ship
 
 
-async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(instances, s3_backend, s3_proxy):
-    """A `.part` file a dead process left, when the machine restarted since (another boot id):
-    the page cache is gone, so its tail may be zeros. It is deleted and the instance streams
-    that WAL again (it kept it: nothing past storage was reported flushed); uploading the
-    file as it is would store the zeros as WAL and lose the commits after them."""
-    inst, base, ship = await shipping_then_cut(instances, s3_backend, s3_proxy)
+async def killed_leaving_a_torn_part(instances, backend, proxy) -> tuple[Instance, Path, walship.WalShipper, Path]:
+    """Ship row 1, cut storage, commit rows 2..199, then the machine loses power (postmaster and
+    gateway at once) and restarts: the receiver's newest spool file is left as a `.part` whose
+    second half the page cache never wrote out (zeros), under another boot id. Storage is
+    back. Returns the instance (stopped), its base copy, the dead shipper and that file."""
+    inst, base, ship = await shipping_then_cut(instances, backend, proxy)
     await commit(inst, *range(2, 200))
     await inst.sql("CHECKPOINT")  # the slot's position is saved as the instance last heard it
     await asyncio.sleep(0.5)
-    inst.kill()  # the machine loses power: postmaster and gateway at once
+    inst.kill()
     await ship.stop(timeout=0.1)
     spool = ship.spool
     newest = max((p for p in spool.iterdir() if walship.parse_part_name(p.name)),
@@ -487,12 +487,20 @@ async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(inst
     left = newest.with_name(newest.name.rsplit(".", 1)[0] + ".part")  # as the dead receiver left it
     newest.rename(left)
     size = left.stat().st_size
-    with open(left, "r+b") as f:  # what the page cache had not written out is lost
+    with open(left, "r+b") as f:
         f.seek(size // 2)
         f.write(bytes(size - size // 2))
     (spool / ".boot_id").write_text("a boot before this one\n")
+    proxy.restore()
+    return inst, base, ship, left
 
-    s3_proxy.restore()
+
+async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(instances, s3_backend, s3_proxy):
+    """A `.part` file a dead process left, when the machine restarted since (another boot id):
+    the page cache is gone, so its tail may be zeros. It is deleted and the instance streams
+    that WAL again (it kept it: nothing past storage was reported flushed); uploading the
+    file as it is would store the zeros as WAL and lose the commits after them."""
+    inst, base, _, left = await killed_leaving_a_torn_part(instances, s3_backend, s3_proxy)
     await inst.start()
     committed = await ids(inst)
     assert len(committed) == 199
@@ -516,22 +524,8 @@ async def test_a_spool_file_left_before_a_machine_restart_under_an_older_version
     again, and uploading it as it is stores the zeros as that version's WAL (a restore to a
     point in it would stop there without a word). It is deleted, as in the current spool: that
     WAL is then missing, which a restore into that span reports."""
-    inst, base, ship = await shipping_then_cut(instances, s3_backend, s3_proxy)
-    await commit(inst, *range(2, 200))
-    await asyncio.sleep(0.5)
-    inst.kill()
-    await ship.stop(timeout=0.1)
-    spool = ship.spool
-    newest = max((p for p in spool.iterdir() if walship.parse_part_name(p.name)),
-                 key=lambda p: walship.parse_part_name(p.name)[:2])
-    left = newest.with_name(newest.name.rsplit(".", 1)[0] + ".part")
-    newest.rename(left)
-    with open(left, "r+b") as f:
-        f.seek(left.stat().st_size // 2)
-        f.write(bytes(left.stat().st_size - left.stat().st_size // 2))
-    (spool / ".boot_id").write_text("a boot before this one\n")
-    old_prefix = ship.store.prefix
-    s3_proxy.restore()
+    inst, _, dead, left = await killed_leaving_a_torn_part(instances, s3_backend, s3_proxy)
+    old_prefix = dead.store.prefix
     before = {o.key for o in await s3_backend.list(old_prefix)}
     await inst.start()
     ship = walship.WalShipper(s3_backend, DB, inst.socket_dir, inst.root / "spool", rpo_seconds=RPO,
