@@ -153,6 +153,7 @@ class WalShipper:
         # until a base backup taken after it is current (`base_taken`)
         self.hole: tuple[int, int] | None = None
         self.hole_after: float | None = None  # until then (unix time) restores reach, meanwhile
+        self._hole_since = 0.0  # when the hole was found (monotonic)
         self._stored_at = time.time()  # when `stored` last moved (unix time)
         self._failing = 0  # failed rounds in a row: the retry backs off
         self._listings: dict[str, StoredWal] = {}  # base -> what its prefix holds (kept current)
@@ -345,7 +346,7 @@ class WalShipper:
         start = restart - restart % size
         lost = start - max(ends) if ends else 0
         if lost > 0:
-            self.hole, self.hole_after = (timeline, start), self._stored_at
+            self.hole, self.hole_after, self._hole_since = (timeline, start), self._stored_at, time.monotonic()
             self.lost_bytes += lost
             self._count("lost_bytes", lost)
             log.error("WAL of %s from %s to %s is not in storage and no longer on the instance: "
@@ -614,15 +615,18 @@ class WalShipper:
 
     def stuck_for(self) -> float:
         """How long the oldest WAL received but not in storage has waited (0: none waits), or
-        how long no receiver has streamed."""
+        how long no receiver has streamed; after WAL was lost to shipping, at least how long
+        ago (what follows is not restorable until a base backup after it is current)."""
         now = time.monotonic()
         if self._streaming_since is None:
-            return now - self._down_since
-        return now - self._unstored[0][1] if self._unstored else 0.0
+            stuck = now - self._down_since
+        else:
+            stuck = now - self._unstored[0][1] if self._unstored else 0.0
+        return max(stuck, now - self._hole_since) if self.hole is not None else stuck
 
     async def _sync_timeout(self) -> None:
         stuck = self.stuck_for()
-        if self.degraded and not self._unstored and self.receiver is not None:
+        if self.degraded and not self._unstored and self.hole is None and self.receiver is not None:
             self.degraded = False
             log.warning("WAL of %s is in storage again: commits wait for storage again (durability=sync)",
                         self.db_id)
@@ -667,7 +671,9 @@ class WalShipper:
         ended = sum(1 for (ok,) in rows if ok)
         self.failed_commits += ended
         self._count("failed_commits", ended)
-        why = "the WAL spool is over its budget" if self.paused else "sync_fallback=fail"
+        why = ("the WAL spool is over its budget" if self.paused else
+               "WAL before it was lost to shipping, and no base backup after the loss is stored yet"
+               if self.hole is not None else "sync_fallback=fail")
         log.error("a commit of %s waited %.0f s for storage to take its WAL: %d session(s) ended "
                   "unacknowledged (%s)", self.db_id, self.sync_timeout, ended, why)
 

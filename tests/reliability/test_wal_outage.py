@@ -98,20 +98,14 @@ def _from_storage(start_gateway, s3_settings, template_pgdata, tls, db_id: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_commits_go_on_and_are_restorable_after_wal_was_lost_to_shipping(
-        start_gateway, tls, s3_settings, s3_proxy, template_pgdata, mode):
-    """Storage down while sessions with synchronous_commit = local (theirs to set) write more
-    WAL than the spool and the instance keep: Postgres removes WAL storage never got (a hole,
-    counted as lost), and no stored version restores past it. durability=sync: commits after
-    it were held for ever (WAL stored past a hole never counted as stored) and failed at
-    sync_timeout, until the database stopped. async: what followed the hole was restorable
-    only from the next base backup, due by size or age (hours). Now a base backup is taken at
-    once after the hole; in sync mode the commits waiting return once it is current."""
+def _wal_lost_to_shipping(start_gateway, tls, s3_settings, s3_proxy, **settings):
+    """A gateway whose database "hole" lost WAL to shipping: storage cut while sessions with
+    synchronous_commit = local wrote about 150 MB with checkpoints (more than wal_spool_mb and
+    wal_keep_mb), then storage back. Returns the gateway, the dsn and the instance."""
     from gateway.compute import dbroles
 
-    gt = start_gateway(**s3_settings, lease_seconds=0, durability=mode, sync_timeout_seconds=60.0,
-                       wal_spool_mb=16, wal_keep_mb=64, base_backup_hours=24, base_backup_wal_mb=4096)
+    gt = start_gateway(**s3_settings, lease_seconds=0, sync_timeout_seconds=60.0, wal_spool_mb=16,
+                       wal_keep_mb=64, base_backup_hours=24, base_backup_wal_mb=4096, **settings)
     gt.create_db("hole")
     gt.call(lambda: gt.gw.instances.stop("hole"))  # its first version
     dsn = conninfo(gt.port, tls["ca"], "hole")
@@ -127,12 +121,26 @@ def test_commits_go_on_and_are_restorable_after_wal_was_lost_to_shipping(
     s3_proxy.cut()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("set synchronous_commit = local")  # these commits do not wait for storage
-        for n in range(6):  # about 150 MB of WAL, with checkpoints that remove what the slot let go
+        for n in range(6):  # checkpoints remove what the slot let go
             conn.execute("insert into t select g, repeat('y', 500) from generate_series(%s::int, %s::int) g",
                          (1000 + n * 50000, 1000 + n * 50000 + 40000))
             gt.call(checkpoint)
     assert inst.shipper.paused
     s3_proxy.restore()
+    return gt, dsn, inst
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_commits_go_on_and_are_restorable_after_wal_was_lost_to_shipping(
+        start_gateway, tls, s3_settings, s3_proxy, template_pgdata, mode):
+    """Storage down while sessions with synchronous_commit = local (theirs to set) write more
+    WAL than the spool and the instance keep: Postgres removes WAL storage never got (a hole,
+    counted as lost), and no stored version restores past it. durability=sync: commits after
+    it were held for ever (WAL stored past a hole never counted as stored) and failed at
+    sync_timeout, until the database stopped. async: what followed the hole was restorable
+    only from the next base backup, due by size or age (hours). Now a base backup is taken at
+    once after the hole; in sync mode the commits waiting return once it is current."""
+    gt, dsn, inst = _wal_lost_to_shipping(start_gateway, tls, s3_settings, s3_proxy, durability=mode)
     began = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("insert into t values (2, '')")  # in sync mode: waits for storage
@@ -152,3 +160,23 @@ def test_commits_go_on_and_are_restorable_after_wal_was_lost_to_shipping(
     # lost, no stop-time snapshot): a second gateway with nothing local finds it
     with _from_storage(start_gateway, s3_settings, template_pgdata, tls, "hole") as conn:
         assert conn.execute("select count(*) from t where id <= 2").fetchone()[0] == 2
+
+
+def test_sync_commits_held_after_a_hole_fail_at_the_timeout_if_no_base_backup_comes(
+        start_gateway, tls, s3_settings, s3_proxy, monkeypatch):
+    """durability=sync, WAL lost to shipping, and the base backup after it fails: the commits
+    held for it must not wait for ever (storage takes their WAL, so nothing else counted them
+    as stuck); they end at sync_timeout as any commit storage cannot make restorable."""
+    from gateway.compute import basebackup
+
+    async def fails(*args, **kw):
+        raise basebackup.BaseBackupError("pg_basebackup failed (test)")
+    monkeypatch.setattr(basebackup, "take", fails)
+    gt, dsn, inst = _wal_lost_to_shipping(start_gateway, tls, s3_settings, s3_proxy, durability="sync")
+    inst.shipper.sync_timeout = 3.0
+    began = time.monotonic()
+    with pytest.raises(psycopg.OperationalError), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into t values (2, '')")
+    waited = time.monotonic() - began
+    assert 3.0 <= waited < 15, waited
+    assert inst.shipper.hole is not None and inst.shipper.failed_commits >= 1
