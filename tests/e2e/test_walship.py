@@ -260,10 +260,11 @@ async def test_storage_down_the_spool_keeps_the_wal_and_catches_up(instances, s3
     while not (ship.paused and ship.upload_errors) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert ship.paused, f"the receiver was not paused (spool {ship.spooled_bytes()} bytes)"
-    # the budget, and what was on its way: the stored head of the first spool file (under one
-    # segment), the batch that crossed the budget (at most 8 MB) and what came before the
-    # receiver closed. Locally 46-48 MB; a fresh-clone CI run under load (2026-12-07) had
-    # 75.8 MB after a pause at 45.7 MB behind, more than buffers explain: see the session note
+    # the budget counts WAL not in storage; the spool's files also hold WAL storage has: the
+    # stored head of the segment being written, and a segment completed just before the cut,
+    # stored in pieces and awaiting its upload as one object (up to a segment each); plus the
+    # batch that crossed the budget (at most 8 MB) and what the connection had buffered.
+    # Locally 46-48 MB; a fresh-clone CI run under load had 75.8 MB (a pause at 45.7 MB behind)
     assert ship.spooled_bytes() <= (40 << 20) + (48 << 20), ship.spooled_bytes()
     assert ship.stored_lsn == stored and ship.upload_errors > 0 and ship.last_error
     await asyncio.sleep(1.0)  # storage stays cut: the lag in seconds grows
