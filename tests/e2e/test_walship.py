@@ -475,6 +475,16 @@ async def shipping_then_cut(instances, backend, proxy) -> tuple[Instance, Path, 
     return inst, base, ship
 
 
+async def shipped_to_the_end(inst: Instance, ship: walship.WalShipper) -> None:
+    """Start `ship`, wait until storage holds all the WAL the instance has flushed, then stop
+    the instance and the shipper, which must find nothing left to upload."""
+    await ship.start()
+    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
+    await stored_within(ship, parse_lsn(flushed), 30.0)
+    await inst.stop()
+    assert await ship.stop()
+
+
 async def killed_leaving_a_torn_part(instances, backend, proxy) -> tuple[Instance, Path, walship.WalShipper, Path]:
     """Ship row 1, cut storage, commit rows 2..199, then the machine loses power (postmaster and
     gateway at once) and restarts: the receiver's newest spool file is left as a `.part` whose
@@ -510,11 +520,7 @@ async def test_a_spool_file_left_before_a_machine_restart_is_streamed_again(inst
     committed = await ids(inst)
     assert len(committed) == 199
     ship = shipper(inst, s3_backend)
-    await ship.start()
-    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
-    await stored_within(ship, parse_lsn(flushed), 30.0)
-    await inst.stop()
-    assert await ship.stop()
+    await shipped_to_the_end(inst, ship)
     assert not left.exists()
     shutil.rmtree(inst.pgdata)
     await inst.restore(base, inst.store(s3_backend))
@@ -535,11 +541,7 @@ async def test_a_spool_file_left_before_a_machine_restart_under_an_older_version
     await inst.start()
     ship = walship.WalShipper(s3_backend, DB, inst.socket_dir, inst.root / "spool", rpo_seconds=RPO,
                               base="20261204T000000.000Z-111111")  # the version saved since
-    await ship.start()
-    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
-    await stored_within(ship, parse_lsn(flushed), 30.0)
-    await inst.stop()
-    assert await ship.stop()
+    await shipped_to_the_end(inst, ship)
     assert not left.exists()
     added = {o.key for o in await s3_backend.list(old_prefix)} - before
     assert not added, f"the left-over file was uploaded: {sorted(added)}"
@@ -565,11 +567,7 @@ async def test_storage_down_an_instance_still_stops_at_once(instances, s3_backen
     await inst.start()
     committed = await ids(inst)
     ship = shipper(inst, s3_backend)
-    await ship.start()
-    (flushed,), = await inst.sql("SELECT pg_current_wal_flush_lsn()::text")
-    await stored_within(ship, parse_lsn(flushed), 30.0)
-    await inst.stop()
-    assert await ship.stop()
+    await shipped_to_the_end(inst, ship)
     shutil.rmtree(inst.pgdata)
     await inst.restore(base, inst.store(s3_backend))
     await inst.start()
