@@ -70,6 +70,8 @@ Placer = Callable[[str], Awaitable[None]]  # makes <data_root>/<id>/pgdata for a
 STOP_UPLOAD_SECONDS = 10.0
 # how often a claim asks again while the holder drains (saves the database to give it up)
 DRAIN_POLL_SECONDS = 0.3
+# a due online base backup that failed is tried again after this long (see base_retry_seconds)
+BASE_RETRY_SECONDS = 300.0
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Database:
         self._base_task: asyncio.Task | None = None  # one taken because it was due
         self._shipping_ends: asyncio.Future | None = None  # a crashed instance's shipper, uploading
         self._base_retry_at = 0.0  # after a failed one that was due
+        self._base_failures = 0  # in a row, since the last one that succeeded
         self._under_lease: set[asyncio.Event] = set()  # starts, halts and saves in progress (a fence waits)
         self._fencing: Instance | None = None  # the instance a fence stops (it holds no lock)
 
@@ -846,11 +849,14 @@ class Database:
     async def _due_base_backup(self, why: str, *, fast: bool) -> None:
         try:
             await self.base_backup(why, fast=fast)
+            self._base_failures = 0
         except asyncio.CancelledError:
             log.info("base backup of %s given up: the database stopped", self.id)
         except Exception as e:  # noqa: BLE001 -- logged; tried again later
-            self._base_retry_at = time.monotonic() + 300.0
-            log.error("base backup of %s (%s) failed; trying again in 5 minutes: %s", self.id, why, e)
+            self._base_failures += 1
+            wait = base_retry_seconds(self._base_failures, urgent=fast)
+            self._base_retry_at = time.monotonic() + wait
+            log.error("base backup of %s (%s) failed; trying again in %.0f s: %s", self.id, why, wait, e)
         finally:
             if self._base_task is asyncio.current_task():
                 self._base_task = None
@@ -1024,6 +1030,14 @@ class Database:
                 yield Held(self, inst is not None)
             finally:
                 await self._release_if_saved()
+
+
+def base_retry_seconds(failures: int, *, urgent: bool) -> float:
+    """How long after its `failures`-th failure in a row a due base backup is tried again: 5
+    minutes; after WAL was lost to shipping (`urgent`: nothing stored restores past the hole,
+    and durability=sync commits wait for it) 10 s, doubling up to those 5 minutes (at the
+    gateway's first maintenance round after that moment)."""
+    return min(BASE_RETRY_SECONDS, 10.0 * 2 ** (failures - 1)) if urgent else BASE_RETRY_SECONDS
 
 
 async def to_the_end(aw: Awaitable):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from gateway.compute import basebackup, pgcontrol
+from gateway.compute.lifecycle import base_retry_seconds
 from gateway.config import Settings
 
 SEG = 16 << 20
@@ -50,6 +51,11 @@ def test_due_at_once_after_wal_was_lost_to_shipping():
     off = Settings(base_backup_wal_mb=0, base_backup_hours=0)
     assert basebackup.due(_inst(2 * SEG, SEG), off) is None
     assert "lost to shipping" in basebackup.due(_inst(2 * SEG, SEG, hole=(1, 2 * SEG)), off)
+
+
+def test_a_failed_base_backup_is_retried_sooner_after_wal_was_lost():
+    assert [base_retry_seconds(n, urgent=True) for n in (1, 2, 3, 5, 6, 40)] == [10, 20, 40, 160, 300, 300]
+    assert base_retry_seconds(1, urgent=False) == base_retry_seconds(9, urgent=False) == 300
 
 
 def test_the_first_look_sets_the_base_where_storage_is():

@@ -180,3 +180,29 @@ def test_sync_commits_held_after_a_hole_fail_at_the_timeout_if_no_base_backup_co
     waited = time.monotonic() - began
     assert 3.0 <= waited < 15, waited
     assert inst.shipper.hole is not None and inst.shipper.failed_commits >= 1
+
+
+def test_a_failed_base_backup_after_a_hole_is_retried_within_seconds(
+        start_gateway, tls, s3_settings, s3_proxy, monkeypatch):
+    """durability=sync, WAL lost to shipping, and the first base backup after it fails (say
+    storage stumbled once more): the commits held for it waited for the retry, due only 5
+    minutes later, and failed at sync_timeout meanwhile. While a hole is open, a failed base
+    backup is retried after seconds (doubling up to the usual 5 minutes)."""
+    from gateway.compute import basebackup
+
+    real, failures = basebackup.take, []
+
+    async def fails_once(*args, **kw):
+        if not failures:
+            failures.append(time.monotonic())
+            raise basebackup.BaseBackupError("pg_basebackup failed (test)")
+        return await real(*args, **kw)
+    monkeypatch.setattr(basebackup, "take", fails_once)
+    gt, dsn, inst = _wal_lost_to_shipping(start_gateway, tls, s3_settings, s3_proxy, durability="sync")
+    began = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into t values (2, '')")  # held until a base backup is current
+    waited = time.monotonic() - began
+    print(f"\nRELIABILITY wal-loss, base backup failed once: the commit returned after {waited:.1f} s")
+    assert failures and inst.shipper.hole is None and inst.shipper.failed_commits == 0
+    assert waited < 40, waited
