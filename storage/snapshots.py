@@ -254,6 +254,8 @@ class SnapshotStore:
         try:
             with disk_full_as(f"the snapshot of {db_id} (spooled in {self.spool_dir})"):
                 info = await asyncio.to_thread(_create_spool, pgdata, spool)
+            if expect is not None:  # archiving took a while: no upload that could not be made current
+                self._check_held(db_id, "uploaded a new version (nothing was uploaded)")
             uploaded = await self.backend.upload_file(keys.archive(version), spool)
             if uploaded.size != info.size:
                 raise StorageError(f"upload of {keys.archive(version)} is {uploaded.size} bytes, "

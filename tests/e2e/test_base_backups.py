@@ -271,18 +271,19 @@ def test_a_base_backup_is_not_made_current_by_a_gateway_that_lost_the_lease(star
     """The lease lapsed while the backup was stored (and the heartbeat was renewed since, so
     the gateway looks alive again): another gateway may have taken the database over, so the
     backup stays a kept version and the pointer does not move."""
-    from gateway.compute import basebackup
-
     gt = start_gateway(lease_seconds=30, rpo_seconds=0.5)
     gw, ops = gt.gw, _ops(gt)
     first, dsn = _running(gt, tls, "bl")
     _insert(dsn, 1, 100)
-    stored = basebackup.wait_stored
+    backend = gw.databases.store.backend
+    upload = backend.upload_file
 
-    async def lapse_meanwhile(inst, taken):
-        await stored(inst, taken)
-        gw.instances.leases.held.discard("bl")  # what a lapse does to the holdings, whatever comes after
-    monkeypatch.setattr(basebackup, "wait_stored", lapse_meanwhile)
+    async def lapse_meanwhile(key, path):  # a lapse before the upload uploads nothing (test_fencing)
+        done = await upload(key, path)
+        if "/versions/" in key:
+            gw.instances.leases.held.discard("bl")  # what a lapse does to the holdings, whatever comes after
+        return done
+    monkeypatch.setattr(backend, "upload_file", lapse_meanwhile)
     assert gw.instances.leases.valid()
     with pytest.raises(Exception, match="lost its lease"):
         gt.call(lambda: ops.snapshot("bl"))

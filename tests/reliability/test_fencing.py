@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from storage import snapshots
 from storage.errors import StorageUnavailable
 
 from ..support.harness import conninfo, connect_sqlstate, wait_until
@@ -202,6 +203,33 @@ def test_a_save_whose_lease_lapsed_during_its_upload_moves_no_pointer(start_gate
     assert not gw.gw.databases.state("savl").dirty and _pointer(gw, "savl") != first
     with psycopg.connect(conninfo(gw.port, tls["ca"], "savl")) as conn:
         assert conn.execute("select x from t").fetchall() == [(1,)]
+
+
+def test_a_save_whose_lease_lapsed_before_its_upload_uploads_nothing(start_gateway, tls, monkeypatch):
+    """A lapse while the copy is being archived (before any byte went to storage): the upload
+    ran all the same, to its end (a whole database over slow storage), only to be refused at
+    the pointer. Now it is not begun; the save is retried under a fresh claim."""
+    gw = start_gateway(lease_seconds=30, durability="snapshot")
+    first = _stored_then_written(gw, tls, "upl")
+    store, leases = gw.gw.databases.store, gw.gw.instances.leases
+    spool, upload, uploads = snapshots._create_spool, store.backend.upload_file, []
+
+    def lapse_meanwhile(pgdata, path):
+        made = spool(pgdata, path)
+        leases.held.discard("upl")
+        return made
+
+    async def counted(key, path):
+        uploads.append(key)
+        return await upload(key, path)
+    monkeypatch.setattr(snapshots, "_create_spool", lapse_meanwhile)
+    monkeypatch.setattr(store.backend, "upload_file", counted)
+    gw.call(lambda: gw.gw.instances.stop("upl", "test"))
+    assert uploads == [] and _pointer(gw, "upl") == first
+    assert gw.gw.databases.state("upl").dirty  # kept, to be saved again
+    monkeypatch.setattr(snapshots, "_create_spool", spool)
+    gw.call(gw.gw.instances.maintain, timeout=60)  # the retry claims the lease again
+    assert len(uploads) == 1 and not gw.gw.databases.state("upl").dirty and _pointer(gw, "upl") != first
 
 
 def test_a_delete_whose_lease_lapsed_leaves_storage_alone(start_gateway, monkeypatch):
