@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import threading
 from pathlib import Path
+from typing import Iterable
 
 from gateway.compute import dbroles
 from gateway.compute.instances import InstanceManager
@@ -31,19 +33,29 @@ def tool_env() -> dict[str, str]:
 
 
 async def run_tool(bindir: Path, program: str, args: list[str], *, what: str,
-                   input_path: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `<bindir>/<program> args`; ToolError with its stderr if it fails. Run as the
-    gateway's own user: it can reach the socket directory (it owns it, or is root)."""
+                   stdin: Iterable[bytes] | None = None) -> subprocess.CompletedProcess:
+    """Run `<bindir>/<program> args`, fed `stdin` (streamed) if given; ToolError with its
+    stderr if it fails. Run as the gateway's own user: it can reach the socket directory (it
+    owns it, or is root)."""
     argv = [str(bindir / program), *args]
 
     def run() -> subprocess.CompletedProcess:
-        stdin = open(input_path, "rb") if input_path else subprocess.DEVNULL
+        if stdin is None:
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  env=tool_env(), errors="replace")
+        read, write = os.pipe()
+        failed: list[BaseException] = []
+        feeder = threading.Thread(target=_feed, args=(write, stdin, failed), daemon=True)
         try:
-            return subprocess.run(argv, stdin=stdin, capture_output=True, text=True,
+            feeder.start()
+            proc = subprocess.run(argv, stdin=read, capture_output=True, text=True,
                                   env=tool_env(), errors="replace")
         finally:
-            if input_path:
-                stdin.close()
+            os.close(read)  # a feeder still writing (the program stopped early) ends now
+            feeder.join()
+        if failed:  # the program saw an end of its input that was none: its work is void
+            raise ToolError(f"{what} failed: its input could not be read: {failed[0]}")
+        return proc
 
     try:
         proc = await asyncio.to_thread(run)
@@ -52,6 +64,17 @@ async def run_tool(bindir: Path, program: str, args: list[str], *, what: str,
     if proc.returncode != 0:
         raise ToolError(f"{what} failed: {_errors(proc.stderr) or f'{program} exited with code {proc.returncode}'}")
     return proc
+
+
+def _feed(fd: int, chunks: Iterable[bytes], failed: list[BaseException], batch: int = 1 << 20) -> None:
+    """Write `chunks` to the pipe `fd` in batches of about `batch` bytes, then close it; a
+    reader that stopped early (EPIPE) ends the writing. What else fails goes to `failed`."""
+    try:
+        with contextlib.suppress(BrokenPipeError), open(fd, "wb", buffering=batch) as pipe:
+            for chunk in chunks:
+                pipe.write(chunk)
+    except Exception as e:  # noqa: BLE001 -- the caller raises it
+        failed.append(e)
 
 
 def _errors(stderr: str, limit: int = 12) -> str:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import psycopg
 from pglast import parser as pg_parser
@@ -166,20 +166,55 @@ class Failed(Exception):
 
 _PSQL_META = re.compile(r"^\s*\\")
 _COPY_STDIN = re.compile(r"^\s*COPY\b.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
+# what a plain pg_dump (15.14, 16.10, 17.6, 18 and later) puts around its script
+_DUMP_RESTRICT = re.compile(r"^\\(un)?restrict [A-Za-z0-9]+\s*$")
+
+
+def psql_lines(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Each line of a psql script with what it is to psql: "copy" (the data of a `COPY ...
+    FROM stdin;` up to its `\\.` line), "meta" (a line beginning with a meta-command) or "sql"
+    (which may still hold a meta-command after its SQL: psql's own lexer decides that)."""
+    in_copy = False
+    for line in lines:
+        if in_copy:
+            in_copy = line.rstrip("\r\n") != "\\."
+            yield "copy", line
+        elif _PSQL_META.match(line):
+            yield "meta", line
+        else:
+            in_copy = bool(_COPY_STDIN.match(line))
+            yield "sql", line
 
 
 def without_psql_parts(text: str) -> str:
     """`text` with psql meta-commands (`\\connect`, `\\restrict`, ...) and the data of
     `COPY ... FROM stdin;` blocks blanked out line by line (line numbers stay), so that what is
     left of a psql script such as a plain pg_dump can be checked by the SQL parser."""
-    out, in_copy = [], False
-    for line in text.split("\n"):
-        if in_copy:
-            in_copy = line.rstrip("\r") != "\\."
-            out.append("")
-        elif _PSQL_META.match(line):
-            out.append("")
-        else:
-            out.append(line)
-            in_copy = bool(_COPY_STDIN.match(line))
-    return "\n".join(out)
+    return "\n".join(line if kind == "sql" else "" for kind, line in psql_lines(text.split("\n")))
+
+
+def psql_meta_command(path: str | PathLike) -> SqlFileError | None:
+    """The first line of a psql script that begins with a meta-command other than a plain
+    pg_dump's `\\restrict` / `\\unrestrict` lines, as an error to raise (None if none).
+    Streams the file: any size."""
+    with open(path, "rb") as f:
+        lines = (raw.decode("latin-1") for raw in f)  # bytes as they are: any encoding
+        for n, (kind, line) in enumerate(psql_lines(lines), 1):
+            if kind == "meta" and not _DUMP_RESTRICT.match(line):
+                command = line.strip().split(None, 1)[0]
+                return SqlFileError(path, n, 1, f"psql meta-command {command}: an uploaded script "
+                                                f"must be SQL only (meta-commands would run on the "
+                                                f"gateway's machine)")
+    return None
+
+
+def restricted_script(path: str | PathLike) -> Iterator[bytes]:
+    """The bytes of a psql script for a psql in restricted mode (`\\restrict` with a key of
+    the caller's): a plain pg_dump's own `\\restrict` / `\\unrestrict` lines are blanked (line
+    numbers stay), as psql refuses them there; every other meta-command stays, for that psql
+    to refuse."""
+    with open(path, "rb") as f:
+        for kind, line in psql_lines(raw.decode("latin-1") for raw in f):
+            if kind == "meta" and _DUMP_RESTRICT.match(line):
+                line = "\n" if line.endswith("\n") else ""
+            yield line.encode("latin-1")

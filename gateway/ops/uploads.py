@@ -150,6 +150,9 @@ async def check(path: Path, found: Detected, bindir: Path) -> str:
         entries = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith(";")]
         return f"pg_restore read its table of contents ({len(entries)} entries)"
     if found.kind == "plain":
+        meta = await asyncio.to_thread(sqlfiles.psql_meta_command, path)
+        if meta is not None:
+            raise meta
         size = path.stat().st_size
         if size > PARSE_LIMIT:
             return f"not parse-checked ({size >> 20} MB); psql stops at the first error"
@@ -175,6 +178,33 @@ async def plan(manager: InstanceManager, db_id: str, path: Path) -> Plan:
         cur.manifest.pg_major if cur else installs.default_major)
     return Plan(db_id, str(path), found.kind, found.label, size, replace,
                 cur.manifest.version if cur else None, checked, major)
+
+
+async def _run_script(bindir: Path, sock: Path, file: str) -> None:
+    """Run a plain script with psql as the tenant role. psql is a client on the gateway's
+    machine, run as the gateway's OS user, and its meta-commands act there (`\\!` runs a shell,
+    `\\copy` reads files, `\\connect` reaches other sockets): `check` refuses scripts with
+    meta-command lines, and psql runs in restricted mode under a key of the gateway's, so no
+    meta-command it finds anywhere runs. The script is streamed in (psql would refuse a plain
+    pg_dump's own `\\restrict` line: blanked)."""
+    key = secrets.token_hex(16)
+    try:
+        await pgtools.run_tool(bindir, "psql", [*dbroles.tool_args(sock, act_as=dbroles.TENANT), "-X",
+                               "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+                               "-c", f"\\restrict {key}", "-f", "-"],
+                               what=f"running {file}", stdin=sqlfiles.restricted_script(file))
+    except pgtools.ToolError as e:
+        message = str(e).replace("psql:<stdin>:", f"psql:{file}:")
+        if re.search(r'ERROR: +role ".*" does not exist', message):
+            raise UploadError(f"{message}\n{ROLES_HINT}") from None
+        if "invalid command \\restrict" in message:
+            raise UploadError(f"{message}\nthis psql ({bindir}) has no restricted mode, without which "
+                              f"uploaded scripts are not run: PostgreSQL 15.14, 16.10, 17.6, 18 or "
+                              f"later is needed") from None
+        if "backslash commands are restricted" in message:
+            raise UploadError(f"{message}\nan uploaded script must be SQL only: psql meta-commands "
+                              f"would run on the gateway's machine") from None
+        raise UploadError(message) from None
 
 
 # --- building the new data directory off to the side --------------------------------------------
@@ -230,14 +260,7 @@ class _Build:
             await pgtools.run_tool(bindir, "pg_restore", [*dbroles.tool_args(sock, act_as=dbroles.TENANT),
                                    *RESTORE_FLAGS, plan.file], what=f"restoring {plan.file}")
         elif plan.kind == "plain":
-            try:
-                await pgtools.run_tool(bindir, "psql", [*dbroles.tool_args(sock, act_as=dbroles.TENANT), "-X",
-                                       "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f",
-                                       plan.file], what=f"running {plan.file}")
-            except pgtools.ToolError as e:
-                if re.search(r'ERROR: +role ".*" does not exist', str(e)):
-                    raise UploadError(f"{e}\n{ROLES_HINT}") from None
-                raise
+            await _run_script(bindir, sock, plan.file)
 
     async def take_over(self, verifier: str) -> dict[str, roles_mod.Role]:
         """Give role postgres `verifier` and save the roles beside the data directory."""

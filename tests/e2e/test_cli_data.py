@@ -214,6 +214,54 @@ def test_bad_inputs_leave_new_and_existing_databases_untouched(cli, start_gatewa
     assert _query(start_gateway, tls, "app1", password, "select count(*) from items") == "50"
 
 
+def _meta_scripts(tmp_path: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    """Plain scripts whose psql meta-commands would run as the gateway's OS user (psql is the
+    gateway's client, not the instance's server): a shell, a client-side file read (the admin
+    token, a storage key file), a connection to another socket as the peer-mapped superuser."""
+    def write(name: str, data: str) -> Path:
+        (tmp_path / name).write_text(data)
+        return tmp_path / name
+    shell = f"\\! touch {marker}\n"
+    return {
+        "shell": (write("sh.sql", f"create table z (a int);\n{shell}"), "psql meta-command"),
+        "copy-from-file": (write("cp.sql", f"create table z (a text);\n\\copy z from '{marker.parent / 'secret'}'\n"),
+                           "psql meta-command"),
+        "connect": (write("cn.sql", "\\connect postgres\nselect 1;\n"), "psql meta-command"),
+        # past the parse check's size limit, so only psql reads it: a meta-command after SQL on
+        # one line is a meta-command to psql too
+        "shell-mid-line-big": (write("big.sql", f"select 1 \\! touch {marker}\n" + ("-- pad\n" * (10 << 20))),
+                               "backslash commands are restricted"),
+    }
+
+
+def test_psql_meta_commands_in_an_uploaded_script_never_run(cli, data_root, tmp_path):
+    """psql runs a plain script as the gateway's own OS user (root in a container), so a
+    meta-command in an uploaded dump (`\\!`, `\\copy ... from 'file'`, `\\connect` to another
+    socket, where the gateway's user logs in as the superuser by peer authentication) reached
+    the host, the gateway's files and every tenant. Uploaded scripts are SQL only: the checks
+    refuse meta-commands, and psql runs in restricted mode with a key of the gateway's, so one
+    the checks cannot see (a script too large to parse) stops the load."""
+    secret = tmp_path / "secret"
+    secret.write_text("the-admin-token\n")
+    marker = tmp_path / "pwned"
+    base = tmp_path / "app.sql"
+    base.write_text(SQL_V1)
+    _upload(cli, "app1", base)
+    before = _state(data_root)
+    for name, (path, expect) in _meta_scripts(tmp_path, marker).items():
+        for db_id, extra in (("new1", ()), ("app1", ("--yes",))):
+            out = cli("db", "upload", db_id, str(path), *extra)
+            assert not marker.exists(), (name, out.stderr)
+            assert out.returncode != 0, (name, db_id, out.stdout)
+            assert expect in out.stderr, (name, out.stderr)
+            assert "Traceback" not in out.stderr
+            assert _state(data_root) == before, (name, db_id)
+    # a plain pg_dump's own \\restrict / \\unrestrict lines (pg_dump 15.14+, 18) still load
+    dumped = tmp_path / "restricted.sql"
+    dumped.write_text("\\restrict Abc123\n" + SQL_V2 + "\\unrestrict Abc123\n")
+    _upload(cli, "new2", dumped)
+
+
 def test_dry_run_detects_and_changes_nothing(cli, data_root, tmp_path, archives):
     script = tmp_path / "app.sql"
     script.write_text(SQL_V1)

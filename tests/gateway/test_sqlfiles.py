@@ -84,6 +84,23 @@ def test_psql_parts_are_blanked_keeping_lines():
     assert stmts[2].line == 7
 
 
+def test_meta_commands_are_found_outside_copy_data_and_dump_restrict_lines(tmp_path):
+    dump = ("\\restrict Abc1\nCOPY public.t (x, y) FROM stdin;\n\\N\t1\n\\!\t2\n\\.\n"
+            "SELECT 1;\n\\unrestrict Abc1\n").encode()
+    path = tmp_path / "d.sql"
+    path.write_bytes(dump + b"-- caf\xe9 (latin-1)\n")
+    assert sqlfiles.psql_meta_command(path) is None  # COPY data may begin with a backslash
+    # the dump's own restrict lines are blanked for a psql restricted under another key; the
+    # rest, COPY data included, goes through byte for byte
+    fed = b"".join(sqlfiles.restricted_script(path))
+    assert fed == b"\n" + dump[dump.index(b"COPY"):dump.index(b"\\unrestrict")] + b"\n-- caf\xe9 (latin-1)\n"
+    for line, command in (("\\! id", "\\!"), ("  \\copy t from '/etc/passwd'", "\\copy"),
+                          ("\\connect other", "\\connect"), ("\\restrict k\\! id", "\\restrict")):
+        path.write_text(f"select 1;\n{line}\nselect 2;\n")
+        found = sqlfiles.psql_meta_command(path)
+        assert found is not None and found.line == 2 and f"psql meta-command {command}:" in str(found), line
+
+
 # --- running on a real Postgres ---------------------------------------------------------------
 @pytest.fixture
 def pg(gateway):
