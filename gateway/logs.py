@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
@@ -41,6 +42,19 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# control characters a terminal acts on (ESC opens OSC and CSI sequences that retitle the
+# window, move the cursor, erase lines, write the clipboard; CR overwrites a line), C1 included;
+# newline and tab stay (tracebacks)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: its control characters (but newline and tab) written as `\\xNN`.
+    What clients, tenants and dumps say reaches log lines and CLI errors: none of it may
+    steer the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
     """`time LEVEL logger: message key=value ...`"""
 
@@ -48,7 +62,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = printable(super().format(record))
         fields = extra_fields(record)
         if not fields:
             return text
@@ -60,8 +74,8 @@ def _text_value(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if not text or any(c.isspace() or c in "\"=" for c in text):
-        return json.dumps(text)
+    if not text or any(c.isspace() or c in "\"=" or not c.isprintable() for c in text):
+        return json.dumps(text)  # escapes control characters (and all that is not ASCII)
     return text
 
 

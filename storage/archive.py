@@ -15,10 +15,10 @@ import zstandard
 from .archive_format import CHUNK as _CHUNK
 from .archive_format import ArchiveInfo, FileEntry, HashingReader, HashingWriter, _symlink_problem
 from .errors import StorageError
-from .extract import extract, find_pgdata_root
+from .extract import extract, find_pgdata_root, refuse_tablespaces
 
 __all__ = ["EXCLUDE", "ArchiveInfo", "FileEntry", "HashingReader", "HashingWriter", "create",
-           "extract", "find_pgdata_root"]
+           "extract", "find_pgdata_root", "refuse_tablespaces"]
 
 # Relative paths never archived. An entry ending in "/" excludes that directory's *contents*
 # (the directory itself is kept, as Postgres expects it to exist).

@@ -503,6 +503,30 @@ class _ZstdFrameCheck:
 _MAX_SEARCH_DEPTH = 4
 
 
+def refuse_tablespaces(pgdata: Path) -> None:
+    """UnsafeArchive if the data directory has tablespaces: entries in `pg_tblspc/` (links,
+    which extraction keeps only inside the archive) or a `tablespace_map` (plain text beside a
+    backup_label, from which the first start makes links to wherever it says: outside the
+    database's directory, as the Postgres OS user). A database of this gateway never has one
+    (creating a tablespace needs a superuser)."""
+    try:
+        with os.scandir(pgdata / "pg_tblspc") as it:
+            names = sorted(e.name for e in it)
+    except FileNotFoundError:
+        names = []
+    except OSError as e:
+        raise _failure(f"cannot read {pgdata / 'pg_tblspc'}", e) from None
+    if names:
+        raise UnsafeArchive(f"archive holds tablespaces (pg_tblspc/{names[0]}): not supported, "
+                            f"a database's data stays in its own directory")
+    try:
+        if os.lstat(pgdata / "tablespace_map").st_size > 0:
+            raise UnsafeArchive("archive holds a tablespace_map: tablespaces are not supported, a "
+                                "database's data stays in its own directory")
+    except FileNotFoundError:
+        pass
+
+
 def find_pgdata_root(target: Path) -> Path:
     """The Postgres data directory inside an extracted user archive: `target` itself if it
     holds PG_VERSION, else the single directory below it (at most a few levels down, never

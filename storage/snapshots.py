@@ -405,6 +405,7 @@ class SnapshotStore:
         def consume(reader) -> None:
             archive.extract(reader, target, compression="zstd", max_bytes=self.max_restore_bytes,
                             max_files=self.max_restore_files, expected=expected_files)
+            archive.refuse_tablespaces(target)  # a tampered store: its links would lead out
 
         await feed_thread(self.backend.download(expected_archive["key"]), consume, on_chunk=seen)
         if received != expected_archive["size"] or digest.hexdigest() != expected_archive["sha256"]:

@@ -7,13 +7,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import click
 
 from gateway.config import ConfigError, Settings, load
+from gateway import logs
+from gateway.logs import printable
+
+
+class Group(click.Group):
+    """The CLI's command groups: an error's text may quote what a tenant wrote (a dump's RAISE,
+    an object's name), so its control characters are escaped before it reaches the terminal."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            e.message = printable(e.message)
+            raise
 
 
 def settings_for(ctx: click.Context, **overrides) -> Settings:
@@ -33,8 +46,8 @@ def check_id(db_id: str) -> str:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """A one-shot command's log lines: text on stderr (control characters escaped)."""
+    logs.setup(level, "text")
 
 
 def command_log_level(ctx: click.Context) -> str:

@@ -49,7 +49,7 @@ def _run(ctx: click.Context, body):
 def upload(ctx: click.Context, db_id: str, file: Path, yes: bool, password: str | None,
            local_dry: bool) -> None:
     """Create database ID, or replace it, from FILE: a PGDATA archive (tar, tar.gz, tar.zst), a
-    pg_dump custom-format (or tar/directory-format) dump, or a plain SQL dump, told apart by
+    pg_dump custom-format (or tar-format) dump, or a plain SQL dump, told apart by
     content. A replaced state stays in storage as an older version (see `db versions`)."""
     from gateway.ops import uploads
 

@@ -10,10 +10,10 @@ import click
 
 from gateway.config import reference_markdown
 
-from .common import settings_for as _settings, setup_logging as _setup_logging
+from .common import Group, settings_for as _settings, setup_logging as _setup_logging
 
 
-@click.group()
+@click.group(cls=Group)
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="TOML config file (also PGSNI_CONFIG).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every command).")

@@ -64,6 +64,7 @@ def _adopt(catalog: LocalCatalog, unpacked: Path, pgdata: Path, majors: Collecti
     """Move the data directory found in `unpacked` to `pgdata` and make it fit to run here."""
     root = archive.find_pgdata_root(unpacked)
     check_major(root, majors)
+    archive.refuse_tablespaces(root)
     os.rename(root, pgdata)
     shutil.rmtree(unpacked, ignore_errors=True)  # whatever else the archive held
     for name in STALE:  # left by a server that was running when the archive was made

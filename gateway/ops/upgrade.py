@@ -121,12 +121,18 @@ FOREIGN_ATTOPTIONS = ("pg_attver",)
 async def _scratch_copy(manager: InstanceManager, old: PgInstall, pgdata: Path, build: Path,
                         run_as: RunAs) -> Path:
     """A copy of the old data directory for pg_upgrade to read (the database's own copy is
-    not touched), with the catalog's attribute options that the new major refuses removed."""
+    not touched), with the catalog's attribute options that the new major refuses removed,
+    and without its configuration files: pg_upgrade starts the old server with only a few of
+    the settings every other start pins (SAFE_SETTINGS), and what an imported archive left in
+    them (`ssl_passphrase_command`, a shell command; `dynamic_library_path`, `jit_provider`,
+    includes) would act. The new major's files come from its initdb, as always."""
     s, scratch = manager.settings, build / "old"
     try:
         await asyncio.to_thread(copy_tree, pgdata, scratch)
     except CopyError as e:
         raise UpgradeError(f"cannot copy the database for pg_upgrade: {e.stderr[-300:]}") from e
+    run_as.write_file(scratch / "postgresql.conf", "# pgsni: pg_upgrade's copy, no settings of its own\n")
+    run_as.write_file(scratch / "postgresql.auto.conf", "")
     process = PostgresProcess(old.bindir, scratch, s.socket_path / f"uo-{build.name[-8:]}",
                               build / "postgres.log", run_as, s.postgres_options, maintenance=True)
     await process.start(s.start_timeout)

@@ -1,6 +1,6 @@
 """`db upload`: create or replace a database from a file, whose kind is told from its content —
-a PGDATA archive (tar, tar.gz, tar.zst), a pg_dump archive (custom, tar or directory format,
-restored with pg_restore) or a plain SQL script (checked with the SQL parser, run with psql).
+a PGDATA archive (tar, tar.gz, tar.zst), a pg_dump archive (custom or tar format, restored
+with pg_restore; not directory format, whose files pg_restore opens by any path they name) or a plain SQL script (checked with the SQL parser, run with psql).
 
 The new data directory is built off to the side (a hidden work directory under the data root,
 with its own Postgres on its own socket), stored as a new version whose parent is the current
@@ -38,7 +38,7 @@ from .importing import import_archive
 HEAD = 64 << 10  # bytes read to tell the kind of a file
 PARSE_LIMIT = 64 << 20  # larger SQL scripts are not parse-checked first (psql still stops at an error)
 _ZSTD, _GZIP = b"\x28\xb5\x2f\xfd", b"\x1f\x8b"
-KINDS = ("pgdata", "custom", "tar-dump", "directory", "plain")
+KINDS = ("pgdata", "custom", "tar-dump", "plain")
 RESTORE_FLAGS = ["--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction"]
 
 
@@ -81,8 +81,14 @@ class Uploaded:
 def detect(path: Path) -> Detected:
     if path.is_dir():
         if (path / "toc.dat").is_file():
-            return Detected("directory", "a pg_dump directory-format dump")
-        raise UploadError(f"{path} is a directory but not a pg_dump directory-format dump (no toc.dat)")
+            # its table of contents names the files pg_restore opens, by any path (`../../..`),
+            # and pg_restore runs as the gateway's OS user: a hostile one would load the
+            # gateway's own files into the tenant's database
+            raise UploadError(f"{path} is a pg_dump directory-format dump, which pgsni does not load "
+                              f"(its table of contents could name any file on this machine): make a "
+                              f"custom-format dump (pg_dump -Fc) or a plain script "
+                              f"(pg_restore -f dump.sql {path.name}) and upload that")
+        raise UploadError(f"{path} is a directory, not a file pgsni can load")
     try:
         with open(path, "rb") as f:
             head = f.read(HEAD)
@@ -144,7 +150,7 @@ def _is_text(data: bytes) -> bool:
 async def check(path: Path, found: Detected, bindir: Path) -> str:
     """Verify what can be verified without loading: pg_restore reads a dump's table of
     contents; a plain script is parsed (psql meta-commands and COPY data aside)."""
-    if found.kind in ("custom", "tar-dump", "directory"):
+    if found.kind in ("custom", "tar-dump"):
         proc = await pgtools.run_tool(bindir, "pg_restore", ["--list", str(path)],
                                       what=f"reading {path} as {found.label}")
         entries = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith(";")]
@@ -256,7 +262,7 @@ class _Build:
     async def load(self, plan: Plan) -> None:
         assert self.process is not None
         sock, bindir = self.process.socket_dir, self.install.bindir
-        if plan.kind in ("custom", "tar-dump", "directory"):
+        if plan.kind in ("custom", "tar-dump"):
             await pgtools.run_tool(bindir, "pg_restore", [*dbroles.tool_args(sock, act_as=dbroles.TENANT),
                                    *RESTORE_FLAGS, plan.file], what=f"restoring {plan.file}")
         elif plan.kind == "plain":

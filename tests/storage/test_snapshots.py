@@ -14,7 +14,7 @@ import pytest
 
 from storage import backend as backend_mod
 from storage import filelist
-from storage.errors import CorruptArchive, StorageError
+from storage.errors import CorruptArchive, StorageError, UnsafeArchive
 from storage.forking import fork_version
 from storage.localdir import LocalDirBackend
 from storage.snapshots import FORMAT, SnapshotStore
@@ -128,6 +128,27 @@ async def test_more_files_than_max_restore_files_is_refused_with_the_setting_nam
     cur = await store.current("db")
     with pytest.raises(StorageError, match="21 files, more than max_restore_files"):
         await store.restore(cur.manifest, tmp_path / "out")
+
+
+async def test_a_stored_version_with_tablespaces_is_not_restored(tmp_path):
+    """A tampered store (or a copy that should never have had them): a `tablespace_map` would
+    have the first start link a tablespace wherever it says, outside the database's directory;
+    a link in pg_tblspc/ leads out the same way."""
+    store = SnapshotStore(LocalDirBackend(tmp_path / "store"), tmp_path / "spool")
+    for n, plant in enumerate((lambda d: (d / "tablespace_map").write_text("16385 /var/lib/other\n"),
+                               lambda d: (d / "pg_tblspc" / "16385").symlink_to("../base"))):
+        pgdata = tmp_path / f"pgdata{n}"
+        _small_tree(pgdata, 3)
+        (pgdata / "pg_tblspc").mkdir()
+        plant(pgdata)
+        saved = await store.snapshot(f"db{n}", pgdata, {}, expect=None)
+        with pytest.raises(UnsafeArchive, match="tablespace"):
+            await store.restore(saved, tmp_path / f"out{n}")
+    _small_tree(tmp_path / "clean", 3)
+    (tmp_path / "clean" / "pg_tblspc").mkdir()
+    (tmp_path / "clean" / "tablespace_map").write_text("")  # empty: no tablespace
+    saved = await store.snapshot("db9", tmp_path / "clean", {}, expect=None)
+    await store.restore(saved, tmp_path / "out9")
 
 
 async def test_a_manifest_whose_parts_do_not_add_up_is_corrupt(tmp_path):
