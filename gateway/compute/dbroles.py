@@ -36,7 +36,9 @@ CONNECT_TIMEOUT = 10
 # worse (session_preload_libraries, role). Startup options win over all stored settings.
 ADMIN_SESSION = {"search_path": "pg_catalog", "role": "none", "session_preload_libraries": "",
                  "local_preload_libraries": "", "default_transaction_read_only": "off",
-                 "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+                 "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
+                 # psycopg reads timestamps and intervals only in these styles
+                 "DateStyle": "ISO", "IntervalStyle": "postgres", "TimeZone": "UTC"}
 ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
 
 

@@ -150,6 +150,26 @@ def test_settings_a_tenant_stores_never_steer_the_gateways_superuser(attacked, t
         assert conn.execute("show search_path").fetchone()[0] == "public, pg_catalog"  # its own: yes
 
 
+def test_date_and_time_styles_a_tenant_stores_do_not_break_the_gateways_sessions(attacked, tls):
+    """The owner may store DateStyle, IntervalStyle and TimeZone for every login to its
+    database. psycopg reads timestamps only in DateStyle ISO: a role's VALID UNTIL read by the
+    gateway's superuser session (at every login and stop) raised, not even as a psycopg.Error,
+    so logins failed and the stop could not read the roles it saves."""
+    gw = attacked()
+    with _tenant(gw, tls) as conn:
+        if int(conn.info.server_version) < 160000:
+            pytest.skip("a tenant makes roles from Postgres 16 on")
+        conn.execute("create role app login password 'app-pw-123456' valid until '2099-01-31 12:00:00+00'")
+        conn.execute("alter database postgres set datestyle = 'SQL, DMY'")
+        conn.execute("alter database postgres set intervalstyle = 'sql_standard'")
+    for _ in range(2):  # a login on the running instance, then one that follows a stop
+        with _tenant(gw, tls) as conn:
+            assert conn.execute("show datestyle").fetchone()[0] == "SQL, DMY"  # its own: yes
+        gw.call(lambda: gw.gw.instances.stop("tenant"))
+    until = gw.gw.catalog.roles("tenant")["app"].valid_until
+    assert until is not None and until.startswith("2099-01-31T12:00:00"), until
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="superuser logins need instance_uid_base, which needs root")
 def test_even_an_allowed_superuser_finds_no_secret_and_no_other_tenant(attacked, tls):
     """With allow_superuser_login (and the per-database uids it requires) a superuser runs
