@@ -58,7 +58,7 @@ def create(pgdata: Path, out: BinaryIO, *, level: int = 3) -> ArchiveInfo:
 
 def _add_tree(tar: tarfile.TarFile, pgdata: Path) -> dict[str, FileEntry]:
     files: dict[str, FileEntry] = {}
-    for rel, path, st in _walk(pgdata):
+    for rel, dir_fd, name, st in _walk(pgdata):
         info = tarfile.TarInfo(rel)
         info.mode = stat.S_IMODE(st.st_mode)
         info.mtime = int(st.st_mtime)
@@ -67,7 +67,7 @@ def _add_tree(tar: tarfile.TarFile, pgdata: Path) -> dict[str, FileEntry]:
             tar.addfile(info)
         elif stat.S_ISLNK(st.st_mode):
             try:
-                link = os.readlink(path)
+                link = os.readlink(name, dir_fd=dir_fd)
             except OSError as e:
                 raise _source_error(rel, e) from None
             reason = _symlink_problem(rel, link)
@@ -78,33 +78,49 @@ def _add_tree(tar: tarfile.TarFile, pgdata: Path) -> dict[str, FileEntry]:
             info.linkname = link
             tar.addfile(info)
         elif stat.S_ISREG(st.st_mode):
-            files[rel] = _add_file(tar, info, rel, path)
+            files[rel] = _add_file(tar, info, rel, dir_fd, name)
         else:
             raise StorageError(f"cannot archive {rel}: it is a {_kind(st.st_mode)}, not a regular "
                                f"file, directory or symlink")
     return files
 
 
-def _walk(root: Path, rel_dir: str = "") -> Iterator[tuple[str, str, os.stat_result]]:
-    """(relative path, absolute path, lstat) of everything under root, depth first with each
-    directory's entries sorted by name: a directory comes right before its contents."""
-    abs_dir = os.path.join(root, rel_dir) if rel_dir else str(root)
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _walk(root: Path, rel_dir: str = "", parent_fd: int | None = None,
+          ) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """(relative path, descriptor of its directory, name, lstat) of everything under root,
+    depth first with each directory's entries sorted by name: a directory comes right before
+    its contents. Each directory is opened relative to its parent's descriptor, never through
+    a symlink: a directory swapped for a link meanwhile (by a process an allowed superuser
+    left behind) is an error, not a way to archive what the link points at."""
     try:
-        with os.scandir(abs_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        if parent_fd is None:  # the root is the caller's: it may be reached through a link
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = os.open(rel_dir.rsplit("/", 1)[-1], _OPEN_DIR, dir_fd=parent_fd)
     except OSError as e:
         raise _source_error(rel_dir or ".", e) from None
-    for entry in entries:
-        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-        if _excluded(rel):
-            continue
+    try:
         try:
-            st = entry.stat(follow_symlinks=False)
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            raise _source_error(rel, e) from None
-        yield rel, entry.path, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk(root, rel)
+            raise _source_error(rel_dir or ".", e) from None
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if _excluded(rel):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                raise _source_error(rel, e) from None
+            yield rel, fd, entry.name, st
+            if stat.S_ISDIR(st.st_mode):
+                yield from _walk(root, rel, fd)
+    finally:
+        os.close(fd)
 
 
 def _excluded(rel: str) -> bool:
@@ -113,10 +129,10 @@ def _excluded(rel: str) -> bool:
     return any(e.endswith("/") and rel.startswith(e) for e in EXCLUDE)
 
 
-def _add_file(tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str, path: str) -> FileEntry:
+def _add_file(tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str, dir_fd: int, name: str) -> FileEntry:
     try:
         # O_NONBLOCK: if the file was swapped for a fifo since the walk, don't hang opening it
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         raise _source_error(rel, e) from None
     with open(fd, "rb") as f:

@@ -294,15 +294,40 @@ def test_create_refuses_symlinks_that_would_not_restore(link, tmp_path):
 def test_create_names_a_file_or_directory_that_vanishes(victim, synthetic, monkeypatch):
     real_walk = archive._walk  # recurses through the module attribute, i.e. this wrapper
 
-    def walk_then_delete(root, rel_dir=""):
-        for item in real_walk(root, rel_dir):
-            if item[0] == victim and os.path.lexists(item[1]):
-                shutil.rmtree(item[1]) if os.path.isdir(item[1]) else os.unlink(item[1])
+    def walk_then_delete(root, *rest):
+        for item in real_walk(root, *rest):
+            path = os.path.join(root, item[0])
+            if item[0] == victim and os.path.lexists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             yield item
 
     monkeypatch.setattr(archive, "_walk", walk_then_delete)
     with pytest.raises(StorageError, match=f"{victim}.*vanished"):
         archive.create(synthetic, io.BytesIO())
+
+
+def test_a_directory_swapped_for_a_link_while_archived_is_not_followed(synthetic, monkeypatch, tmp_path):
+    """A process an allowed superuser left running (as its database's OS user) swaps a
+    directory of the stopped data directory for a symlink between the walk's look at it and
+    its reading: the snapshot, read by the gateway's OS user, must not archive what the link
+    points at (another tenant's files, the gateway's), for the tenant to restore and read."""
+    outside = tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    (outside / "1" / "1259").write_bytes(b"the gateway's secret")
+    real_walk = archive._walk
+
+    def walk_then_swap(root, *rest):
+        for item in real_walk(root, *rest):
+            yield item
+            if item[0] == "base":  # looked at as a directory: now it becomes a link
+                shutil.rmtree(os.path.join(root, "base"))
+                os.symlink(outside, os.path.join(root, "base"))
+
+    monkeypatch.setattr(archive, "_walk", walk_then_swap)
+    out = io.BytesIO()
+    with pytest.raises(StorageError, match="cannot archive base"):
+        archive.create(synthetic, out)
+    assert b"the gateway's secret" not in zstandard.ZstdDecompressor().decompressobj().decompress(out.getvalue())
 
 
 def test_a_file_that_shrinks_while_read_is_named():
@@ -314,8 +339,8 @@ def test_a_file_that_shrinks_while_read_is_named():
 def test_a_failed_create_leaves_an_unusable_archive(synthetic, monkeypatch, tmp_path):
     real_walk = archive._walk
 
-    def walk_then_fail(root, rel_dir=""):
-        for item in real_walk(root, rel_dir):
+    def walk_then_fail(root, *rest):
+        for item in real_walk(root, *rest):
             yield item
             if item[0] == "global/pg_control":
                 raise StorageError("boom")
