@@ -135,13 +135,13 @@ def emit_json(data: Any) -> None:
 def say(ctx: click.Context, text: str) -> None:
     """A human line on stdout (not with --json)."""
     if not as_json(ctx):
-        click.echo(text)
+        click.echo(printable(text))
 
 
 def note(ctx: click.Context, text: str) -> None:
     """Secondary information on stderr, dropped with --quiet."""
     if not opt(ctx, "quiet"):
-        click.echo(text, err=True)
+        click.echo(printable(text), err=True)
 
 
 def show_plan(ctx: click.Context, plan) -> None:
@@ -151,25 +151,29 @@ def show_plan(ctx: click.Context, plan) -> None:
         return
     click.echo(f"dry run: {plan.action} {plan.id} would")
     for change in plan.changes:
-        click.echo(f"  - {change}")
+        click.echo(printable(f"  - {change}"))
     click.echo("nothing was changed")
 
 
 def table(ctx: click.Context, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Rows as a rich table on a terminal, else one tab-separated line each (for grep/cut)."""
+    """Rows as a rich table on a terminal, else one tab-separated line each (for grep/cut).
+    Cells are shown as written (they may hold what a tenant named): control characters
+    escaped, and on a terminal no rich markup."""
+    cells = [["" if v is None else printable(str(v)) for v in r] for r in rows]
     if sys.stdout.isatty():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title=title, show_header=any(columns))
         for c in columns:
             t.add_column(c)
-        for r in rows:
-            t.add_row(*("" if v is None else str(v) for v in r))
+        for r in cells:
+            t.add_row(*(escape(v) for v in r))
         Console().print(t)
         return
-    for r in rows:
-        click.echo("\t".join("" if v is None else str(v) for v in r).rstrip())
+    for r in cells:
+        click.echo("\t".join(r).rstrip())
 
 
 @contextlib.contextmanager
