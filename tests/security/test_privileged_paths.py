@@ -140,7 +140,8 @@ def test_text_log_lines_carry_no_terminal_escapes_from_a_client(start_gateway, t
 
     handler, logger = Grab(), logging.getLogger("pgsni.session")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not `.level =`: that leaves the logger's cached answers stale
     try:
         gw = start_gateway()
         gw.create_db("app1")
