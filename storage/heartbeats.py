@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass, field, replace
 
 from .backend import Backend
@@ -55,8 +56,10 @@ class Heartbeat:
         try:
             beat = json.loads(data)
             expires, ttl = float(beat["expires"]), float(beat.get("ttl", default_ttl))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"a damaged heartbeat: {e}") from None
+        except (KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            raise ValueError(f"a damaged heartbeat: {e!r}"[:200]) from None
+        if not (math.isfinite(expires) and math.isfinite(ttl)):  # nan compares false with everything
+            raise ValueError("a damaged heartbeat: its expiry or ttl is not a finite number")
         address, load, local = beat.get("address"), beat.get("load"), beat.get("local")
         return cls(str(beat.get("holder") or ""), expires, ttl,
                    address if isinstance(address, str) else "",

@@ -17,3 +17,15 @@ ID_RULE = "1-63 lowercase letters, digits or inner hyphens"
 def valid_id(db_id: str) -> bool:
     """True for a lowercase DNS label that is not punycode (`xn--`)."""
     return bool(_ID.fullmatch(db_id)) and not db_id.startswith("xn--")
+
+
+# stored version ids (storage/snapshots.py `new_version`: 20261122T184901.123Z-3f9a1c), as far
+# as what storage names must be trusted: one path component of letters, digits, dots and
+# hyphens, beginning with a letter or digit (never "." nor ".."), at most 80 characters
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.-]{0,79}")
+
+
+def valid_version(version: object) -> bool:
+    """Whether `version` (read from storage: a pointer, a manifest, a base backup's WAL prefix)
+    is safe as a key part and a local file name."""
+    return isinstance(version, str) and bool(_VERSION.fullmatch(version))

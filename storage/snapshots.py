@@ -36,6 +36,7 @@ from typing import Callable
 from . import archive, filelist
 from .backend import Backend
 from .errors import CorruptArchive, LeaseLost, NotFound, PreconditionFailed, StorageError, disk_full_as
+from .ids import valid_version
 from .roles import Role
 from .streams import feed_thread
 from .wal import WalStore, parse_lsn
@@ -95,8 +96,12 @@ class Manifest:
             if (manifest.format == BASE_FORMAT) != isinstance(manifest.base_backup, dict) or (
                     manifest.base_backup and not isinstance(manifest.base_backup["wal"], str)):
                 raise TypeError("a base backup's manifest is format 3 and names its WAL")
+            # both become key parts and local directory names (the WAL spool): no path in them
+            if not valid_version(manifest.version) or not valid_version(manifest.wal_prefix):
+                raise ValueError(f"version {manifest.version!r} or WAL prefix {manifest.wal_prefix!r} "
+                                 f"is not a version")
             return manifest
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise CorruptArchive(f"manifest is not valid: {e!r}") from None
 
     @property
@@ -180,8 +185,10 @@ class SnapshotStore:
             return None
         try:
             version = json.loads(data)["version"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise CorruptArchive(f"pointer {keys.pointer} is not valid") from None
+        if not valid_version(version):
+            raise CorruptArchive(f"pointer {keys.pointer} names no version: {str(version)[:80]!r}")
         return Current(await self.manifest(db_id, version), etag)
 
     async def manifest(self, db_id: str, version: str) -> Manifest:

@@ -40,6 +40,7 @@ less than storage holds. Retention (`remove_before`) deletes segments that end b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ from pathlib import Path
 
 import zstandard
 
-from .backend import Backend
+from .backend import MAX_SMALL_OBJECT, Backend
 from .errors import PreconditionFailed, StorageError
+from .ids import valid_version
 
 DEFAULT_SEGMENT_SIZE = 16 << 20
 MAX_SEGMENT_SIZE = 64 << 20  # a segment is compressed and uploaded from memory
@@ -174,7 +176,7 @@ class WalStore:
         their system identifier), so each version's WAL has its own prefix."""
         if segment_size > MAX_SEGMENT_SIZE or segment_size & (segment_size - 1):
             raise StorageError(f"unsupported WAL segment size {segment_size}")
-        if base is not None and not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.-]{0,79}", base):
+        if base is not None and not valid_version(base):
             raise StorageError(f"not a version: {base!r}")
         self.backend, self.db_id, self.segment_size, self.level = backend, db_id, segment_size, level
         self.prefix = f"dbs/{db_id}/wal/" + (f"{base}/" if base else "")
@@ -236,11 +238,22 @@ class WalStore:
         return zstandard.ZstdCompressor(level=self.level, write_checksum=True).compress(raw)
 
     async def read(self, key: str) -> bytes:
-        """The content of one stored WAL object (a segment's bytes, uncompressed)."""
-        blob = b"".join([chunk async for chunk in self.backend.download(key)])
-        if not key.endswith(".zst"):
-            return blob
-        return await asyncio.to_thread(self._decompress, key, blob)
+        """The content of one stored WAL object (a segment's bytes, uncompressed). An object
+        larger than any this gateway writes (a segment compressed, with zstd's worst-case
+        overhead; a history file as small objects are) is refused before it is all read: a
+        tampered store must not make the gateway hold gigabytes."""
+        compressed = key.endswith(".zst")
+        limit = self.segment_size + (self.segment_size >> 6) + (1 << 16) if compressed else MAX_SMALL_OBJECT
+        chunks, size = [], 0
+        async with contextlib.aclosing(self.backend.download(key)) as download:
+            async for chunk in download:
+                size += len(chunk)
+                if size > limit:
+                    raise StorageError(f"WAL object {key} is larger than any WAL object (over "
+                                       f"{limit} bytes): not read")
+                chunks.append(chunk)
+        blob = b"".join(chunks)
+        return await asyncio.to_thread(self._decompress, key, blob) if compressed else blob
 
     def _decompress(self, key: str, blob: bytes) -> bytes:
         try:

@@ -53,14 +53,22 @@ class Reach:
     end: int
 
 
+_FEED = 64  # bytes of compressed WAL inflated at once (at most 16 blocks: 2 MiB) for a header
+
+
 async def segment_size(backend: Backend, key: str) -> int:
     """The WAL segment size of stored WAL object `key`, from the page header it begins with
     (only its first bytes are read); the default if that header does not say."""
-    inflate, head = zstandard.ZstdDecompressor().decompressobj(), b""
+    inflate, head, need = zstandard.ZstdDecompressor().decompressobj(), b"", _SEG_SIZE_AT + _SEG_SIZE.size
     async with contextlib.aclosing(backend.download(key)) as chunks:
         async for chunk in chunks:
-            head += inflate.decompress(chunk)
-            if len(head) >= _SEG_SIZE_AT + _SEG_SIZE.size:
+            # fed a little at a time: a few bytes of zstd may stand for megabytes (RLE blocks),
+            # and only the first bytes are wanted
+            for at in range(0, len(chunk), _FEED):
+                head += inflate.decompress(chunk[at:at + _FEED])
+                if len(head) >= need:
+                    break
+            if len(head) >= need:
                 break
     if len(head) < _SEG_SIZE_AT + _SEG_SIZE.size:
         return DEFAULT_SEGMENT_SIZE

@@ -66,6 +66,7 @@ from psycopg.conninfo import make_conninfo
 from gateway.wire.protocol import ProtocolViolation
 from storage.backend import Backend
 from storage.errors import StorageError
+from storage.ids import valid_version
 from storage.wal import StoredWal, WalConflict, WalStore, format_lsn, parse_lsn, parse_segment_name
 
 from . import dbroles
@@ -129,6 +130,8 @@ class WalShipper:
         whether the instance is being stopped (`_flush_report`)."""
         if sync_fallback not in FALLBACKS:
             raise ValueError(f"sync_fallback must be one of {FALLBACKS}")
+        if not valid_version(base):  # it names a directory in `spools`: one plain component
+            raise StorageError(f"database {db_id}: {base!r} is not a version; its WAL is not shipped")
         self.backend, self.db_id, self.base = backend, db_id, base
         self.socket_dir, self.spools, self.spool = socket_dir, spools, spools / base
         self.rpo_seconds, self.spool_budget = rpo_seconds, spool_budget

@@ -1,0 +1,41 @@
+"""Other local users of the gateway machine are not trusted (SECURITY.md, threat model).
+
+The admin API listens on loopback by default, and without admin_token it asks nobody for
+anything: every local user (and every process of any uid: a service, a compromised daemon, a
+tenant's program where the operator allows superusers in development mode) can list, dump,
+delete and re-password every database, and make the gateway (root) read any local file or
+fetch any URL as an archive (`POST /v1/databases` with `source`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from ..support.harness import TEST_PASSWORD, conninfo, psql
+from ..support.ports import free_port
+
+STRANGER = "nobody"
+
+
+def _as_stranger(method: str, url: str, body: dict | None = None) -> str:
+    """The HTTP status a request by another local user gets ("000": no connection)."""
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, url]
+    if body is not None:
+        args += ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
+    return subprocess.run(args, user=STRANGER, group="nogroup", extra_groups=[], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+def test_another_local_user_cannot_use_the_default_admin_api(start_gateway, tls):
+    gt = start_gateway(admin_port=free_port())  # the defaults: loopback, no admin_token
+    gt.create_db("app1")
+    base = f"http://127.0.0.1:{gt.settings.admin_port}"
+
+    listed = _as_stranger("GET", f"{base}/v1/databases")
+    changed = _as_stranger("POST", f"{base}/v1/databases/app1/password", {"password": "stranger-pw-123"})
+
+    took_over = psql(conninfo(gt.port, tls["ca"], "app1", password="stranger-pw-123"), "select 1")
+    assert took_over.returncode != 0, "another local user set the tenant's password and logged in as it"
+    assert listed not in ("200",) and changed not in ("200", "201"), \
+        f"another local user used the admin API: GET /v1/databases {listed}, POST password {changed}"
+    assert psql(conninfo(gt.port, tls["ca"], "app1", password=TEST_PASSWORD), "select 1").returncode == 0
