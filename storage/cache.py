@@ -80,7 +80,10 @@ class Databases:
         if hit and not fresh and time.monotonic() - hit[0] < self.cache_seconds:
             return hit[1]
         cur = await self.store.current(db_id)
-        self._current[db_id] = (time.monotonic(), cur)
+        if cur is None:  # not kept: clients may name any number of ids that exist nowhere
+            self._current.pop(db_id, None)
+        else:
+            self._current[db_id] = (time.monotonic(), cur)
         return cur
 
     def forget(self, db_id: str) -> None:

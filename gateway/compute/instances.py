@@ -22,6 +22,7 @@ from storage.leases import Leases
 from storage.snapshots import Manifest
 
 from . import securing
+from .failures import storage_failures
 from .lifecycle import Database, Placer, Shared
 from .running import Instance, Launcher, exited
 
@@ -120,11 +121,21 @@ class InstanceManager:
     async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
         """The roles to authenticate against; None for a database that exists nowhere, unless
         a draining gateway holds it: one created there and not yet saved is known once it is."""
-        roles = await self.database(db_id).roles()
+        roles = await self._roles(db_id)
         if roles is None and await self.leases.drained(db_id):
             self.databases.forget(db_id)
-            roles = await self.database(db_id).roles()
+            roles = await self._roles(db_id)
         return roles
+
+    async def _roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
+        """A database this gateway has no lifecycle for (nothing of it runs, starts or is being
+        created here) is looked up at rest, without making one: clients name any id they like,
+        before they have authenticated, and an id that exists nowhere must leave nothing."""
+        life = self.shared.lives.get(db_id)
+        if life is not None:
+            return await life.roles()
+        with storage_failures(db_id):
+            return await self.databases.roles(db_id)
 
     # --- for operations ----------------------------------------------------------------------
     async def create(self, db_id: str, password: str, place: Placer | None = None,
