@@ -92,12 +92,34 @@ def _token_ok(header: str | None, token: str) -> bool:
         hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(token.encode()).digest())
 
 
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def _from_a_browser(request: web.Request, has_token: bool, admin_host: str) -> str | None:
+    """Why a request looks like a web page's, or None. A browser on the gateway's machine may
+    send a page's simple requests (a cross-site POST needs no preflight: the operation runs,
+    unread) or, after DNS rebinding, requests of the page's own origin whose answers it reads.
+    Programs send no Origin and no Sec-Fetch-Site; and without a token the API listens on
+    loopback only, so a Host that is not a loopback name is a rebound one."""
+    if request.headers.get("Origin") is not None:
+        return "requests from web pages (with an Origin header) are refused"
+    if request.headers.get("Sec-Fetch-Site", "none") != "none":
+        return "requests a browser sends for a web page are refused"
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    if not has_token and host.lower() not in (*_LOOPBACK_NAMES, admin_host, f"[{admin_host}]"):
+        return f"without admin_token the admin API answers only to loopback names, not {host!r}"
+    return None
+
+
 def build_app(gw: GatewayView) -> web.Application:
     token = gw.settings.admin_token
     readiness = Readiness(gw)
 
     @web.middleware
     async def guard(request: web.Request, handler):
+        if request.path not in OPEN_PATHS and (refused := _from_a_browser(request, bool(token), gw.settings.admin_host)):
+            return json_error(403, "forbidden", refused,
+                              hint="The admin API is for programs (pgsni, curl, scripts), not browsers.")
         if token and request.path not in OPEN_PATHS and \
                 not _token_ok(request.headers.get("Authorization"), token):
             return json_error(401, "unauthorized", "a valid bearer token is required",

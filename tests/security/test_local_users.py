@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -43,3 +45,29 @@ def test_another_local_user_cannot_use_the_default_admin_api(start_gateway, tls)
     assert listed not in ("200",) and changed not in ("200", "201"), \
         f"another local user used the admin API: GET /v1/databases {listed}, POST password {changed}"
     assert psql(conninfo(gt.port, tls["ca"], "app1", password=TEST_PASSWORD), "select 1").returncode == 0
+
+
+def _status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_web_page_cannot_drive_the_admin_api(start_gateway):
+    """A page in a browser on the gateway's machine: a cross-site POST needs no preflight when
+    it is a simple request (it cannot read the answer, but the operation runs), and a page whose
+    name was rebound to 127.0.0.1 (DNS rebinding) reads answers as its own origin. The admin
+    API is for programs, never browsers: requests carrying a browser's Origin or a cross-site
+    Sec-Fetch-Site are refused, and without a token so are requests naming another host."""
+    gt = start_gateway(admin_port=free_port())  # the defaults: loopback, no admin_token
+    gt.create_db("app1")
+    base = f"http://127.0.0.1:{gt.settings.admin_port}"
+    assert _status(f"{base}/v1/databases") == 200  # a program on the machine: as before
+    assert _status(f"{base}/v1/databases/app1/snapshot", "POST",
+                   {"Origin": "https://evil.example", "Content-Type": "text/plain"}) == 403
+    assert _status(f"{base}/v1/databases", headers={"Sec-Fetch-Site": "cross-site"}) == 403
+    assert _status(f"{base}/v1/databases", headers={"Host": f"evil.example:{gt.settings.admin_port}"}) == 403
+    assert _status(f"{base}/healthz", headers={"Host": "evil.example"}) == 200  # probes stay open
