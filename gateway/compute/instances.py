@@ -6,7 +6,6 @@ cache within its budget and the leases alive, and fence when the heartbeat lapse
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Callable
@@ -204,24 +203,20 @@ class InstanceManager:
 
     async def reap_idle(self) -> None:
         for db_id in list(self.instances):
-            with _each(db_id, "the idle stop"):
-                await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
+            await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
 
     async def maintain(self) -> None:
         """Stop instances whose WAL another writer's conflicts with, start the base backups that
         are due (in the background), retry saving copies whose snapshot failed (storage was
-        down), and keep the local cache within its budget (every few seconds). What fails for
-        one database is logged and leaves the others their turn."""
-        for db_id, inst in list(self.instances.items()):
-            with _each(db_id, "maintenance"):
-                if inst.shipper is not None and inst.shipper.failed is not None:
-                    await self.database(db_id).stop_diverged()
-                else:
-                    self.database(db_id).base_backup_if_due()
+        down), and keep the local cache within its budget (every few seconds)."""
+        for db_id, inst in self.instances.items():
+            if inst.shipper is not None and inst.shipper.failed is not None:
+                await self.database(db_id).stop_diverged()
+            else:
+                self.database(db_id).base_backup_if_due()
         for db_id in self.databases.dirty_stopped():
             if db_id not in self.instances:
-                with _each(db_id, "retrying the save"):
-                    await self.database(db_id).retry_save()
+                await self.database(db_id).retry_save()
         try:
             await self._keep_budget()
         except StorageError as e:
@@ -257,13 +252,3 @@ class InstanceManager:
         for db, result in zip(lives, results):
             if isinstance(result, BaseException):
                 log.error("fencing %s failed: %r", db.id, result)
-
-
-@contextlib.contextmanager
-def _each(db_id: str, doing: str):
-    """One database's turn in a loop over many: an unexpected error is logged and the loop
-    goes on with the next (the supervisor would end the whole round, each time)."""
-    try:
-        yield
-    except Exception:  # noqa: BLE001 -- logged with its traceback; the others go on
-        log.exception("%s failed for %s", doing, db_id)
