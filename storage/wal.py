@@ -48,7 +48,7 @@ from pathlib import Path
 
 import zstandard
 
-from .backend import MAX_SMALL_OBJECT, Backend
+from .backend import Backend
 from .errors import PreconditionFailed, StorageError
 from .ids import valid_version
 
@@ -239,11 +239,13 @@ class WalStore:
 
     async def read(self, key: str) -> bytes:
         """The content of one stored WAL object (a segment's bytes, uncompressed). An object
-        larger than any this gateway writes (a segment compressed, with zstd's worst-case
-        overhead; a history file as small objects are) is refused before it is all read: a
-        tampered store must not make the gateway hold gigabytes."""
-        compressed = key.endswith(".zst")
-        limit = self.segment_size + (self.segment_size >> 6) + (1 << 16) if compressed else MAX_SMALL_OBJECT
+        larger than any this gateway writes is refused before it is all read (a tampered store
+        must not make the gateway hold gigabytes): a history file is a small object (the
+        backend's `get` bounds those), a segment at most its size with zstd's worst-case
+        overhead."""
+        if not key.endswith(".zst"):
+            return (await self.backend.get(key))[0]
+        limit = self.segment_size + (self.segment_size >> 6) + (1 << 16)
         chunks, size = [], 0
         async with contextlib.aclosing(self.backend.download(key)) as download:
             async for chunk in download:
@@ -252,8 +254,7 @@ class WalStore:
                     raise StorageError(f"WAL object {key} is larger than any WAL object (over "
                                        f"{limit} bytes): not read")
                 chunks.append(chunk)
-        blob = b"".join(chunks)
-        return await asyncio.to_thread(self._decompress, key, blob) if compressed else blob
+        return await asyncio.to_thread(self._decompress, key, b"".join(chunks))
 
     def _decompress(self, key: str, blob: bytes) -> bytes:
         try:

@@ -117,14 +117,14 @@ def build_app(gw: GatewayView) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        if request.path not in OPEN_PATHS and (refused := _from_a_browser(request, bool(token), gw.settings.admin_host)):
-            return json_error(403, "forbidden", refused,
-                              hint="The admin API is for programs (pgsni, curl, scripts), not browsers.")
-        if token and request.path not in OPEN_PATHS and \
-                not _token_ok(request.headers.get("Authorization"), token):
-            return json_error(401, "unauthorized", "a valid bearer token is required",
-                              hint="Send the header Authorization: Bearer <admin_token>.",
-                              headers={"WWW-Authenticate": 'Bearer realm="pgsni"'})
+        if request.path not in OPEN_PATHS:
+            if refused := _from_a_browser(request, bool(token), gw.settings.admin_host):
+                return json_error(403, "forbidden", refused,
+                                  hint="The admin API is for programs (pgsni, curl, scripts), not browsers.")
+            if token and not _token_ok(request.headers.get("Authorization"), token):
+                return json_error(401, "unauthorized", "a valid bearer token is required",
+                                  hint="Send the header Authorization: Bearer <admin_token>.",
+                                  headers={"WWW-Authenticate": 'Bearer realm="pgsni"'})
         try:
             return await handler(request)
         except web.HTTPException as e:  # unknown paths, wrong methods: JSON like the rest

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import click
 
-from gateway.config import ConfigError, Settings, load
 from gateway import logs
+from gateway.config import ConfigError, Settings, load
 from gateway.logs import printable
 
 

@@ -70,7 +70,7 @@ async def segment_size(backend: Backend, key: str) -> int:
                     break
             if len(head) >= need:
                 break
-    if len(head) < _SEG_SIZE_AT + _SEG_SIZE.size:
+    if len(head) < need:
         return DEFAULT_SEGMENT_SIZE
     size = _SEG_SIZE.unpack_from(head, _SEG_SIZE_AT)[0]
     return size if 1 << 20 <= size <= 1 << 30 and size & (size - 1) == 0 else DEFAULT_SEGMENT_SIZE

@@ -1,6 +1,7 @@
 """`db upload`: create or replace a database from a file, whose kind is told from its content —
 a PGDATA archive (tar, tar.gz, tar.zst), a pg_dump archive (custom or tar format, restored
-with pg_restore; not directory format, whose files pg_restore opens by any path they name) or a plain SQL script (checked with the SQL parser, run with psql).
+with pg_restore; not directory format, whose files pg_restore opens by any path they name) or
+a plain SQL script (checked with the SQL parser, run with psql).
 
 The new data directory is built off to the side (a hidden work directory under the data root,
 with its own Postgres on its own socket), stored as a new version whose parent is the current
