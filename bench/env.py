@@ -152,8 +152,11 @@ class GatewayProcess:
         """GET from the admin API (None if it does not answer)."""
         import urllib.request
 
+        token = Path(self.settings["data_root"], ".admin-token")  # generated: no admin_token here
+        req = urllib.request.Request(f"http://127.0.0.1:{self.settings['admin_port']}{path}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings['admin_port']}{path}", timeout=5) as r:
+            req.add_header("Authorization", f"Bearer {token.read_text().strip()}")
+            with urllib.request.urlopen(req, timeout=5) as r:
                 return r.read()
         except OSError:
             return None

@@ -104,7 +104,7 @@ class Settings:
     instance_memory_mb: int = _opt(0, "Memory limit of each database's Postgres (all its processes and the shared memory they touch), in MB, with cgroups: a tenant over it loses its own backend. 0: no limit. Leave room for shared_buffers (128 MB by default).")
     instance_cpu_weight: int = _opt(0, "CPU weight of each database's Postgres against the others (1-10000; 100 is the default share), with cgroups. 0: not set.")
     instance_max_pids: int = _opt(0, "Most processes of each database's Postgres (postmaster, backends, workers), with cgroups. 0: no limit.")
-    allow_superuser_login: bool = _opt(False, "Let clients log in as roles with SUPERUSER (a superuser can run programs as the instance's OS user). Outside development mode this needs instance_uid_base, and admin_token or admin_port=0 (SECURITY.md).")
+    allow_superuser_login: bool = _opt(False, "Let clients log in as roles with SUPERUSER (a superuser can run programs as the instance's OS user). Outside development mode this needs instance_uid_base (SECURITY.md).")
     superuser_login_databases: list[str] = _opt([], "Database ids whose clients may log in as superusers, when allow_superuser_login is off for the rest. Comma-separated in the environment; the same conditions apply.")
     max_instances: int = _opt(50, "Most Postgres instances running at once; the least recently used idle one is stopped to make room.")
     idle_timeout: float = _opt(300.0, "Seconds an instance with no clients keeps running before it is stopped.")
@@ -119,7 +119,7 @@ class Settings:
     # admin HTTP API (gateway/admin/server.py)
     admin_host: str = _opt("127.0.0.1", "Address of the admin HTTP API (health, readiness, metrics, /v1/databases). A non-loopback address requires admin_token.")
     admin_port: int = _opt(8080, "TCP port of the admin HTTP API (0: no admin server).")
-    admin_token: str = _opt("", "Bearer token required for /metrics and /v1 (Authorization: Bearer TOKEN). Empty: no token, allowed only on a loopback admin_host.", secret=True)
+    admin_token: str = _opt("", "Bearer token required for /metrics and /v1 (Authorization: Bearer TOKEN). Empty: one is generated into data_root/.admin-token (readable by the gateway's OS user only, read from there by pgsni commands); allowed only on a loopback admin_host.", secret=True)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -206,10 +206,6 @@ class Settings:
             raise ConfigError(f"{what}: a superuser can run programs as the Postgres OS user, which "
                               "all databases share unless instance_uid_base gives each its own: "
                               "set instance_uid_base (the gateway must run as root)")
-        if self.admin_port and not self.admin_token:
-            raise ConfigError(f"{what}: a superuser's programs could call the admin API on "
-                              f"{self.admin_host}:{self.admin_port}, which has no token: set "
-                              "admin_token, or admin_port=0")
 
     def _validate_workers(self) -> None:
         if self.workers < 0:

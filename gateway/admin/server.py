@@ -2,8 +2,10 @@
 readiness, Prometheus metrics and the database lifecycle under /v1 (gateway/admin/api.py).
 
 /healthz and /readyz are open (load balancers and Fly.io checks); /metrics and /v1 need
-`Authorization: Bearer <admin_token>` when a token is set. Settings refuse a non-loopback
-admin_host without a token, so the API is never open to the network by accident."""
+`Authorization: Bearer <token>`: `admin_token`, or without it the token generated into the
+data root (gateway/admintoken.py), which only the gateway's OS user can read. Settings refuse
+a non-loopback admin_host without admin_token, so the API is never open to the network by a
+token nobody chose."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import time
 from typing import Any
 
 from aiohttp import web
+
+from gateway import admintoken
 
 from . import api as admin_api
 from .view import GatewayView
@@ -95,35 +99,40 @@ def _token_ok(header: str | None, token: str) -> bool:
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
-def _from_a_browser(request: web.Request, has_token: bool, admin_host: str) -> str | None:
+def _from_a_browser(request: web.Request, token_chosen: bool, admin_host: str) -> str | None:
     """Why a request looks like a web page's, or None. A browser on the gateway's machine may
     send a page's simple requests (a cross-site POST needs no preflight: the operation runs,
     unread) or, after DNS rebinding, requests of the page's own origin whose answers it reads.
-    Programs send no Origin and no Sec-Fetch-Site; and without a token the API listens on
+    Programs send no Origin and no Sec-Fetch-Site; and without admin_token the API listens on
     loopback only, so a Host that is not a loopback name is a rebound one."""
     if request.headers.get("Origin") is not None:
         return "requests from web pages (with an Origin header) are refused"
     if request.headers.get("Sec-Fetch-Site", "none") != "none":
         return "requests a browser sends for a web page are refused"
     host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    if not has_token and host.lower() not in (*_LOOPBACK_NAMES, admin_host, f"[{admin_host}]"):
+    if not token_chosen and host.lower() not in (*_LOOPBACK_NAMES, admin_host, f"[{admin_host}]"):
         return f"without admin_token the admin API answers only to loopback names, not {host!r}"
     return None
 
 
-def build_app(gw: GatewayView) -> web.Application:
-    token = gw.settings.admin_token
+def build_app(gw: GatewayView, token: str) -> web.Application:
+    """The admin API's routes; /metrics and /v1 need `token` (never empty)."""
+    assert token, "the admin API always needs a token"
     readiness = Readiness(gw)
+    token_hint = ("Send the header Authorization: Bearer <admin_token>." if gw.settings.admin_token else
+                  f"Send the header Authorization: Bearer <token>, the token being the content of "
+                  f"{admintoken.token_path(gw.settings)} (readable by the gateway's OS user), or set "
+                  "admin_token.")
 
     @web.middleware
     async def guard(request: web.Request, handler):
         if request.path not in OPEN_PATHS:
-            if refused := _from_a_browser(request, bool(token), gw.settings.admin_host):
+            if refused := _from_a_browser(request, bool(gw.settings.admin_token), gw.settings.admin_host):
                 return json_error(403, "forbidden", refused,
                                   hint="The admin API is for programs (pgsni, curl, scripts), not browsers.")
-            if token and not _token_ok(request.headers.get("Authorization"), token):
+            if not _token_ok(request.headers.get("Authorization"), token):
                 return json_error(401, "unauthorized", "a valid bearer token is required",
-                                  hint="Send the header Authorization: Bearer <admin_token>.",
+                                  hint=token_hint,
                                   headers={"WWW-Authenticate": 'Bearer realm="pgsni"'})
         try:
             return await handler(request)
@@ -156,13 +165,13 @@ def build_app(gw: GatewayView) -> web.Application:
 class AdminServer:
     def __init__(self, gw: GatewayView) -> None:
         self.gw = gw
-        self.app = build_app(gw)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         s = self.gw.settings
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        token = await asyncio.to_thread(admintoken.ensure, s)
+        runner = web.AppRunner(build_app(self.gw, token), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, s.admin_host, s.admin_port)
         try:
@@ -173,8 +182,8 @@ class AdminServer:
                           f"(admin_port; 0 turns it off): {e.strerror}") from None
         self._runner = runner
         self.port = runner.addresses[0][1] if runner.addresses else s.admin_port
-        log.info("admin API on http://%s:%d (token %s)", s.admin_host, self.port,
-                 "required" if s.admin_token else "not set: loopback only")
+        log.info("admin API on http://%s:%d (bearer token %s)", s.admin_host, self.port,
+                 "admin_token" if s.admin_token else f"in {admintoken.token_path(s)}")
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None

@@ -9,6 +9,8 @@ import contextlib
 
 import click
 
+from gateway import admintoken
+
 from .common import (
     as_json, emit_json, human_bytes, note, opt, run_offline, say, show_plan, table, working)
 
@@ -235,8 +237,12 @@ def _snapshot_by_gateway(settings, db_id: str, busy):
     host = "127.0.0.1" if settings.admin_host in ("0.0.0.0", "::", "") else settings.admin_host
     req = urllib.request.Request(f"http://{host}:{settings.admin_port}/v1/databases/{db_id}/snapshot",
                                  method="POST", data=b"")
-    if settings.admin_token:
-        req.add_header("Authorization", f"Bearer {settings.admin_token}")
+    try:
+        token = admintoken.for_client(settings)
+    except admintoken.TokenFileError as e:
+        raise OperationError("failed", str(e)) from None
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=6 * 3600) as resp:
             return Snapshot(**json.loads(resp.read()))

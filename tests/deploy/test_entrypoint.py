@@ -462,7 +462,10 @@ def test_two_fly_style_gateways_link_on_the_addresses_the_entrypoint_derives(run
     assert postmasters(run_entrypoint.work / "m1" / "app1" / "pgdata")
     assert not (run_entrypoint.work / "m2" / "app1" / "pgdata").exists(), "not started twice"
     if HAS_ADMIN:
-        with urllib.request.urlopen(f"http://127.0.0.1:{second.admin_port}/metrics", timeout=10) as r:
+        token = (run_entrypoint.work / "m2" / ".admin-token").read_text().strip()  # no PGSNI_ADMIN_TOKEN
+        scrape = urllib.request.Request(f"http://127.0.0.1:{second.admin_port}/metrics",
+                                        headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(scrape, timeout=10) as r:
             metrics = r.read().decode()
         assert 'pgsni_forwarded_clients_total{direction="out"} 1' in metrics, metrics[-2000:]
     for ep in (second, first):

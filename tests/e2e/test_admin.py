@@ -4,10 +4,13 @@ draining on shutdown), bearer-token enforcement, and JSON errors."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import stat
 
 import psycopg
 import pytest
 
+from gateway import admintoken
 from gateway.config import ConfigError, Settings, load
 
 from ..support.adminclient import AdminClient
@@ -24,7 +27,7 @@ def admin_gateway(start_gateway):
     def start(**kw):
         kw.setdefault("admin_token", TOKEN)
         gt = start_gateway(admin_port=free_port(), **kw)
-        return gt, AdminClient(gt.settings.admin_port, kw["admin_token"] or None)
+        return gt, AdminClient.of(gt.settings)
     return start
 
 
@@ -53,13 +56,37 @@ def test_token_is_enforced(admin_gateway, path):
     assert raw.status == 401
 
 
-def test_no_token_on_loopback_is_open(admin_gateway):
+def test_without_admin_token_a_generated_token_is_required(admin_gateway, start_gateway):
+    """No admin_token: the gateway generates one into its data root, private to its OS user,
+    and requires it like a chosen one (other local users have no way in: SECURITY.md)."""
     gt, admin = admin_gateway(admin_token="")
-    scraped = admin.get("/metrics")
+    path = admintoken.token_path(gt.settings)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == os.geteuid()
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    for anyone in ("/metrics", "/v1/databases"):
+        refused = admin.get(anyone, token="wrong")
+        assert refused.status == 401 and str(path) in refused.json()["hint"], refused.body
+        assert admin.get(anyone, token="").status == 401
+    scraped = admin.get("/metrics", token=token)
     assert scraped.status == 200
     assert scraped.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert b"pgsni_connections_total" in scraped.body
-    assert admin.get("/v1/databases").status == 200
+    assert admin.get("/healthz", token="").status == 200
+    gt.stop()
+    again = start_gateway(admin_port=free_port(), data_root=gt.settings.data_root)
+    assert AdminClient(again.settings.admin_port, token).get("/v1/databases").status == 200, \
+        "a restart on the same data root keeps the token (scrapers and scripts keep working)"
+
+
+def test_a_token_file_others_could_read_is_refused(start_gateway, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    planted = root / admintoken.FILE_NAME
+    planted.write_text("x" * 40 + "\n")
+    planted.chmod(0o644)
+    with pytest.raises(OSError, match="mode 0600"):
+        start_gateway(admin_port=free_port(), data_root=str(root))
 
 
 def test_unknown_path_and_wrong_method_are_json(admin_gateway):

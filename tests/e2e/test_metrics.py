@@ -22,7 +22,7 @@ from ..support.rawclient import RawClient
 @pytest.fixture
 def gw_admin(start_gateway):
     gt = start_gateway(admin_port=free_port())
-    return gt, AdminClient(gt.settings.admin_port)
+    return gt, AdminClient.of(gt.settings)
 
 
 def _fails(dsn: str) -> None:
@@ -95,7 +95,7 @@ def test_auth_failures_by_reason_and_bounded_labels(gw_admin, tls):
 
 def test_rate_limited_auth_is_its_own_reason(start_gateway, tls):
     gt = start_gateway(admin_port=free_port(), auth_failures_per_minute=1)
-    admin = AdminClient(gt.settings.admin_port)
+    admin = AdminClient.of(gt.settings)
     gt.create_db("app1")
     _fails(conninfo(gt.port, tls["ca"], "app1", password="wrong"))
     _fails(conninfo(gt.port, tls["ca"], "app1", password="wrong"))

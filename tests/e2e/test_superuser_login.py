@@ -44,7 +44,6 @@ def test_superusers_may_log_in_where_the_operator_allows_it(start_gateway, tls):
 @pytest.mark.parametrize("settings, problem", [
     ({"allow_superuser_login": True}, "set instance_uid_base"),
     ({"superuser_login_databases": ["app1"]}, "set instance_uid_base"),
-    ({"allow_superuser_login": True, "instance_uid_base": 200000, "admin_port": 8080}, "set admin_token"),
 ])
 def test_allowing_superusers_without_their_safeguards_is_refused_at_start(settings, problem, tmp_path):
     with pytest.raises(ConfigError, match=problem):
@@ -53,6 +52,5 @@ def test_allowing_superusers_without_their_safeguards_is_refused_at_start(settin
 
 def test_development_mode_may_allow_superusers_on_one_os_user(tmp_path):
     Settings(data_root=str(tmp_path), create_on_connect=True, allow_superuser_login=True)
-    Settings(data_root=str(tmp_path), allow_superuser_login=True, instance_uid_base=200000,
-             admin_token="t")
-    Settings(data_root=str(tmp_path), allow_superuser_login=True, instance_uid_base=200000, admin_port=0)
+    # the admin API needs a token in any case: admin_token, or the data root's private one
+    Settings(data_root=str(tmp_path), allow_superuser_login=True, instance_uid_base=200000, admin_port=8080)

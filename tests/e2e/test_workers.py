@@ -32,7 +32,7 @@ def workers(serve, data_root, template_pgdata):
     seed_template(data_root / ".worker-1", template_pgdata)
     admin = free_port()
     gp = serve(workers=2, admin_port=admin, log_level="INFO", idle_timeout=600.0)
-    gp.admin = AdminClient(admin)
+    gp.admin = AdminClient(admin, token_file=data_root / ".admin-token")
     wait_until(lambda: gp.log().count("pgsni listening on") == 2, 60, "both workers listening")
     yield gp
     if gp.proc.poll() is None:  # the fixture kills what is left, the supervisor first

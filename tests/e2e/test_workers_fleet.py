@@ -58,7 +58,7 @@ def machine(serve, single, data_root, template_pgdata, s3_settings, cluster_dir)
     admin = free_port()
     gp = serve(workers=2, admin_port=admin, log_level="INFO", idle_timeout=600.0, gateway_id="gw-m",
                **s3_settings, **links(cluster_dir, "gw-a", free_ports(2)))
-    gp.admin = AdminClient(admin)
+    gp.admin = AdminClient(admin, token_file=data_root / ".admin-token")
     wait_until(lambda: gp.log().count("links to other gateways: listening on") == 2, 60,
                "both workers' links")
     yield gp

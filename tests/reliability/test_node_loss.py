@@ -115,7 +115,7 @@ def test_a_new_node_starts_from_the_newest_base_backup(serve, tls, data_root, s3
     settings = dict(s3_settings, durability="async", rpo_seconds=0.5, lease_seconds=0,
                     shutdown_grace=0.5, storage_timeout=5.0)
     gp = serve(**settings, admin_port=(port := free_port()))
-    admin = AdminClient(port)
+    admin = AdminClient(port, token_file=data_root / ".admin-token")
     with _connect(gp, tls["ca"]) as conn:  # development mode makes app1
         conn.execute("create table t (client int not null, seq int not null, primary key (client, seq))")
     first = admin.get("/v1/databases/app1").json()["version"]

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from gateway import admintoken
 from storage.osuser import RunAs, clean_env
 
 from ..support.harness import conninfo
@@ -171,11 +172,14 @@ def test_date_and_time_styles_a_tenant_stores_do_not_break_the_gateways_sessions
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="superuser logins need instance_uid_base, which needs root")
-def test_even_an_allowed_superuser_finds_no_secret_and_no_other_tenant(attacked, tls):
+@pytest.mark.parametrize("token", ["chosen", "generated"])
+def test_even_an_allowed_superuser_finds_no_secret_and_no_other_tenant(attacked, tls, token):
     """With allow_superuser_login (and the per-database uids it requires) a superuser runs
     programs as its database's own OS user: it sees an environment built from nothing, and
-    neither the other tenant's files, its socket nor the gateway's admin API."""
-    gw = attacked(allow_superuser_login=True, instance_uid_base=310000, instance_uid_count=1000)
+    neither the other tenant's files, its socket nor the gateway's admin API (whose token,
+    chosen or generated into the data root, it cannot read)."""
+    gw = attacked(allow_superuser_login=True, instance_uid_base=310000, instance_uid_count=1000,
+                  **({} if token == "chosen" else {"admin_token": ""}))
     gw.admin_sql("tenant", "create role boss superuser login password 'boss-pw-123456'")
     victim = gw.gw.catalog.pgdata("victim")
     victim_sock = gw.gw.instances.instances["victim"].socket_dir
@@ -200,3 +204,6 @@ def test_even_an_allowed_superuser_finds_no_secret_and_no_other_tenant(attacked,
         assert "Permission denied" in psql_out or "password" in psql_out, psql_out
         api = run(f"python3 -c \"import urllib.request as u; u.urlopen('{admin_url}')\"")
         assert "401" in api, api
+        token_file = admintoken.token_path(gw.settings)
+        assert token_file.exists() == (token == "generated")
+        assert "ermission denied" in run(f"cat {token_file}") or token == "chosen"

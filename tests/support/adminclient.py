@@ -6,9 +6,12 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import admintoken
 
 
 @dataclass
@@ -22,9 +25,24 @@ class Reply:
 
 
 class AdminClient:
-    def __init__(self, port: int, token: str | None = None) -> None:
+    def __init__(self, port: int, token: str | None = None, *, token_file: Path | None = None) -> None:
+        """`token_file`: where a gateway without admin_token generated its token (read at each
+        request: a gateway process may write it after this client is made)."""
         self.base = f"http://127.0.0.1:{port}"
-        self.token = token
+        self._token, self.token_file = token, token_file
+
+    @classmethod
+    def of(cls, settings, port: int | None = None) -> "AdminClient":
+        """A client of the gateway of `settings` with its token: admin_token, or the one it
+        generates into its data root (where `pgsni` commands find it)."""
+        return cls(port or settings.admin_port, settings.admin_token or None,
+                   token_file=None if settings.admin_token else admintoken.token_path(settings))
+
+    @property
+    def token(self) -> str | None:
+        if self._token is None and self.token_file is not None and self.token_file.exists():
+            return self.token_file.read_text().strip()
+        return self._token
 
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
                 raw: bytes | None = None, timeout: float = 60) -> Reply:
