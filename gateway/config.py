@@ -77,7 +77,7 @@ class Settings:
     retention_days: float = _opt(0.0, "Also keep every version younger than this many days (0: off).")
     cache_budget_mb: int = _opt(0, "Disk budget for local copies of stopped databases; least recently used clean copies are removed beyond it (0: unlimited).")
     lease_seconds: float = _opt(60.0, "Lifetime of this gateway's heartbeat in storage. A gateway holds a lease on each database it runs, so gateways sharing a bucket never run one database twice; if the heartbeat cannot be renewed for this long (storage down), its databases are stopped. 0: no leases (only one gateway per bucket).")
-    gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/gateway-id.")
+    gateway_id: str = _opt("", "This gateway's name as a lease holder. Empty: generated once and kept in data_root/.gateway-id.")
     # fleet: links between gateways sharing a bucket (docs/fleet.md)
     advertise_address: str = _opt("", "HOST:PORT other gateways reach this one's internal listener at (e.g. Fly's 6PN address, [fdaa:...]:5433); published in its heartbeat. Empty: no links between gateways (cancel requests reach only sessions of the gateway they arrive at).")
     cluster_listen: str = _opt("", "HOST:PORT of the internal listener for other gateways (mutual TLS with cluster certificates); never the public listen_port. Required with advertise_address.")

@@ -24,6 +24,7 @@ from .osuser import RunAs, clean_env
 TEMPLATE = "_template"  # <root>/_template-<major>/pgdata: one template per Postgres major
 LAYOUT_FILE = "layout"  # <root>/_template-<major>/layout: which maker layout it was made for
 SPARE = ".spare-"  # <root>/.spare-<major>-<token>/pgdata: a ready copy of a template
+IDENTITY_FILE = ".gateway-id"  # this root's name as a lease holder (a dot: never a database id)
 
 
 class TemplateMaker(Protocol):
@@ -89,21 +90,29 @@ class LocalCatalog:
         os.chmod(self.root, 0o711 if self.run_as.switches_user else 0o700)
 
     def identity(self) -> str:
-        """This data root's name as a lease holder: kept in `<root>/gateway-id`, so a gateway
-        restarted on the same data root is the same holder (see storage/leases.py)."""
-        path = self.root / "gateway-id"
+        """This data root's name as a lease holder: kept in `<root>/.gateway-id`, so a gateway
+        restarted on the same data root is the same holder (see storage/leases.py). Older
+        versions kept it in `gateway-id`, which is also a valid database id: moved over."""
+        path = self.root / IDENTITY_FILE
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_text().strip()
+        old = self.root / "gateway-id"
+        if old.is_file() and not old.is_symlink():
+            with contextlib.suppress(FileExistsError):
+                os.link(old, path)  # another process of this root may have moved it already
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+            fsync_dir(self.root)
+            return path.read_text().strip()
+        name = f"{socket.gethostname().split('.')[0][:40] or 'gateway'}-{secrets.token_hex(4)}"
+        tmp, _ = write_temp(path, name.encode())
         try:
-            return path.read_text().strip()
-        except FileNotFoundError:
-            name = f"{socket.gethostname().split('.')[0][:40] or 'gateway'}-{secrets.token_hex(4)}"
-            tmp, _ = write_temp(path, name.encode())
-            try:
-                os.link(tmp, path)  # fails if another process named this root first: use theirs
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-            return path.read_text().strip()
+            os.link(tmp, path)  # fails if another process named this root first: use theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_text().strip()
 
     # --- queries ----------------------------------------------------------------------------
     def exists(self, db_id: str) -> bool:

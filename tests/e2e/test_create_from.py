@@ -194,13 +194,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def _snapshot(cli, data_root: Path) -> tuple[str, set[str]]:
     listed = cli("db", "list")
     assert listed.returncode == 0, listed.stderr
-    # the gateway's name (gateway-id), its lease marks (.leases, empty once given up) and its
+    # the gateway's name (.gateway-id), its lease marks (.leases, empty once given up) and its
     # lease heartbeat in storage may appear, and a free lease (leases are given up by writing
     # them free, docs/storage.md: it holds nothing); a database's own objects must not
     stored = data_root / "_storage" / "dbs"
     marks = data_root / ".leases"
     assert not marks.exists() or not any(marks.iterdir()), "a lease mark was left behind"
-    return listed.stdout, ({p.name for p in data_root.iterdir()} - {"gateway-id", "_storage", ".leases"}
+    return listed.stdout, ({p.name for p in data_root.iterdir()} - {".gateway-id", "_storage", ".leases"}
                            | {f"stored:{p.relative_to(stored)}" for p in stored.rglob("*")
                               if p.is_file() and not _free_lease(p)})
 

@@ -239,3 +239,23 @@ def test_a_base_backup_manifest_is_format_3():
     for wrong in ({"base_backup": None}, {"format": 2}):
         with pytest.raises(CorruptArchive):
             Manifest.from_json(dataclasses.replace(manifest, **wrong).to_json())
+
+
+# --- the data root's own files -------------------------------------------------------------------
+def test_the_gateways_name_file_is_never_a_database_id(tmp_path):
+    """A database may be called "gateway-id" (a valid id): the data root's own file must not
+    take that name, or the database could not be made (and one made first broke the start)."""
+    catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
+    catalog.prepare()
+    name = catalog.identity()
+    catalog.db_dir("gateway-id").mkdir()  # as a new database's directory is made
+    assert catalog.identity() == name
+
+
+def test_a_data_root_named_by_an_older_gateway_keeps_its_name(tmp_path):
+    catalog = LocalCatalog(tmp_path / "data", RunAs(os.geteuid(), os.getegid(), "me"))
+    catalog.prepare()
+    (catalog.root / "gateway-id").write_text("old-host-1a2b3c4d\n")  # where older versions kept it
+    assert catalog.identity() == "old-host-1a2b3c4d"
+    assert not (catalog.root / "gateway-id").exists(), "moved aside: the name is free for a database"
+    assert catalog.identity() == "old-host-1a2b3c4d"
