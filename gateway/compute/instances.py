@@ -6,9 +6,10 @@ cache within its budget and the leases alive, and fence when the heartbeat lapse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from gateway.config import Settings
 from gateway.metrics import Metrics
@@ -202,25 +203,32 @@ class InstanceManager:
         return max(0.05, min(1.0, self.settings.idle_timeout / 4))
 
     async def reap_idle(self) -> None:
+        each = Round("the idle stop")
         for db_id in list(self.instances):
-            await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
+            with each.turn(db_id):
+                await self.database(db_id).stop_if_idle(self.settings.idle_timeout)
+        each.finish()
 
     async def maintain(self) -> None:
         """Stop instances whose WAL another writer's conflicts with, start the base backups that
         are due (in the background), retry saving copies whose snapshot failed (storage was
         down), and keep the local cache within its budget (every few seconds)."""
-        for db_id, inst in self.instances.items():
-            if inst.shipper is not None and inst.shipper.failed is not None:
-                await self.database(db_id).stop_diverged()
-            else:
-                self.database(db_id).base_backup_if_due()
+        each = Round("maintenance")
+        for db_id, inst in list(self.instances.items()):
+            with each.turn(db_id):
+                if inst.shipper is not None and inst.shipper.failed is not None:
+                    await self.database(db_id).stop_diverged()
+                else:
+                    self.database(db_id).base_backup_if_due()
         for db_id in self.databases.dirty_stopped():
             if db_id not in self.instances:
-                await self.database(db_id).retry_save()
+                with each.turn(db_id):
+                    await self.database(db_id).retry_save()
         try:
             await self._keep_budget()
         except StorageError as e:
             log.warning("cache eviction skipped: %s", e)
+        each.finish()
 
     async def _keep_budget(self) -> None:
         """Remove least recently used clean copies until the stopped ones fit the budget."""
@@ -252,3 +260,30 @@ class InstanceManager:
         for db, result in zip(lives, results):
             if isinstance(result, BaseException):
                 log.error("fencing %s failed: %r", db.id, result)
+
+
+class Round:
+    """One background round over many databases: what fails for one leaves the others their
+    turn (else one database's error would end every round before the databases after it).
+    `finish()` then raises the first error, so the supervisor logs and counts the round as
+    failed (pgsni_background_errors_total); any further ones are logged here."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+        self.first: Exception | None = None
+
+    @contextlib.contextmanager
+    def turn(self, db_id: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- raised again by finish(), or logged
+            if self.first is None:
+                e.add_note(f"({self.doing} of database {db_id})")
+                self.first = e
+            else:
+                log.error("%s failed for %s as well", self.doing, db_id, exc_info=True)
+
+    def finish(self) -> None:
+        first, self.first = self.first, None
+        if first is not None:
+            raise first

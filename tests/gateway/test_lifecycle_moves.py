@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from gateway.compute.lifecycle import EDGES, State
+from gateway.compute.lifecycle import EDGES, Database, State
 
 from .fake_postgres import fake_manager
 
@@ -109,3 +109,49 @@ def test_every_state_has_its_way_out():
     assert set(EDGES) == set(State)
     for state, targets in EDGES.items():
         assert targets - {state}, f"{state} is a dead end"
+
+
+async def test_one_database_failing_in_maintenance_leaves_the_others_their_turn(manager, monkeypatch):
+    """maintain() went through the databases in one loop: an unexpected error in one (a
+    retry_save that raised) ended the round, every round, so the databases after it were
+    never saved and the cache never trimmed. The round still ends in that error, so the
+    supervisor logs and counts it (pgsni_background_errors_total)."""
+    for db_id in ("db0", "db1"):
+        await _used(manager, db_id)
+        await manager.fence()  # stopped with unsaved changes: maintenance saves them
+    retry, tried = Database.retry_save, []
+    broken = sorted(manager.databases.dirty_stopped())[0]
+
+    async def first_one_breaks(self):
+        tried.append(self.id)
+        if self.id == broken:
+            raise RuntimeError("unexpected (test)")
+        await retry(self)
+    monkeypatch.setattr(Database, "retry_save", first_one_breaks)
+    trimmed = []
+
+    async def keep_budget():
+        trimmed.append(True)
+    monkeypatch.setattr(manager, "_keep_budget", keep_budget)
+    with pytest.raises(RuntimeError, match="unexpected"):
+        await manager.maintain()
+    assert sorted(tried) == ["db0", "db1"] and trimmed == [True]
+    assert [d for d in ("db0", "db1") if manager.databases.state(d).dirty] == [broken]
+
+
+async def test_one_database_failing_its_idle_stop_leaves_the_others_theirs(tmp_path, monkeypatch):
+    manager = fake_manager(tmp_path, monkeypatch, databases=2, max_instances=4, idle_timeout=0.0)
+    for db_id in ("db0", "db1"):
+        await _used(manager, db_id)
+    stop, tried = Database.stop_if_idle, []
+
+    async def first_one_breaks(self, idle_timeout):
+        tried.append(self.id)
+        if len(tried) == 1:
+            raise RuntimeError("unexpected (test)")
+        await stop(self, idle_timeout)
+    monkeypatch.setattr(Database, "stop_if_idle", first_one_breaks)
+    with pytest.raises(RuntimeError, match="unexpected"):
+        await manager.reap_idle()
+    assert sorted(tried) == ["db0", "db1"]
+    assert set(manager.instances) == {tried[0]}, "the other idle database was stopped"
