@@ -200,6 +200,19 @@ SELECT coalesce(d.datname, ''), coalesce(r.rolname, ''), s.setrole = 10, cfg,
 """
 
 
+# one line (single-user mode ends a statement at a newline). A pgsni_setup left by a securing
+# that was interrupted is a superuser with no settings (nobody else can give a role SUPERUSER
+# or change a superuser's settings); any other was made by someone else (a tenant with
+# CREATEROLE, an archive's superuser), with settings and memberships they chose: never used.
+SETUP_SCRIPT = (
+    f"DO $$BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_authid WHERE rolname = '{SETUP}' AND NOT "
+    f"rolsuper) THEN RAISE EXCEPTION 'a role named {SETUP} exists that was not made by pgsni (it is "
+    f"not a superuser); the gateway uses that name while it secures a database: rename the role "
+    f"(ALTER ROLE {SETUP} RENAME TO another_name) and try again'; END IF; IF NOT EXISTS (SELECT "
+    f"FROM pg_catalog.pg_authid WHERE rolname = '{SETUP}') THEN CREATE ROLE {SETUP} SUPERUSER "
+    f"LOGIN; END IF; END$$;\n")
+
+
 async def secure(bindir: Path, pgdata: Path, run_as: RunAs, socket_dir: Path, log_path: Path, *,
                  options: dict[str, str] | None = None, timeout: float = 30.0,
                  drop_untrusted: bool = False) -> Report:
@@ -207,10 +220,7 @@ async def secure(bindir: Path, pgdata: Path, run_as: RunAs, socket_dir: Path, lo
     failure the data directory may be half changed: callers discard it (a build, an import)
     or put the stored version back (`db secure`)."""
     major = int((pgdata / "PG_VERSION").read_text().strip().split(".")[0])
-    await asyncio.to_thread(_single_user, bindir, pgdata, run_as, options or {},
-                            f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_authid WHERE "
-                            f"rolname = '{SETUP}') THEN CREATE ROLE {SETUP} SUPERUSER LOGIN; "
-                            f"END IF; END$$;\n")
+    await asyncio.to_thread(_single_user, bindir, pgdata, run_as, options or {}, SETUP_SCRIPT)
     process = PostgresProcess(bindir, pgdata, socket_dir, log_path, run_as, options or {},
                               maintenance=True)
     report = Report()

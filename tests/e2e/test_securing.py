@@ -135,3 +135,18 @@ def test_secure_over_the_admin_api(start_gateway, tls, data_root, legacy):
     assert admin.post(f"/v1/databases/{legacy}/secure", {}).json()["changed"] is False
     out = psql(conninfo(gw.port, tls["ca"], legacy, password=PASSWORD), "select count(*) from items")
     assert out.stdout.strip() == "100"
+
+
+def test_a_role_named_like_the_gateways_setup_role_is_refused_clearly(start_gateway, tls, data_root, cli):
+    """pgsni_setup exists only while securing runs, so a tenant (Postgres 16 on: CREATEROLE,
+    before an upgrade re-secures its copy), an imported archive or an old superuser may have
+    made a role of that name. Securing must never run its superuser steps as a role someone
+    else made, with settings they chose: it refuses, naming the role and what to do."""
+    make_legacy_database(data_root, "squat", PASSWORD, SETUP + "create role pgsni_setup login;\n"
+                         "alter role pgsni_setup set search_path = app;\n")
+    out = cli("db", "secure", "squat")
+    assert out.returncode != 0
+    assert "pgsni_setup" in out.stderr and "not made by pgsni" in out.stderr and "rename" in out.stderr, \
+        out.stderr
+    gw = start_gateway()
+    assert connect_sqlstate(gw.port, tls["ca"], "squat", password=PASSWORD) == "28000"  # still refused
