@@ -45,8 +45,21 @@ SAFE_SETTINGS = {
 }
 
 
-def safe_settings() -> dict[str, str]:
-    return dict(SAFE_SETTINGS)
+# the same, for settings that only later majors have (an older server refuses an unknown one)
+SAFE_SETTINGS_FROM = {18: {"extension_control_path": "$system"}}
+
+
+def safe_settings(pgdata: Path) -> dict[str, str]:
+    """SAFE_SETTINGS with those of the data directory's major (from its PG_VERSION)."""
+    try:
+        major = int((pgdata / "PG_VERSION").read_text().strip().split(".")[0])
+    except (OSError, ValueError):
+        major = 0  # the server cannot start either; its own error says why
+    out = dict(SAFE_SETTINGS)
+    for since, pins in SAFE_SETTINGS_FROM.items():
+        if major >= since:
+            out.update(pins)
+    return out
 
 
 class PostgresError(Exception):
@@ -172,7 +185,7 @@ class PostgresProcess:
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
             **START_OPTIONS,
-            **SAFE_SETTINGS,
+            **safe_settings(self.pgdata),
             # pinned: a postgresql.conf from an imported archive must not point elsewhere
             "data_directory": str(self.pgdata),
             "hba_file": str(self.pgdata / "pg_hba.conf"),

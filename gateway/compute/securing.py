@@ -263,7 +263,7 @@ def _summary(r: Report) -> str:
 def _single_user(bindir: Path, pgdata: Path, run_as: RunAs, options: dict[str, str], script: str) -> None:
     """Run `script` in single-user mode (no socket at all) as the bootstrap superuser."""
     argv = [str(bindir / "postgres"), "--single", "-D", str(pgdata)]
-    for name, value in {**safe_settings(), **options}.items():
+    for name, value in {**safe_settings(pgdata), **options}.items():
         argv += ["-c", f"{name}={value}"]
     proc = subprocess.run([*argv, "template1"], input=script, capture_output=True, text=True,
                           env=clean_env(), **run_as.popen_kwargs())

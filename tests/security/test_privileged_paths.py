@@ -228,3 +228,34 @@ def test_an_archives_tablespace_map_makes_no_link_out_of_its_data_directory(cli,
         assert list(target.iterdir()) == []
     finally:
         subprocess.run(["rm", "-rf", str(work), str(target)])
+
+
+@pytest.mark.skipif("18" not in installs().by_major, reason="extension_control_path is Postgres 18's")
+async def test_no_start_of_an_instance_reads_extension_control_files_where_its_files_say(template_pgdata):
+    """`extension_control_path` names the directories CREATE EXTENSION reads control files
+    from (whose scripts then run as the bootstrap superuser). A client-serving start pins it
+    to the gateway's own; every other start (securing's maintenance server, a point-in-time
+    restore's recovery, an upgrade's check) must not take it from an archive's ALTER SYSTEM."""
+    from gateway.compute.postgres import PostgresProcess
+    from gateway.compute import dbroles
+
+    work = reachable_tmpdir("pgsni-ecp-")
+    try:
+        run_as = RunAs.resolve("postgres")
+        pgdata = work / "pgdata"
+        subprocess.run(["cp", "-a", str(template_pgdata), str(pgdata)], check=True)  # owner kept
+        if (pgdata / "PG_VERSION").read_text().strip() != "18":
+            pytest.skip("the template is not Postgres 18")
+        _as_postgres("sh", "-c", f"echo \"extension_control_path = '/tmp/evil:\\$system'\" >> "
+                                 f"{pgdata}/postgresql.auto.conf")
+        process = PostgresProcess(install("18").bindir, pgdata, run_as.make_dir(work / "s"),
+                                  work / "log", run_as, {}, maintenance=False)
+        await process.start(60)
+        try:
+            async with await dbroles.connect(process.socket_dir) as conn:
+                shown = await (await conn.execute("show extension_control_path")).fetchone()
+        finally:
+            await process.stop(60)
+        assert shown == ("$system",)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
