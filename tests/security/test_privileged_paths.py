@@ -16,6 +16,8 @@ import logging
 import psycopg
 import pytest
 
+from gateway.compute import dbroles
+from gateway.compute.postgres import PostgresProcess
 from gateway.logs import TextFormatter
 from storage.osuser import RunAs
 
@@ -236,9 +238,6 @@ async def test_no_start_of_an_instance_reads_extension_control_files_where_its_f
     from (whose scripts then run as the bootstrap superuser). A client-serving start pins it
     to the gateway's own; every other start (securing's maintenance server, a point-in-time
     restore's recovery, an upgrade's check) must not take it from an archive's ALTER SYSTEM."""
-    from gateway.compute.postgres import PostgresProcess
-    from gateway.compute import dbroles
-
     work = reachable_tmpdir("pgsni-ecp-")
     try:
         run_as = RunAs.resolve("postgres")
