@@ -151,7 +151,9 @@ class Listener:
         """`direct`: None for a client that came here on `sock` (its opening is read here),
         else how a handed-over client opened TLS (it begins on `sock` now)."""
         try:
-            opened = await asyncio.wait_for(self._open(sock, peer) if direct is None
+            # a refused client is told so here (53300 after its startup message): never handed
+            # over, uncounted, to a holder elsewhere
+            opened = await asyncio.wait_for(self._open(sock, peer, refusal is None) if direct is None
                                             else self._start_tls(sock, peer, direct, handed=True),
                                             self.ctx.settings.handshake_timeout)
         except (asyncio.TimeoutError, OSError, ssl.SSLError, ConnectionError, p.ProtocolViolation) as e:
@@ -171,22 +173,26 @@ class Listener:
             return
         await Session(self.ctx, conn, info, refusal).run()
 
-    async def _open(self, sock: socket.socket, peer: str) -> "tuple[PgConnection | None, ClientInfo] | _Handover":
-        """Read the opening bytes ourselves, so that nothing past them is consumed before TLS."""
+    async def _open(self, sock: socket.socket, peer: str,
+                    may_hand_over: bool) -> "tuple[PgConnection | None, ClientInfo] | _Handover":
+        """Read the opening bytes ourselves, so that nothing past them is consumed before TLS.
+        `may_hand_over`: the client is within this gateway's connection caps."""
         loop = asyncio.get_running_loop()
         while True:
             first = await peek_first(sock)
             if not first:
                 return None, ClientInfo(peer, False)
             if opening.is_direct_tls(first):
-                return await self._handover(sock, peer, True) or await self._start_tls(sock, peer, direct=True)
+                return (may_hand_over and await self._handover(sock, peer, True)
+                        or await self._start_tls(sock, peer, direct=True))
             head = await _recv_exactly(loop, sock, opening.HEAD)
             if len(head) < opening.HEAD:
                 return None, ClientInfo(peer, False)
             kind = opening.classify(head)
             if kind is Opening.SSL_REQUEST:
                 await loop.sock_sendall(sock, b"S")
-                return await self._handover(sock, peer, False) or await self._start_tls(sock, peer, direct=False)
+                return (may_hand_over and await self._handover(sock, peer, False)
+                        or await self._start_tls(sock, peer, direct=False))
             if kind is Opening.GSSENC_REQUEST:
                 await loop.sock_sendall(sock, b"N")  # no GSSAPI; the client carries on
                 continue

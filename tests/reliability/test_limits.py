@@ -155,8 +155,10 @@ def test_wake_rate_spaces_starts(start_gateway, tls):
         results = list(pool.map(lambda d: attempt(gw.port, tls["ca"], d), ids))
     assert results == [(None, "")] * 4  # they waited for their turn rather than failing
     starts.sort()
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert len(starts) == 4 and all(g >= 0.45 for g in gaps), gaps
+    # 2 a second with a burst of 1: the last start comes at least 3 tokens (1.5 s) after the
+    # first. (Not each gap: a start that took its token late, on a loaded machine, leaves a
+    # shorter gap to the next, whose token came on time.)
+    assert len(starts) == 4 and starts[-1] - starts[0] >= 1.4, [b - a for a, b in zip(starts, starts[1:])]
 
 
 # --- failed authentication -------------------------------------------------------------------
