@@ -19,6 +19,7 @@ import pwd
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from storage.roles import Role
@@ -37,9 +38,17 @@ CONNECT_TIMEOUT = 10
 ADMIN_SESSION = {"search_path": "pg_catalog", "role": "none", "session_preload_libraries": "",
                  "local_preload_libraries": "", "default_transaction_read_only": "off",
                  "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
-                 # psycopg reads timestamps and intervals only in these styles
-                 "DateStyle": "ISO", "IntervalStyle": "postgres", "TimeZone": "UTC"}
+                 # the role reader's connection lives between logins
+                 "idle_session_timeout": "0",
+                 # psycopg reads text only in UTF8 (SQL_ASCII gives bytes), timestamps and
+                 # intervals only in these styles
+                 "client_encoding": "UTF8", "DateStyle": "ISO", "IntervalStyle": "postgres",
+                 "TimeZone": "UTC"}
 ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
+# the same for settings older majors lack (a startup option they do not know fails the login):
+# stored for the admin role itself (`keep_admin_settings`), which beats what a database's
+# owner stores for every login (ALTER DATABASE ... SET): {name: (value, first server_version_num)}
+ADMIN_ROLE_SETTINGS = {"transaction_timeout": ("0", 170000)}
 
 
 def gateway_os_user() -> str:
@@ -123,6 +132,36 @@ def from_rows(rows) -> dict[str, Role]:
             until = valid_until.isoformat() if valid_until.year < 9999 else None
         roles[name] = Role(name, verifier, bool(can_login), until, bool(superuser))
     return roles
+
+
+async def keep_admin_settings(conn: psycopg.AsyncConnection) -> None:
+    """Store ADMIN_ROLE_SETTINGS for the admin role where the server has them and they are not
+    stored yet (nothing is written otherwise: a start must not count as a change)."""
+    wanted = [f"{name}={value}" for name, (value, since) in ADMIN_ROLE_SETTINGS.items()
+              if conn.info.server_version >= since]
+    if not wanted:
+        return
+    row = await (await conn.execute(
+        "SELECT setconfig FROM pg_catalog.pg_db_role_setting WHERE setdatabase = 0 AND setrole = "
+        "(SELECT oid FROM pg_catalog.pg_authid WHERE rolname = %s)", (ADMIN,))).fetchone()
+    stored = set(row[0] or []) if row else set()
+    for setting in wanted:
+        if setting not in stored:
+            name, value = setting.split("=", 1)
+            await conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                sql.Identifier(ADMIN), sql.Identifier(name), sql.Literal(value)))
+
+
+async def connect_reader(socket_dir: Path) -> psycopg.AsyncConnection:
+    """The role reader's connection (see `connect`), which also stores the admin role's own
+    settings in a database made before they existed."""
+    conn = await connect(socket_dir, app="pgsni")
+    try:
+        await keep_admin_settings(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def read_roles(conn: psycopg.AsyncConnection) -> dict[str, Role]:

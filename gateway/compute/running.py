@@ -126,7 +126,7 @@ class Launcher:
         s = self.settings
         await inst.process.start(s.start_timeout)
         inst.started_at = time.monotonic()
-        inst.reader = RoleReader(lambda: dbroles.connect(inst.process.socket_dir), dbroles.read_roles,
+        inst.reader = RoleReader(lambda: dbroles.connect_reader(inst.process.socket_dir), dbroles.read_roles,
                                  timeout=min(10.0, s.handshake_timeout / 2))
 
     @staticmethod

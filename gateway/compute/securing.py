@@ -238,6 +238,7 @@ async def secure(bindir: Path, pgdata: Path, run_as: RunAs, socket_dir: Path, lo
                 async with await _connect(socket_dir, ADMIN, dbname) as conn:
                     await _transfer(conn, dbname, report)
             await _settings(admin, report)
+            await dbroles.keep_admin_settings(admin)
             await _check(admin)
             await admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(SETUP)))
     except (psycopg.Error, PostgresError) as e:
@@ -406,10 +407,13 @@ async def _settings(admin: psycopg.AsyncConnection, report: Report) -> None:
     """Reset settings stored for roles and databases that the tenant could not set itself (a
     superuser-only one like session_preload_libraries would apply to its logins), and those of
     the former superuser, which are now pgsni_admin's."""
+    ours = {f"{name}={value}" for name, (value, _) in dbroles.ADMIN_ROLE_SETTINGS.items()}
     for dbname, rolname, was_bootstrap, cfg, context in await _rows(admin, SETTINGS_QUERY):
         name = cfg.split("=", 1)[0]
         if context == "user" and not was_bootstrap:
             continue
+        if was_bootstrap and not dbname and cfg in ours:
+            continue  # the gateway's own (dbroles.keep_admin_settings)
         target = (sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.Identifier(rolname), sql.Identifier(dbname))
                   if rolname and dbname else
                   sql.SQL("ALTER ROLE {}").format(sql.Identifier(rolname)) if rolname else

@@ -21,7 +21,7 @@ from .dbroles import ADMIN
 from .pgbins import PgInstalls, PgNotInstalled
 from .securing import SecureError, secure
 
-LAYOUT = "roles-1"  # changes whenever templates made before must be made again
+LAYOUT = "roles-2"  # changes whenever templates made before must be made again (2: admin role settings)
 
 
 class TemplateMaker:
