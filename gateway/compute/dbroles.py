@@ -120,6 +120,8 @@ def tool_args(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None 
 
 ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
               "ORDER BY rolname")
+ROLES_NAMED_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
+                     "WHERE rolname = ANY(%s::text[]) ORDER BY rolname")
 
 
 def from_rows(rows) -> dict[str, Role]:
@@ -167,3 +169,12 @@ async def connect_reader(socket_dir: Path) -> psycopg.AsyncConnection:
 async def read_roles(conn: psycopg.AsyncConnection) -> dict[str, Role]:
     """Every role of the instance `conn` is connected to, with its verifier."""
     return from_rows(await (await conn.execute(ROLE_QUERY)).fetchall())
+
+
+async def read_some_roles(conn: psycopg.AsyncConnection,
+                          names: frozenset[str] | None) -> tuple[frozenset[str] | None, dict[str, Role]]:
+    """(names, roles): the roles of `names` that exist, or every role (names None): the role
+    reader's query (gateway/compute/role_reader.py)."""
+    if names is None:
+        return None, await read_roles(conn)
+    return names, from_rows(await (await conn.execute(ROLES_NAMED_QUERY, (sorted(names),))).fetchall())

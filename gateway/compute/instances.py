@@ -119,22 +119,23 @@ class InstanceManager:
 
     exited = staticmethod(exited)
 
-    async def roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
-        """The roles to authenticate against; None for a database that exists nowhere, unless
-        a draining gateway holds it: one created there and not yet saved is known once it is."""
-        roles = await self._roles(db_id)
+    async def roles(self, db_id: str, only: str | None = None) -> dict[str, roles_mod.Role] | None:
+        """The roles to authenticate against (`only`: read fresh for that one, see
+        Database.roles); None for a database that exists nowhere, unless a draining gateway
+        holds it: one created there and not yet saved is known once it is."""
+        roles = await self._roles(db_id, only)
         if roles is None and await self.leases.drained(db_id):
             self.databases.forget(db_id)
-            roles = await self._roles(db_id)
+            roles = await self._roles(db_id, only)
         return roles
 
-    async def _roles(self, db_id: str) -> dict[str, roles_mod.Role] | None:
+    async def _roles(self, db_id: str, only: str | None = None) -> dict[str, roles_mod.Role] | None:
         """A database this gateway has no lifecycle for (nothing of it runs, starts or is being
         created here) is looked up at rest, without making one: clients name any id they like,
         before they have authenticated, and an id that exists nowhere must leave nothing."""
         life = self.shared.lives.get(db_id)
         if life is not None:
-            return await life.roles()
+            return await life.roles(only)
         with storage_failures(db_id):
             return await self.databases.roles(db_id)
 

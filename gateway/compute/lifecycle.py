@@ -228,18 +228,18 @@ class Database:
             inst = self.instance
             return hold(inst) if inst is not None and inst.alive and not self._fenced(inst) else None
 
-    async def roles(self) -> dict[str, roles_mod.Role] | None:
+    async def roles(self, only: str | None = None) -> dict[str, roles_mod.Role] | None:
         """Roles and verifiers: read fresh from the running instance (as Postgres would check
-        them), else the metadata saved beside the database (it cannot change while stopped).
-        None if the database does not exist. A login that arrives while the database is being
-        created (development mode) waits for it: its roles are not there before."""
+        them; `only`: that role is read fresh, the others are as last read), else the metadata
+        saved beside the database (it cannot change while stopped). None if the database does
+        not exist. A login that arrives while the database is being created (development mode)
+        waits for it: its roles are not there before."""
         if self._creating is not None:
             await self._creating.wait()
         inst = self.instance
         if inst is not None and inst.alive:
             try:
-                await self.launcher.refresh_roles(inst)
-                return inst.roles
+                return await self.launcher.refresh_roles(inst, None if only is None else (only,))
             except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
                 log.warning("reading roles from running %s failed (%s); using saved metadata", self.id, e)
         with storage_failures(self.id):

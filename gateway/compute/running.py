@@ -11,6 +11,7 @@ import logging
 import secrets
 import subprocess
 import time
+from typing import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,7 @@ class Launcher:
         s = self.settings
         await inst.process.start(s.start_timeout)
         inst.started_at = time.monotonic()
-        inst.reader = RoleReader(lambda: dbroles.connect_reader(inst.process.socket_dir), dbroles.read_roles,
+        inst.reader = RoleReader(lambda: dbroles.connect_reader(inst.process.socket_dir), dbroles.read_some_roles,
                                  timeout=min(10.0, s.handshake_timeout / 2))
 
     @staticmethod
@@ -177,13 +178,22 @@ class Launcher:
             return True
         return await asyncio.to_thread(pgcontrol.written_between, inst.process.pgdata, inst.control, after)
 
-    async def refresh_roles(self, inst: Instance) -> None:
-        """Read roles now, saving them beside the database when they changed."""
+    async def refresh_roles(self, inst: Instance,
+                            names: Iterable[str] | None = None) -> dict[str, roles_mod.Role]:
+        """Read roles now (those of `names` only, once a whole read was made since the start),
+        saving them beside the database when they changed; returns them all as last read."""
         assert inst.reader is not None
-        roles = await inst.reader.read()
-        if roles != inst.roles:
+        read, roles = await inst.reader.read(None if inst.roles is None else names)
+        if read is None:
+            changed = roles != inst.roles
+        else:  # only what was read may have changed: no work that grows with every role
+            changed = any(roles.get(name) != inst.roles.get(name) for name in read)
+            if changed:
+                roles = {**{k: v for k, v in inst.roles.items() if k not in read}, **roles}
+        if changed:
             await asyncio.to_thread(self.catalog.save_roles, inst.db_id, roles)
             inst.roles = roles
+        return inst.roles
 
     async def take_over(self, inst: Instance, verifier: str) -> None:
         """Give role postgres of a new database the SCRAM `verifier`, and read its roles."""

@@ -184,7 +184,7 @@ class Session:
         the client's handshake running out."""
         try:
             async with asyncio.timeout_at(by):
-                roles = await self.gw.instances.roles(db_id)
+                roles = await self.gw.instances.roles(db_id, only=user)
         except TimeoutError:
             raise errors.storage_unavailable(db_id, "storage did not answer in time (reading the "
                                              "database's roles)") from None

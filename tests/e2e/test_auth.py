@@ -102,6 +102,23 @@ def test_a_new_role_logs_in_at_once(gateway, tls):
         assert c.execute("select current_user").fetchone() == ("fresh",)
 
 
+def test_a_dropped_role_is_refused_at_once_and_after_a_stop(gateway, tls):
+    """A login reads its own role fresh; what it finds changed (here: gone) is saved beside
+    the database at once, so a login to the stopped database agrees."""
+    gateway.create_db("app1")
+    gateway.admin_sql("app1", "create role brief login password 'brief-pw-1234'")
+    brief = conninfo(gateway.port, tls["ca"], "app1", user="brief", password="brief-pw-1234")
+    with psycopg.connect(brief):
+        pass
+    assert "brief" in gateway.gw.catalog.roles("app1")
+    gateway.admin_sql("app1", "drop role brief")
+    assert connect_sqlstate(gateway.port, tls["ca"], "app1", user="brief", password="brief-pw-1234") == "28P01"
+    assert "brief" not in gateway.gw.catalog.roles("app1"), "saved when the login found it gone"
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    assert connect_sqlstate(gateway.port, tls["ca"], "app1", user="brief", password="brief-pw-1234") == "28P01"
+    assert gateway.running() == set()  # refused from the saved roles: nothing started
+
+
 def test_a_password_change_counts_from_the_next_login(gateway, tls):
     gateway.create_db("app1")
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:

@@ -62,8 +62,8 @@ class FakeReader:
     def __init__(self, *args, **kw) -> None:
         pass
 
-    async def read(self):
-        return SECURED
+    async def read(self, names=None):
+        return None, SECURED  # as dbroles.read_some_roles: every role
 
     async def close(self) -> None:
         pass

@@ -36,9 +36,9 @@ def _slow_stops(monkeypatch) -> None:
 
 def _slow_roles_reads(monkeypatch) -> None:
     """The roles read before a shutdown takes 0.3 s (Postgres' `stopping` is not set meanwhile)."""
-    async def slow_read(self):
+    async def slow_read(self, names=None):
         await asyncio.sleep(0.3)
-        return SECURED
+        return None, SECURED
     monkeypatch.setattr(FakeReader, "read", slow_read)
 
 

@@ -31,7 +31,7 @@ class Source:
         self.connects += 1
         return FakeConn()
 
-    async def query(self, conn) -> int:
+    async def query(self, conn, names=None) -> int:
         seen = self.writes
         self.started.set()
         await self.gate.wait()
@@ -87,3 +87,41 @@ async def test_a_hanging_read_times_out():
     reader = RoleReader(src.connect, src.query, timeout=0.05)
     with pytest.raises(asyncio.TimeoutError):
         await reader.read()
+
+
+class Named(Source):
+    """A query that answers with the names it was asked for (None: all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[frozenset[str] | None] = []
+
+    async def query(self, conn, names=None):
+        self.asked.append(names)
+        await self.gate.wait()
+        return names
+
+
+async def test_a_read_covers_the_names_asked_for_while_it_waited():
+    """Logins ask for their own role only; those arriving together share one read of all
+    their names, and one that asks for every role makes it a whole read."""
+    src = Named()
+    reader = RoleReader(src.connect, src.query, timeout=5)
+    assert await reader.read(["a"]) == frozenset({"a"})
+    src.gate.clear()
+    first = asyncio.ensure_future(reader.read(["a"]))
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(reader.read([n])) for n in ("b", "c", "b")]
+    await asyncio.sleep(0)
+    src.gate.set()
+    assert await first == frozenset({"a"})
+    assert set(await asyncio.gather(*later)) == {frozenset({"b", "c"})}
+    src.gate.clear()
+    first = asyncio.ensure_future(reader.read(["a"]))
+    await asyncio.sleep(0)
+    both = [asyncio.ensure_future(reader.read(["d"])), asyncio.ensure_future(reader.read())]
+    await asyncio.sleep(0)
+    src.gate.set()
+    await first
+    assert await asyncio.gather(*both) == [None, None]  # the whole read answers both
+    assert src.asked == [frozenset({"a"}), frozenset({"a"}), frozenset({"b", "c"}), frozenset({"a"}), None]

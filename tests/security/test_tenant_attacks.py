@@ -90,8 +90,6 @@ def _login_cost(gw, tls, major: str) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="open (SECURITY.md): each login reads every role of a running "
-                   "database into the gateway; a read of the one role logging in is to come")
 def test_the_roles_a_tenant_makes_do_not_grow_the_gateways_work_per_login(attacked, tls):
     """From Postgres 16 the tenant has CREATEROLE. Every login to a running database reads
     every role with its verifier (dbroles.ROLE_QUERY through the role reader) into the
