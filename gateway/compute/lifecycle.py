@@ -72,6 +72,12 @@ STOP_UPLOAD_SECONDS = 10.0
 DRAIN_POLL_SECONDS = 0.3
 # a due online base backup that failed is tried again after this long (see base_retry_seconds)
 BASE_RETRY_SECONDS = 300.0
+# after START_FREE_RETRIES failed starts in a row, logins wait this long before the next start
+# (first, most: doubling in between): starts share one rate (wake_rate), which a database
+# failing at every start would spend at every login. The first retries come at once: an
+# operator who fixed the cause (or a passing fault) finds it working at the next login
+START_FREE_RETRIES = 2
+START_RETRY_SECONDS = (1.0, 60.0)
 
 
 @dataclass
@@ -130,6 +136,9 @@ class Database:
         self._shipping_ends: asyncio.Future | None = None  # a crashed instance's shipper, uploading
         self._base_retry_at = 0.0  # after a failed one that was due
         self._base_failures = 0  # in a row, since the last one that succeeded
+        self._start_failures = 0  # in a row, since the last start that succeeded
+        self._start_retry_at = 0.0
+        self._start_failed = ""  # why the last one failed
         self._under_lease: set[asyncio.Event] = set()  # starts, halts and saves in progress (a fence waits)
         self._fencing: Instance | None = None  # the instance a fence stops (it holds no lock)
 
@@ -207,6 +216,8 @@ class Database:
             if inst is None:
                 if self.s.closing:  # a client that waited through shutdown starts nothing
                     raise errors.shutting_down()
+                if (wait := self._start_retry_at - time.monotonic()) > 0:
+                    raise errors.startup_failed(self.id, f"{self._start_failed} (next try in {wait:.1f} s)")
                 await self._wake_turn()
                 by = self._storage_deadline()  # one deadline for claim, catch-up and restore
                 async with self._claimed(create_verifier is not None, by) as may_create:
@@ -475,8 +486,16 @@ class Database:
                                   pgcontrol.ControlError)):
                 raise  # cancelled: nothing is left running, and the lock is free
             metrics.wake(ok=False)
-            log.error("starting %s failed: %s", db_id, e)
+            self._start_failures += 1
+            paused = self._start_failures - START_FREE_RETRIES
+            first, most = START_RETRY_SECONDS
+            wait = min(most, first * 2 ** (paused - 1)) if paused > 0 else 0.0
+            self._start_retry_at, self._start_failed = time.monotonic() + wait, str(e)
+            log.error("starting %s failed%s: %s", db_id,
+                      f" ({self._start_failures} times in a row: next try in {wait:.0f} s at the earliest)"
+                      if wait else "", e)
             raise errors.startup_failed(db_id, str(e)) from e
+        self._start_failures, self._start_retry_at = 0, 0.0
         self.s.starts += 1
         metrics.wake(ok=True)
         metrics.wake_phase("start", time.monotonic() - began)

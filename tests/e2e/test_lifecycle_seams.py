@@ -96,8 +96,8 @@ def test_a_commit_just_before_the_stop_is_saved(gateway, tls):
     inst = gw.instances.instances["late"]
     real = inst.reader.read
 
-    async def read_then_someone_commits():
-        out = await real()
+    async def read_then_someone_commits(names=None):
+        out = await real(names)
         async with await dbroles.connect(inst.socket_dir) as admin:
             await admin.execute("insert into public.t values (42)")
         return out

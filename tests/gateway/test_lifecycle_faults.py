@@ -235,3 +235,45 @@ async def test_an_early_login_is_not_given_an_instance_a_fence_stops(tmp_path, m
     assert await m.acquire_running("db0") is None
     await fencing
     assert m.database("db0").phase is State.FENCED
+
+
+async def test_a_database_that_fails_to_start_waits_before_the_next_try(tmp_path, monkeypatch):
+    """Starts share one rate (wake_rate) across all databases. A database whose Postgres fails
+    to start (a setting its tenant stored, a damaged file) was started again at every login,
+    each spending a turn of that rate and a failed postmaster: one tenant looping on logins
+    held back every other tenant's cold starts. After failed starts, logins within a growing
+    pause get the failure again at once, without a start (the first two retries come at
+    once: an operator who fixed the cause finds it working at the next login)."""
+    from gateway.compute import lifecycle
+    from gateway.compute.postgres import PostgresError
+
+    monkeypatch.setattr(lifecycle, "START_RETRY_SECONDS", (0.3, 1.2))
+    m = fake_manager(tmp_path, monkeypatch, databases=2)
+    tries = []
+
+    async def broken(self, timeout):
+        tries.append(self.pgdata)
+        raise PostgresError("postgres exited with code 1: FATAL: invalid value for parameter")
+    real = FakeProcess.start
+    monkeypatch.setattr(FakeProcess, "start", broken)
+    monkeypatch.setattr(lifecycle, "START_FREE_RETRIES", 2)
+    for attempt in range(5):
+        with pytest.raises(errors.GatewayError) as failed:
+            await m.acquire("db0")
+        assert "could not be started" in failed.value.message
+        if attempt >= 3:
+            assert "next try in" in failed.value.detail, failed.value.detail
+    assert len(tries) == 3, "the first two retries come at once, then a pause"
+    await asyncio.sleep(0.35)
+    with pytest.raises(errors.GatewayError):
+        await m.acquire("db0")
+    assert len(tries) == 4  # after the pause: tried again, failed, the pause doubles
+    await asyncio.sleep(0.35)
+    with pytest.raises(errors.GatewayError):
+        await m.acquire("db0")
+    assert len(tries) == 4
+    monkeypatch.setattr(FakeProcess, "start", real)
+    await _used(m, "db1")  # another database starts meanwhile
+    await asyncio.sleep(0.3)
+    await _used(m, "db0")  # fixed: starts once its pause is over, and the pause is reset
+    assert await m.database("db0").state() is State.RUNNING
