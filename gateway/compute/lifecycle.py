@@ -503,8 +503,11 @@ class Database:
         self.move(State.RUNNING, "ready")
         inst.watcher = asyncio.create_task(self._watch(inst))
         try:
-            await self.launcher.refresh_roles(inst)
-        except (psycopg.Error, OSError) as e:
+            if inst.roles is None:  # none saved beside the copy (the launcher read them)
+                await self.launcher.refresh_roles(inst)
+            else:  # ready for the first login (and the admin role's settings stored)
+                await inst.reader.open()
+        except (psycopg.Error, OSError, asyncio.TimeoutError) as e:
             log.warning("could not read roles of %s after start: %s", db_id, e)
         log.info("started %s (pid %d) in %.0f ms", db_id, inst.process.pid, (time.monotonic() - began) * 1000)
         return inst

@@ -57,6 +57,12 @@ class RoleReader(Generic[T]):
         if batch.exception() is not None:
             batch.exception()  # retrieved: a batch nobody awaits any more must not warn
 
+    async def open(self) -> None:
+        """Open the connection now (it is otherwise opened by the first read)."""
+        async with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = await asyncio.wait_for(self._connect(), self.timeout)
+
     async def _fetch(self, names: frozenset[str] | None) -> T:
         if self._conn is None or self._conn.closed:
             self._conn = await self._connect()

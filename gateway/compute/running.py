@@ -129,6 +129,8 @@ class Launcher:
         inst.started_at = time.monotonic()
         inst.reader = RoleReader(lambda: dbroles.connect_reader(inst.process.socket_dir), dbroles.read_some_roles,
                                  timeout=min(10.0, s.handshake_timeout / 2))
+        # as saved at the last stop: a login reads its own role fresh, a stop all of them
+        inst.roles = await asyncio.to_thread(self.catalog.roles, inst.db_id)
 
     @staticmethod
     def abandon(inst: Instance) -> None:

@@ -119,6 +119,27 @@ def test_a_dropped_role_is_refused_at_once_and_after_a_stop(gateway, tls):
     assert gateway.running() == set()  # refused from the saved roles: nothing started
 
 
+def test_no_login_reads_every_role(gateway, tls, monkeypatch):
+    """A tenant may have made any number of roles (Postgres 16 on): a login, the first after
+    a start too, reads its own role only; every role is read at the stop."""
+    from gateway.compute.role_reader import RoleReader
+
+    gateway.create_db("app1")
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    asked, read = [], RoleReader.read
+
+    def recorded(self, names=None):
+        asked.append(None if names is None else sorted(names))
+        return read(self, names)
+    monkeypatch.setattr(RoleReader, "read", recorded)
+    for _ in range(2):  # the login that starts it (saved roles), one to the running instance
+        with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1")) as conn:
+            conn.execute("select 1")
+    assert asked == [["postgres"]], asked  # (the start read them all before)
+    gateway.call(lambda: gateway.gw.instances.stop("app1"))
+    assert asked[-1] is None  # the stop saves them all
+
+
 def test_a_password_change_counts_from_the_next_login(gateway, tls):
     gateway.create_db("app1")
     with psycopg.connect(conninfo(gateway.port, tls["ca"], "app1"), autocommit=True) as conn:

@@ -65,6 +65,9 @@ class FakeReader:
     async def read(self, names=None):
         return None, SECURED  # as dbroles.read_some_roles: every role
 
+    async def open(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
