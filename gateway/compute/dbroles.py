@@ -118,10 +118,13 @@ def tool_args(socket_dir: Path, dbname: str = "postgres", *, act_as: str | None 
     return ["-d", conninfo(socket_dir, dbname, act_as=act_as), "--no-password"]
 
 
-ROLE_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
-              "ORDER BY rolname")
-ROLES_NAMED_QUERY = ("SELECT rolname, rolpassword, rolcanlogin, rolvaliduntil, rolsuper FROM pg_authid "
-                     "WHERE rolname = ANY(%s::text[]) ORDER BY rolname")
+# VALID UNTIL 'infinity' is "never expires" and '-infinity' "always expired": Python has no
+# such datetimes (psycopg refuses to load them), so they come as no limit and as year 1
+_ROLE_COLUMNS = ("rolname, rolpassword, rolcanlogin, CASE WHEN rolvaliduntil = 'infinity' THEN NULL "
+                 "WHEN rolvaliduntil = '-infinity' THEN timestamptz '0001-01-01 00:00:00+00' "
+                 "ELSE rolvaliduntil END, rolsuper")
+ROLE_QUERY = f"SELECT {_ROLE_COLUMNS} FROM pg_authid ORDER BY rolname"
+ROLES_NAMED_QUERY = f"SELECT {_ROLE_COLUMNS} FROM pg_authid WHERE rolname = ANY(%s::text[]) ORDER BY rolname"
 
 
 def from_rows(rows) -> dict[str, Role]:

@@ -111,11 +111,15 @@ class InstanceManager:
         return await self.database(db_id).wake(create_verifier)
 
     async def acquire_running(self, db_id: str) -> Instance | None:
+        """The instance running now, held for an early login (see Database.running_now)."""
         return await self.database(db_id).running_now()
 
-    def release(self, inst: Instance) -> None:
+    def release(self, inst: Instance, *, used: bool = True) -> None:
+        """A client gave the instance back; `used`: it had authenticated (an early login given
+        back unused is no use: it does not put off the idle stop)."""
         inst.clients = max(0, inst.clients - 1)
-        inst.last_used = time.monotonic()
+        if used:
+            inst.last_used = time.monotonic()
 
     exited = staticmethod(exited)
 

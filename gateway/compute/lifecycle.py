@@ -115,7 +115,7 @@ class Shared:
         others = [d for d in self.lives.values() if d.instance is not None and d.id != for_id]
         if len(others) + len(self.starting - {for_id}) < self.settings.max_instances:
             return True, []
-        idle = [d for d in others if d.instance.clients == 0 and not d.lock.locked()]
+        idle = [d for d in others if not d.instance.in_use and not d.lock.locked()]
         return False, sorted(idle, key=lambda d: d.instance.last_used)
 
 
@@ -233,11 +233,13 @@ class Database:
             return hold(inst)
 
     async def running_now(self) -> Instance | None:
-        """Like `wake`, for an instance running now; None instead of starting one, and for
-        one a fence stops (its lease lapsed: `wake` then says so)."""
+        """Like `wake`, for an instance running now, held for an early login (Instance.early);
+        None instead of starting one, and for one a fence stops (its lease lapsed: `wake`
+        then says so)."""
         async with self.lock:
             inst = self.instance
-            return hold(inst) if inst is not None and inst.alive and not self._fenced(inst) else None
+            return (hold(inst, early=True) if inst is not None and inst.alive and not self._fenced(inst)
+                    else None)
 
     async def roles(self, only: str | None = None) -> dict[str, roles_mod.Role] | None:
         """Roles and verifiers: read fresh from the running instance (as Postgres would check
@@ -645,11 +647,11 @@ class Database:
 
     async def stop_if_idle(self, idle_timeout: float) -> None:
         inst = self.instance
-        if inst is None or inst.clients or time.monotonic() - inst.last_used < idle_timeout:
+        if inst is None or inst.in_use or time.monotonic() - inst.last_used < idle_timeout:
             return
         async with self.lock:
             # one a fence is stopping (without the lock) is left to it: not stopped, nor saved, twice
-            if inst.clients == 0 and self.instance is inst and not self._fenced(inst):
+            if not inst.in_use and self.instance is inst and not self._fenced(inst):
                 # to its end even if the reaper is cancelled (shutdown ends the loops first):
                 # cut off, its save is lost and nothing else saves the stopped copy then
                 await to_the_end(self._stop(inst, "idle"))
@@ -664,7 +666,7 @@ class Database:
                 await ends.wait()
             return
         async with self.lock:
-            if inst is not None and self.instance is inst and inst.clients == 0 and not self._fenced(inst):
+            if inst is not None and self.instance is inst and not inst.in_use and not self._fenced(inst):
                 log.info("evicting %s %s", self.id, why)
                 await self._stop(inst, "evicted (instance cap)")
 
@@ -1074,8 +1076,12 @@ async def to_the_end(aw: Awaitable):
         raise
 
 
-def hold(inst: Instance) -> Instance:
-    """Count one more client of a running instance."""
+def hold(inst: Instance, *, early: bool = False) -> Instance:
+    """Count one more client of a running instance (`early`: one that has not authenticated
+    yet, an early login: it does not count as use, see Instance.in_use)."""
     inst.clients += 1
-    inst.last_used = time.monotonic()
+    if early:
+        inst.early += 1
+    else:
+        inst.last_used = time.monotonic()
     return inst

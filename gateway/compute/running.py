@@ -40,7 +40,8 @@ class Instance:
     process: PostgresProcess
     lock: object
     clients: int = 0
-    last_used: float = field(default_factory=time.monotonic)
+    early: int = 0  # of `clients`, early logins whose client has not authenticated yet
+    last_used: float = field(default_factory=time.monotonic)  # when a client last left
     roles: dict[str, roles_mod.Role] | None = None  # as last read
     reader: RoleReader | None = None  # fresh roles for every login (gateway/compute/role_reader.py)
     control: pgcontrol.Control | None = None  # pg_control before it started: nothing written since = nothing to save
@@ -51,6 +52,12 @@ class Instance:
     # a base backup is due by the WAL since (gateway/compute/basebackup.py)
     base_lsn: int | None = None
     base_at: float = field(default_factory=time.time)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether an authenticated client holds it: what keeps it from an idle stop or an
+        eviction (a stranger's unauthenticated connections must not keep a database up)."""
+        return self.clients > self.early
 
     @property
     def socket_dir(self) -> Path:

@@ -66,10 +66,10 @@ async def authenticate(conn: Conversation, user: str, role: Role | None, *,
             raise p.ProtocolViolation("expected a SASLResponse")
         final, keys = server.final(p.decode_sasl_response(msg))
     except ScramRefused as e:
+        if e.channel_binding:  # before the password is looked at: the same for every role
+            raise GatewayError(PROTOCOL_VIOLATION, f"SCRAM channel binding check failed: {e}") from None
         if role is None:  # as Postgres: an unknown role reads exactly like a wrong password
             raise AuthFailed(user, "unknown_role") from None
-        if e.channel_binding:
-            raise GatewayError(PROTOCOL_VIOLATION, f"SCRAM channel binding check failed: {e}") from None
         raise AuthFailed(user) from None
     if role is None:
         raise AuthFailed(user, "unknown_role")

@@ -52,12 +52,13 @@ class ClientInfo:
         """What the backend cannot know (it sees a unix socket), as custom settings a session
         reads with current_setting('pgsni.client_addr') and the like."""
         host, _, port = self.peer.rpartition(":")
-        out = {"pgsni.client_addr": host.strip("[]"), "pgsni.client_port": port,
-               "pgsni.tls": "on" if self.tls else "off"}
-        if self.tls:
-            out |= {"pgsni.tls_version": self.tls_version or "", "pgsni.tls_cipher": self.cipher or "",
-                    "pgsni.server_name": self.server_name or ""}
-        return out
+        # every key, empty where it does not apply: startup parameters win over a client's own
+        # `options=-c pgsni.*`, which would otherwise stand for a key left out
+        tls = self.tls
+        return {"pgsni.client_addr": host.strip("[]"), "pgsni.client_port": port,
+                "pgsni.tls": "on" if tls else "off",
+                "pgsni.tls_version": tls and self.tls_version or "", "pgsni.tls_cipher": tls and self.cipher or "",
+                "pgsni.server_name": tls and self.server_name or ""}
 
 
 @dataclass

@@ -26,13 +26,17 @@ LOGIN_RETRY_PAUSE = 0.1
 EARLY_LOGINS_PER_DB = 8
 
 
-async def log_in(gw: ProxyContext, inst, params: dict[str, str], keys: asyncio.Future) -> relay.BackendSession:
+async def log_in(gw: ProxyContext, inst, params: dict[str, str], keys: asyncio.Future, *,
+                 early: bool = False) -> relay.BackendSession:
     """The backend login on a held instance; if it fails or is cancelled, the instance is
-    given back (relay.login closes its own connection)."""
+    given back (relay.login closes its own connection). `early`: before the client has
+    authenticated (counted in inst.early until it is taken or given back)."""
     try:
         return await relay.login(inst.socket_path, params, gw.settings.start_timeout, keys)
     except BaseException:
-        gw.instances.release(inst)
+        if early:
+            inst.early -= 1
+        gw.instances.release(inst, used=not early)
         raise
 
 
@@ -91,7 +95,7 @@ class EarlyLogin:
         if inst is None:
             return None
         try:
-            return inst, await log_in(self.gw, inst, params, keys)
+            return inst, await log_in(self.gw, inst, params, keys, early=True)
         except relay.BackendRefused as e:
             if e.passing:  # the session's own login waits it out
                 return None
@@ -102,7 +106,10 @@ class EarlyLogin:
 
     async def result(self):
         try:
-            return await self.task
+            taken = await self.task
+            if taken is not None:
+                taken[0].early -= 1  # its client authenticated: a client like any other now
+            return taken
         except asyncio.CancelledError:
             self.drop()
             raise
@@ -116,7 +123,8 @@ class EarlyLogin:
                 return  # nothing was kept (and an exception is now retrieved)
             inst, backend = t.result()
             backend.conn.close()
-            self.gw.instances.release(inst)
+            inst.early -= 1
+            self.gw.instances.release(inst, used=False)
         self.task.cancel()
         self.task.add_done_callback(cleanup)
 

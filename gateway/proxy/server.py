@@ -178,6 +178,7 @@ class Listener:
         """Read the opening bytes ourselves, so that nothing past them is consumed before TLS.
         `may_hand_over`: the client is within this gateway's connection caps."""
         loop = asyncio.get_running_loop()
+        declined_gss = False
         while True:
             first = await peek_first(sock)
             if not first:
@@ -193,10 +194,12 @@ class Listener:
                 await loop.sock_sendall(sock, b"S")
                 return (may_hand_over and await self._handover(sock, peer, False)
                         or await self._start_tls(sock, peer, direct=False))
-            if kind is Opening.GSSENC_REQUEST:
+            if kind is Opening.GSSENC_REQUEST and not declined_gss:
                 await loop.sock_sendall(sock, b"N")  # no GSSAPI; the client carries on
+                declined_gss = True  # once, as Postgres: a second one is refused below
                 continue
-            # a plain StartupMessage or CancelRequest: the reader takes it from here
+            # a plain StartupMessage or CancelRequest (or a second GSSENCRequest, refused
+            # there): the reader takes it from here
             conn = self._new_connection(prefix=head)
             await loop.connect_accepted_socket(lambda: conn, sock)
             return conn, ClientInfo(peer, False)
