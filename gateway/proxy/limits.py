@@ -86,6 +86,14 @@ class SlidingWindow:
         return len(self.events)
 
 
+# clients over a connection cap are told so (53300 after TLS and their startup message, as
+# Postgres does), but only so many at a time, each within a short time: beyond, the socket is
+# closed at once, or a cap would bound nothing of what an address holds open
+REFUSING_PER_IP = 8
+REFUSING_TOTAL = 256
+REFUSING_SECONDS = 3.0
+
+
 class Limits:
     """The gateway's connection caps and failed-login windows, built from its settings."""
 
@@ -94,6 +102,8 @@ class Limits:
         self.total = ConnectionCounter(s.max_client_connections)
         self.per_ip = ConnectionCounter(s.max_connections_per_ip)
         self.per_db = ConnectionCounter(s.max_connections_per_db)
+        self.refusing_total = ConnectionCounter(REFUSING_TOTAL)  # refused clients being told
+        self.refusing_ip = ConnectionCounter(REFUSING_PER_IP)
         self.failed_ip = SlidingWindow(s.auth_failures_per_minute, clock=clock)
         self.failed_db = SlidingWindow(s.auth_failures_per_minute, clock=clock)
 
@@ -109,6 +119,20 @@ class Limits:
     def leave(self, ip: str) -> None:
         self.total.release()
         self.per_ip.release(ip)
+
+    def refusing(self, ip: str) -> bool:
+        """Count a refused client while it is told why (release with `refused`), or False:
+        too many are being told already (from `ip` or at all), close it without a word."""
+        if not self.refusing_total.try_acquire():
+            return False
+        if not self.refusing_ip.try_acquire(ip):
+            self.refusing_total.release()
+            return False
+        return True
+
+    def refused(self, ip: str) -> None:
+        self.refusing_total.release()
+        self.refusing_ip.release(ip)
 
     def enter_db(self, db_id: str) -> None:
         """Count a connection to a database (release with `per_db.release`), or raise."""

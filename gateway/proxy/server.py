@@ -22,6 +22,7 @@ from gateway.wire.opening import Opening
 from .conn import TLS_SHUTDOWN_TIMEOUT, PgConnection
 from .context import ClientInfo, ProxyContext
 from .forward import HandedOver
+from .limits import REFUSING_SECONDS
 from .peek import peek_first, peek_hello
 from .session import Session
 from .sockets import accept_forever
@@ -83,7 +84,7 @@ class Listener:
     # --- accepting ---------------------------------------------------------------------------
     async def _handle(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await self._admitted(peer, lambda refusal: self._handle_client(sock, peer, refusal, None))
+        await self._admitted(peer, lambda refusal: self._handle_client(sock, peer, refusal, None), sock.close)
 
     async def serve_forwarded(self, sock: socket.socket, peer: str, direct: bool) -> None:
         """A client another gateway handed over before its TLS began, on a bare link
@@ -92,7 +93,8 @@ class Listener:
         Returns when its session ended."""
         self.ctx.metrics.forwarded("in")
         with self._a_session():
-            await self._admitted(peer, lambda refusal: self._handle_client(sock, peer, refusal, direct))
+            await self._admitted(peer, lambda refusal: self._handle_client(sock, peer, refusal, direct),
+                                 sock.close)
 
     async def serve_session(self, link: asyncio.Transport | socket.socket, handed: HandedSession) -> None:
         """A session another gateway handed over after its TLS ended there (the client named
@@ -110,7 +112,8 @@ class Listener:
         info = ClientInfo(handed.peer, True, None, handed.cert_pem or None, handed.tls_version or None,
                           handed.cipher or None, handed=True)
         with self._a_session():
-            await self._admitted(handed.peer, lambda refusal: Session(self.ctx, conn, info, refusal).run())
+            await self._admitted(handed.peer, lambda refusal: Session(self.ctx, conn, info, refusal).run(),
+                                 link.close)
 
     def take_passed(self, sock: socket.socket, peer: str, direct: bool) -> None:
         """A client another worker of this machine passed (local_links.py): `serve_forwarded`
@@ -134,18 +137,32 @@ class Listener:
         self.ctx.sessions.add(task)
         task.add_done_callback(self.ctx.sessions.discard)
 
-    async def _admitted(self, peer: str, serve: Callable[[GatewayError | None], Awaitable[None]]) -> None:
-        """`serve(refusal)` the client from `peer`, counted against the connection caps."""
+    async def _admitted(self, peer: str, serve: Callable[[GatewayError | None], Awaitable[None]],
+                        close: Callable[[], object]) -> None:
+        """`serve(refusal)` the client from `peer`, counted against the connection caps;
+        `close()` ends its connection."""
         # caps are checked at accept; a refused client still gets TLS and a readable
-        # ErrorResponse (after its startup message), and is not counted
+        # ErrorResponse (after its startup message), within REFUSING_SECONDS, and is not
+        # counted; beyond REFUSING_* refused clients at once, one is closed without a word
         ip = peer.rpartition(":")[0].strip("[]") or peer
         limits = self.ctx.limits
         refusal = limits.admit(ip)
-        try:
-            await serve(refusal)
-        finally:
-            if refusal is None:
+        if refusal is None:
+            try:
+                await serve(None)
+            finally:
                 limits.leave(ip)
+            return
+        if not limits.refusing(ip):
+            close()
+            return
+        try:
+            async with asyncio.timeout(min(REFUSING_SECONDS, self.ctx.settings.handshake_timeout)):
+                await serve(refusal)
+        except TimeoutError:
+            close()
+        finally:
+            limits.refused(ip)
 
     async def _handle_client(self, sock: socket.socket, peer: str, refusal, direct: bool | None) -> None:
         """`direct`: None for a client that came here on `sock` (its opening is read here),

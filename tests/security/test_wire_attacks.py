@@ -172,8 +172,6 @@ def test_a_role_valid_until_infinity_logs_in_and_does_not_break_the_role_reads(g
             raise AssertionError(f"role {user} with its right password is refused: {e}") from None
 
 
-@pytest.mark.xfail(strict=True, reason="open (SECURITY.md): clients over a cap are held like others "
-                   "until their handshake timeout")
 def test_connections_over_the_per_ip_cap_are_not_held_without_bound(start_gateway):
     """max_connections_per_ip is the defence against one address opening sockets without
     bound (each is a file descriptor, TLS state and a task in the gateway). A client over the
