@@ -15,14 +15,24 @@ from gateway.wire.scram import (
     ITERATIONS, SCRAM, SCRAM_PLUS, AuthInfo, ScramKeys, ScramRefused, ScramServer, parse_verifier)
 from storage.roles import Role
 
-# keyed per gateway process: a mock salt is stable for a role name but reveals nothing
+# for a database with no secret to key mock salts by (see mock_secret): per gateway process
 _MOCK_KEY = secrets.token_bytes(32)
 
 
-def _mock_info(user: str) -> AuthInfo:
+def mock_secret(db_id: str, tenant: Role | None) -> bytes | None:
+    """What keys the mock salts of `db_id`'s roles that do not exist: its tenant role's SCRAM
+    verifier, a secret every gateway, worker and restart reading that database shares (as
+    Postgres keys them by a nonce made at initdb), so asking again elsewhere or later gets the
+    same salt, as for a role that exists. None without one."""
+    if tenant is None or not tenant.verifier:
+        return None
+    return hashlib.sha256(b"pgsni mock salt\0" + db_id.encode() + b"\0" + tenant.verifier.encode()).digest()
+
+
+def _mock_info(user: str, secret: bytes | None) -> AuthInfo:
     """Stand-in credentials for a role that does not exist: the exchange runs to the end, so a
     client learns nothing from where it stops."""
-    digest = hmac.new(_MOCK_KEY, user.encode(), hashlib.sha256).digest()
+    digest = hmac.new(secret or _MOCK_KEY, user.encode(), hashlib.sha256).digest()
     return AuthInfo(digest[:16], secrets.token_bytes(32), secrets.token_bytes(32), ITERATIONS)
 
 
@@ -37,13 +47,14 @@ class Conversation:
 
 
 async def authenticate(conn: Conversation, user: str, role: Role | None, *,
-                       channel_binding_pem: str | None) -> ScramKeys:
+                       channel_binding_pem: str | None, mock: bytes | None = None) -> ScramKeys:
     """Run SCRAM with the client; return once it has proven the password, raise otherwise.
     The result is the role's keys as the proof reveals them (gateway/wire/scram.py): the gateway
     logs in to the instance with them, so Postgres checks the password too.
 
     `channel_binding_pem` is the server certificate when the connection is TLS, which enables
-    SCRAM-SHA-256-PLUS and lets scramp refuse a downgrade."""
+    SCRAM-SHA-256-PLUS and lets scramp refuse a downgrade. `mock`: the database's
+    `mock_secret`, for a role that does not exist."""
     info = parse_verifier(role.verifier) if role else None
     mechanisms = [SCRAM_PLUS, SCRAM] if channel_binding_pem else [SCRAM]
     conn.send(p.auth_sasl(mechanisms).encode())
@@ -58,7 +69,7 @@ async def authenticate(conn: Conversation, user: str, role: Role | None, *,
     if initial.data is None:
         raise p.ProtocolViolation("SASLInitialResponse carries no data")
     cb = ("tls-server-end-point", channel_binding_pem) if channel_binding_pem else None
-    server = ScramServer(initial.mechanism, info or _mock_info(user), cb)
+    server = ScramServer(initial.mechanism, info or _mock_info(user, mock), cb)
     try:
         conn.send(p.Authentication(p.AUTH_SASL_CONTINUE, server.first(initial.data)).encode())
         msg = await conn.next_event()

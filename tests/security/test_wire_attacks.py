@@ -5,15 +5,11 @@ step really ran (the exchange reached the point it attacks)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from gateway.wire import protocol as p
 
+from ..e2e.test_shutdown import serve  # noqa: F401  (fixture)
 from ..support.harness import DOMAIN
 from ..support.rawclient import RawClient
 
@@ -87,59 +83,46 @@ def test_strangers_without_a_password_cannot_keep_a_database_running(start_gatew
         "database app1 running for three times its idle_timeout")
 
 
-# one gateway process's answer to a stranger: the salt in its server-first message for `user`
-# of a database where that role does not exist (the mock exchange of proxy/auth.py)
-_SALT_OF_A_MOCK = """
-import asyncio, sys
-from gateway.proxy.auth import Conversation, authenticate
-from gateway.wire import protocol as p
-
-class Stranger(Conversation):
-    def __init__(self):
-        self.sent, self.step = [], 0
-    def send(self, data):
-        self.sent.append(data)
-    async def next_event(self):
-        self.step += 1
-        if self.step == 1:
-            return p.Message(b"p", p.SASLInitialResponse("SCRAM-SHA-256", b"n,,n=,r=" + b"A" * 24).encode()[5:])
-        raise ConnectionError("the stranger leaves after the server-first message")
-
-async def main():
-    conv = Stranger()
+def _salt(gateway, tls, user: str) -> str:
+    """The salt in the server-first message a stranger gets for `user` of app1 (no password)."""
+    raw, _ = _sasl_client(gateway, tls, user)
     try:
-        await authenticate(conv, sys.argv[1], None, channel_binding_pem=None)
-    except ConnectionError:
-        pass
-    reader = p.MessageReader(startup=False)
-    reader.receive_data(conv.sent[-1])
-    first = p.decode_backend(reader.next_event())
-    assert first.code == p.AUTH_SASL_CONTINUE, first
-    print(dict(kv.split("=", 1) for kv in first.data.decode().split(","))["s"])
-
-asyncio.run(main())
-"""
+        raw.send(p.SASLInitialResponse("SCRAM-SHA-256", b"n,,n=,r=" + b"A" * 24).encode())
+        first = raw.next_backend()
+        assert isinstance(first, p.Authentication) and first.code == p.AUTH_SASL_CONTINUE, first
+        return dict(kv.split("=", 1) for kv in first.data.decode().split(","))["s"]
+    finally:
+        raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open (SECURITY.md): the mock salt's key is made per process")
-def test_the_salt_of_a_role_that_does_not_exist_does_not_change_with_the_gateway_process():
+def test_the_salt_of_a_role_that_does_not_exist_does_not_change_with_the_gateway_process(serve, tls):
     """A stranger asks for the server-first message of role R (no password needed) and gets
     R's salt: the real one, stored with its verifier, or for a role that does not exist a
     mock one, so that the two look alike. Postgres derives the mock salt from the user name
-    and a nonce made at initdb and kept in pg_control: it never changes. The gateway keys it
-    with `_MOCK_KEY = secrets.token_bytes(32)` made per process (proxy/auth.py): every
-    restart, every worker (`--workers`) and every gateway of a fleet answers another salt
-    for a role that does not exist, the same salt for one that does. Asking twice, across a
-    deploy or through two gateways of the fleet (a database nobody holds is authenticated
-    where its client arrives, docs/fleet.md), tells which roles exist."""
-    root = Path(__file__).resolve().parents[2]
-    salts = [subprocess.run([sys.executable, "-c", _SALT_OF_A_MOCK, "ghost_role_xyz"], cwd=root,
-                            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-             for _ in range(2)]
-    assert all(len(s) >= 16 for s in salts), salts  # each process did answer a server-first
-    assert salts[0] == salts[1], (
-        f"two gateway processes answer two salts for a role that does not exist ({salts}); a real "
-        "role's salt is stored, the same from every process")
+    and a nonce made at initdb: it never changes. The gateway keyed it with a key made per
+    process (proxy/auth.py): every restart, every worker (`--workers`) and every gateway of a
+    fleet answered another salt for a role that does not exist, the same salt for one that
+    does. Asking twice, across a deploy or through two gateways of the fleet, told which
+    roles exist."""
+    import psycopg
+
+    from ..e2e.test_shutdown import DEV_PASSWORD
+    from ..support.harness import conninfo
+
+    salts = []
+    for _ in range(2):  # two gateway processes, one after the other, on one data root
+        gp = serve()
+        with psycopg.connect(conninfo(gp.port, tls["ca"], "app1", password=DEV_PASSWORD)):
+            pass  # development mode makes app1 at the first login
+        salts.append((_salt(gp, tls, "ghost_role_xyz"), _salt(gp, tls, "postgres")))
+        gp.proc.terminate()
+        assert gp.wait_exit(30) == 0, gp.log()
+    (ghost1, real1), (ghost2, real2) = salts
+    assert real1 == real2 and len(ghost1) >= 16, salts  # a stored salt; a mock was answered
+    assert ghost1 != real1, salts
+    assert ghost1 == ghost2, (
+        f"two gateway processes answer two salts for a role that does not exist ({ghost1}, {ghost2}); "
+        "a real role's salt is stored, the same from every process")
 
 
 def test_a_role_valid_until_infinity_logs_in_and_does_not_break_the_role_reads(gateway, tls):
