@@ -647,11 +647,11 @@ class Database:
 
     async def stop_if_idle(self, idle_timeout: float) -> None:
         inst = self.instance
-        if inst is None or inst.in_use or time.monotonic() - inst.last_used < idle_timeout:
+        if inst is None or not _idle(inst, idle_timeout):
             return
         async with self.lock:
             # one a fence is stopping (without the lock) is left to it: not stopped, nor saved, twice
-            if not inst.in_use and self.instance is inst and not self._fenced(inst):
+            if _idle(inst, idle_timeout) and self.instance is inst and not self._fenced(inst):
                 # to its end even if the reaper is cancelled (shutdown ends the loops first):
                 # cut off, its save is lost and nothing else saves the stopped copy then
                 await to_the_end(self._stop(inst, "idle"))
@@ -1074,6 +1074,14 @@ async def to_the_end(aw: Awaitable):
         with contextlib.suppress(Exception):
             await task
         raise
+
+
+def _idle(inst: Instance, idle_timeout: float) -> bool:
+    """No authenticated client for `idle_timeout`. A client logging in (an early login) puts
+    the stop off, so that it is not cut off mid-login, but never beyond twice that: strangers
+    who never authenticate must not keep a database running."""
+    idle_for = time.monotonic() - inst.last_used
+    return not inst.in_use and idle_for >= idle_timeout and (not inst.early or idle_for >= 2 * idle_timeout)
 
 
 def hold(inst: Instance, *, early: bool = False) -> Instance:

@@ -155,3 +155,22 @@ async def test_one_database_failing_its_idle_stop_leaves_the_others_theirs(tmp_p
         await manager.reap_idle()
     assert sorted(tried) == ["db0", "db1"]
     assert set(manager.instances) == {tried[0]}, "the other idle database was stopped"
+
+
+async def test_a_login_in_progress_puts_the_idle_stop_off_but_not_for_long(tmp_path, monkeypatch):
+    """An early login (a client still authenticating) is not use: strangers who never send a
+    password must not keep a database up. But it is not cut off mid-login either: the idle
+    stop waits for it up to twice idle_timeout."""
+    import time
+
+    manager = fake_manager(tmp_path, monkeypatch, databases=1, idle_timeout=10.0)
+    await _used(manager, "db0")
+    inst = manager.instances["db0"]
+    early = await manager.acquire_running("db0")  # a client logging in
+    assert early is inst and inst.early == 1 and not inst.in_use
+    inst.last_used = time.monotonic() - 15.0  # idle for 1.5 idle_timeouts
+    await manager.reap_idle()
+    assert "db0" in manager.instances, "a client mid-login was cut off"
+    inst.last_used = time.monotonic() - 25.0  # past twice idle_timeout: strangers, not a login
+    await manager.reap_idle()
+    assert "db0" not in manager.instances
