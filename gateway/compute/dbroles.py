@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import pwd
@@ -169,9 +170,19 @@ async def connect_reader(socket_dir: Path) -> psycopg.AsyncConnection:
     return conn
 
 
+ROLE_BATCH = 2000  # rows made into Roles between two turns of the event loop
+
+
 async def read_roles(conn: psycopg.AsyncConnection) -> dict[str, Role]:
-    """Every role of the instance `conn` is connected to, with its verifier."""
-    return from_rows(await (await conn.execute(ROLE_QUERY)).fetchall())
+    """Every role of the instance `conn` is connected to, with its verifier. A tenant may have
+    made any number (Postgres 16 on): they are converted a batch at a time, the event loop
+    serving every other session in between."""
+    cur = await conn.execute(ROLE_QUERY)
+    roles: dict[str, Role] = {}
+    while rows := await cur.fetchmany(ROLE_BATCH):
+        roles.update(from_rows(rows))
+        await asyncio.sleep(0)
+    return roles
 
 
 async def read_some_roles(conn: psycopg.AsyncConnection,

@@ -55,3 +55,38 @@ def test_a_database_name_cannot_add_connection_parameters():
     info = conninfo_to_dict(args[args.index("-d") + 1])
     assert info["user"] == "pgsni_agent" and info["options"] == "-c role=postgres"
     assert "--no-password" in args
+
+
+async def test_many_roles_are_read_without_holding_the_event_loop():
+    """A tenant may make any number of roles: a whole read (at a stop) converts them a batch
+    at a time, and other sessions are served in between."""
+    import asyncio
+
+    n = dbroles.ROLE_BATCH * 3 + 1
+    rows = [(f"r{i}", None, True, None, False) for i in range(n)]
+
+    class Cursor:
+        async def fetchmany(self, size):
+            out, rows[:] = rows[:size], rows[size:]
+            return out
+
+    class Conn:
+        async def execute(self, query, params=None):
+            assert query == dbroles.ROLE_QUERY
+            return Cursor()
+
+    turns = 0
+
+    async def another_session():
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(another_session())
+    await asyncio.sleep(0)
+    before = turns
+    roles = await dbroles.read_roles(Conn())
+    other.cancel()
+    assert len(roles) == n and roles["r0"].can_login
+    assert turns - before >= 3, "the other session waited for the whole read"
